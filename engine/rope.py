@@ -1,0 +1,116 @@
+"""RoPE position interpolation through the model config (transformers v5 ``rope_parameters``).
+
+Position Interpolation (Chen et al., 2023) divides positions by factor s = T / C so a model trained on C tokens sees
+T tokens inside its familiar range; YaRN (Peng et al., 2023) and dynamic NTK scale frequencies instead. Writing the
+scaling into the config (not into module buffers) is what makes a saved adapter or merged model reload with the
+right positions in plain transformers: the reference LongLoRA code kept the factor out of the saved config.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import PretrainedConfig
+
+RopeMethod = Literal["linear", "yarn", "dynamic"]
+ROPE_METHODS: tuple[str, ...] = ("linear", "yarn", "dynamic")
+_UNSCALED = ("default", None)
+
+
+@dataclass(frozen=True)
+class RopeExtension:
+    """What `extend_rope` did: the context before and after, and the total factor over the original pre-training."""
+
+    method: str
+    from_context: int
+    to_context: int
+    factor: float
+    original_context: int
+
+
+def original_context(config: PretrainedConfig) -> int:
+    """The pre-training context: `original_max_position_embeddings` once scaled, else `max_position_embeddings`."""
+    params = config.rope_parameters or {}
+    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+def current_factor(config: PretrainedConfig) -> float:
+    """The scaling factor already applied over the original context (1.0 for an unscaled model)."""
+    params = config.rope_parameters or {}
+    if params.get("rope_type") in _UNSCALED:
+        return 1.0
+    return float(params.get("factor", 1.0))
+
+
+def current_context(config: PretrainedConfig) -> int:
+    """The context the model is configured for: original context x factor."""
+    return int(round(original_context(config) * current_factor(config)))
+
+
+def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMethod = "linear") -> RopeExtension:
+    """Extend `config` in place from its current context C to `target_context` T.
+
+    The new factor is composed with any existing one (an already 2x model extended 2x again becomes 4x), and merged
+    into the existing `rope_parameters` so `rope_theta` and other keys survive (assigning a legacy `rope_scaling`
+    would drop `rope_theta` in transformers v5). For linear and YaRN `max_position_embeddings` becomes T. For
+    `dynamic`, transformers reads `max_position_embeddings` as the length where NTK rescaling *starts*, so it stays at
+    the original context and the factor alone records T.
+
+    Args:
+        config: a decoder config with a single (not per-layer) `rope_parameters` dict.
+        target_context: T, in tokens.
+        method: "linear" (Position Interpolation, LongLoRA's choice), "yarn" or "dynamic".
+
+    Returns:
+        A `RopeExtension` describing the change.
+
+    Raises:
+        ValueError: unknown method, T <= C, per-layer RoPE, or a method different from the one already applied.
+    """
+    if method not in ROPE_METHODS:
+        raise ValueError(f"unknown RoPE method {method!r}; choose one of {', '.join(ROPE_METHODS)}")
+    params = dict(config.rope_parameters or {})
+    if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer rope_parameters are not supported for context extension")
+    existing = params.get("rope_type", "default")
+    if existing not in _UNSCALED and existing != method:
+        raise ValueError(f"model already uses RoPE scaling {existing!r}; cannot extend it with {method!r}")
+    from_context = current_context(config)
+    if target_context <= from_context:
+        raise ValueError(f"target context {target_context} must exceed the current context {from_context}")
+    original = original_context(config)
+    factor = current_factor(config) * target_context / from_context
+    params.update(rope_type=method, factor=float(factor), original_max_position_embeddings=original)
+    config.rope_parameters = params
+    config.max_position_embeddings = original if method == "dynamic" else int(target_context)
+    return RopeExtension(method, from_context, int(target_context), float(factor), original)
+
+
+def extended_config(config: PretrainedConfig, target_context: int, method: RopeMethod = "linear") -> PretrainedConfig:
+    """A deep copy of `config` extended by `extend_rope`; the input is left untouched."""
+    new = copy.deepcopy(config)
+    extend_rope(new, target_context, method)
+    return new
+
+
+def apply_rope_extension(model: torch.nn.Module, target_context: int, method: RopeMethod = "linear") -> RopeExtension:
+    """Extend a loaded model: update `model.config` with `extend_rope`, then rebuild its rotary-embedding modules.
+
+    Rotary modules compute `inv_freq` once from the config at construction, so a config change alone would not reach
+    the forward pass; rebuilding them from the same class with the new config is exactly what `from_pretrained` with
+    the extended config would have built.
+    """
+    extension = extend_rope(model.config, target_context, method)
+    rebuilt = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RotaryEmbedding"):
+                device = child.inv_freq.device if hasattr(child, "inv_freq") else None
+                setattr(parent, name, type(child)(config=model.config).to(device))
+                rebuilt += 1
+    if rebuilt == 0:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module to rebuild")
+    return extension

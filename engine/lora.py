@@ -120,13 +120,13 @@ def count_trainable(model: torch.nn.Module) -> TrainableCounts:
         else:
             counts["other"] += param.numel()
     # peft keeps frozen originals next to the trainable copies of modules_to_save: count the model once.
-    frozen_copies = sum(
-        p.numel() for n, p in model.named_parameters() if "original_module" in n and id(p) in seen
-    )
+    frozen_copies = sum(p.numel() for n, p in model.named_parameters() if "original_module" in n and id(p) in seen)
     return TrainableCounts(total_params=total - frozen_copies, **counts)
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path, base: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+def save_adapter(
+    model: PeftModel, out_dir: str | Path, base: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
     """Save ONE standard PEFT directory: adapter weights (LoRA + embed/norm), the extended config, the tokenizer.
 
     `longpilot_adapter.json` records the base reference (alias, directory, GGUF file) so `load_adapter` can rebuild

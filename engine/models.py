@@ -56,7 +56,13 @@ ALIASES = {DEFAULT_MODEL: _embedded_smollm2}
 
 def _looks_like_path(ref: str) -> bool:
     """A hub id is `org/name`; anything rooted, relative, deeper or ending in .gguf is meant as a path."""
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(".gguf") or os.sep != "/" and os.sep in ref
+    return (
+        ref.startswith((".", "/", "~"))
+        or ref.count("/") > 1
+        or ref.endswith(".gguf")
+        or os.sep != "/"
+        and os.sep in ref
+    )
 
 
 def resolve_model(ref: str) -> ModelSource:
@@ -98,7 +104,9 @@ def load_config(source: ModelSource) -> PretrainedConfig:
 def check_supported(config: PretrainedConfig, ref: str) -> None:
     """Raise a one-line ValueError unless `config` is a causal LM that S2-Attn supports."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    saved_as_other_head = architectures and not any(a.endswith("ForCausalLM") for a in architectures)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as_other_head:
         raise ValueError(f"{ref!r} (model_type {model_type!r}) is not a causal language model")
     if model_type not in S2_SUPPORTED_MODEL_TYPES:
         supported = ", ".join(sorted(S2_SUPPORTED_MODEL_TYPES))

@@ -1,4 +1,4 @@
-"""Shifted sparse attention (S2-Attn) from LongLoRA (Chen et al., 2023, sec. 3.2), as a transformers attention function.
+"""Shifted sparse attention (S2-Attn) from LongLoRA (Chen et al., 2023, sec. 3.2) as a transformers attention function.
 
 Registered under the name ``s2_attention`` with ``AttentionInterface`` and ``AttentionMaskInterface`` so that
 ``attn_implementation="s2_attention"`` selects it without patching any model class.

@@ -63,7 +63,9 @@ def test_options_turn_embeddings_and_norms_off():
     assert counts.embeddings == 0 and counts.norms == 0 and counts.lora > 0
 
 
-@pytest.mark.parametrize("kwargs,message", [({"r": 0}, "`r`"), ({"dropout": 1.0}, "`dropout`"), ({"target_modules": ()}, "target")])
+@pytest.mark.parametrize(
+    "kwargs,message", [({"r": 0}, "`r`"), ({"dropout": 1.0}, "`dropout`"), ({"target_modules": ()}, "target")]
+)
 def test_bad_lora_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraPlusConfig(**kwargs)
@@ -111,8 +113,8 @@ def test_reload_in_fresh_process_with_plain_transformers_and_peft(tmp_path):
         config = AutoConfig.from_pretrained({str(adapter)!r})
         base = AutoModelForCausalLM.from_pretrained({str(source.path)!r}, config=config)
         model = PeftModel.from_pretrained(base, {str(adapter)!r}).eval()
-        ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)
-        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        ids = torch.load({str(tmp_path / "ids.pt")!r}, weights_only=True)
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         with torch.no_grad():
             got = model(ids).logits
         print("MAXDIFF", (got - expected).abs().max().item())

@@ -17,7 +17,9 @@ from engine.s2attn import S2_ATTENTION, s2_attention_forward
 from tests.conftest import tiny_llama
 
 
-def reference_permission(seq_len: int, num_heads: int, ratio: float, key_valid: torch.Tensor, s2: bool) -> torch.Tensor:
+def reference_permission(
+    seq_len: int, num_heads: int, ratio: float, key_valid: torch.Tensor, s2: bool
+) -> torch.Tensor:
     """(B, H, L, L) bool: may query i of head h attend key j. Loops on purpose: slow but obviously right."""
     bsz = key_valid.shape[0]
     group = int(seq_len * ratio)
@@ -180,7 +182,11 @@ def test_model_level_s2_matches_reference_path_and_switches_with_mode():
     sdpa_model = tiny_llama(seed=1, attn="sdpa", heads=6, kv_heads=2).double()
 
     def reference_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        valid = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        valid = (
+            torch.ones(query.shape[0], query.shape[2], dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
         return reference_attention(query, key, value, valid, 0.25, s2=module.training), None
 
     AttentionInterface.register("s2_reference_test", reference_fn)
@@ -197,4 +203,6 @@ def test_model_level_s2_matches_reference_path_and_switches_with_mode():
         torch.testing.assert_close(p.grad, rp.grad, rtol=1e-8, atol=1e-9, msg=name)
 
     s2_model.eval()
-    torch.testing.assert_close(s2_model(ids, attention_mask=mask).logits[valid_rows], sdpa_model(ids, attention_mask=mask).logits[valid_rows])
+    torch.testing.assert_close(
+        s2_model(ids, attention_mask=mask).logits[valid_rows], sdpa_model(ids, attention_mask=mask).logits[valid_rows]
+    )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.models import ModelSource
 
@@ -125,21 +125,32 @@ def count_trainable(model: torch.nn.Module) -> TrainableCounts:
 
 
 def save_adapter(
-    model: PeftModel, out_dir: str | Path, base: ModelSource, tokenizer: PreTrainedTokenizerBase | None = None
+    model: PeftModel, out_dir: str | Path, base: ModelSource | None, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> Path:
-    """Save ONE standard PEFT directory: adapter weights (LoRA + embed/norm), the extended config, the tokenizer.
+    """Save ONE standard PEFT directory: adapter weights (LoRA + embed/norm), the extended config, the tokenizer."""
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    return write_adapter_sidecars(out, model.get_base_model().config, base, tokenizer)
 
-    `longpilot_adapter.json` records the base reference (alias, directory, GGUF file) so `load_adapter` can rebuild
-    the base without the user remembering it; plain peft ignores the file.
+
+def write_adapter_sidecars(
+    out_dir: str | Path,
+    config: PretrainedConfig,
+    base: ModelSource | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Write what plain peft does not save next to the adapter weights: the RoPE-extended config.json (the reference
+    LongLoRA code lost the scaling factor here), the tokenizer, and `longpilot_adapter.json` recording the base
+    reference (alias, directory, GGUF file) so `load_adapter` can rebuild the base. Plain peft ignores both extras.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    model.get_base_model().config.save_pretrained(out)
+    config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    meta = {"base_ref": base.ref, "base_path": str(base.path), "gguf_file": base.gguf_file}
-    (out / LONGPILOT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if base is not None:
+        meta = {"base_ref": base.ref, "base_path": str(base.path), "gguf_file": base.gguf_file}
+        (out / LONGPILOT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -138,7 +138,8 @@ def load_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
     config: PretrainedConfig | None = None,
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    with_tokenizer: bool = True,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase | None]:
     """Load a supported causal LM and its tokenizer from local files only.
 
     Args:
@@ -147,6 +148,7 @@ def load_model(
         dtype: defaults to `default_dtype(device)`.
         attn_implementation: "sdpa" for evaluation, "s2_attention" for LongLoRA training.
         config: an already-modified config (e.g. RoPE-extended) to load the weights into.
+        with_tokenizer: False skips the tokenizer (returned as None), for weights-only directories.
 
     Returns:
         (model, tokenizer); the model is in eval mode on `device`.
@@ -174,4 +176,4 @@ def load_model(
         model.hf_quantizer = None
         model.is_quantized = False
     log.info("loaded %s (%s, %s, %s)", ref, type(model).__name__, dtype, device)
-    return model, load_tokenizer(source)
+    return model, load_tokenizer(source) if with_tokenizer else None

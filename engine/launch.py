@@ -1,0 +1,105 @@
+"""Run training from a JSON TrainConfig, in one process or N (torchrun / deepspeed / accelerate launch).
+
+    python -m engine.launch train --config run.json                       # one process (also each worker)
+    python -m engine.launch distributed --config run.json --nproc 2       # N processes on this node
+    python -m engine.launch distributed --config run.json --launcher deepspeed --hostfile hosts --nproc 8
+
+Every launcher runs the same `train` entry point, so single- and multi-process runs write the same artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
+
+
+def worker_command(config_path: str) -> list[str]:
+    return ["-m", "engine.launch", "train", "--config", config_path]
+
+
+def launcher_command(
+    config_path: str,
+    nproc: int,
+    launcher: str = "torchrun",
+    hostfile: str | None = None,
+    nnodes: int = 1,
+    master_port: int = 29500,
+) -> list[str]:
+    """The exact command line that starts `nproc` workers per node running `worker_command`."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    if nproc <= 0 or nnodes <= 0:
+        raise ValueError(f"nproc and nnodes must be positive, got {nproc} and {nnodes}")
+    if launcher == "torchrun":
+        return [
+            "torchrun",
+            f"--nproc_per_node={nproc}",
+            f"--nnodes={nnodes}",
+            f"--master_port={master_port}",
+            *worker_command(config_path),
+        ]
+    if launcher == "deepspeed":
+        host = ["--hostfile", hostfile] if hostfile else []
+        return [
+            "deepspeed",
+            *host,
+            f"--num_gpus={nproc}",
+            f"--master_port={master_port}",
+            "--module",
+            *worker_command(config_path)[1:],
+        ]
+    return [
+        "accelerate",
+        "launch",
+        f"--num_processes={nproc * nnodes}",
+        f"--num_machines={nnodes}",
+        f"--main_process_port={master_port}",
+        "--module",
+        *worker_command(config_path)[1:],
+    ]
+
+
+def _train(config_path: str) -> int:
+    from engine.train import TrainConfig, TrainingDivergedError, train
+
+    try:
+        cfg = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
+        result = train(cfg)
+    except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
+        print(f"longpilot train: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"status": result.status, "adapter_dir": str(result.adapter_dir), "steps": result.steps}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.launch")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    one = sub.add_parser("train", help="train in this process")
+    one.add_argument("--config", required=True)
+    many = sub.add_parser("distributed", help="start N worker processes")
+    many.add_argument("--config", required=True)
+    many.add_argument("--nproc", type=int, default=2)
+    many.add_argument("--nnodes", type=int, default=1)
+    many.add_argument("--launcher", choices=LAUNCHERS, default="torchrun")
+    many.add_argument("--hostfile")
+    many.add_argument("--master-port", type=int, default=29500)
+    many.add_argument("--dry-run", action="store_true", help="print the command only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.mode == "train":
+        return _train(args.config)
+    cmd = launcher_command(args.config, args.nproc, args.launcher, args.hostfile, args.nnodes, args.master_port)
+    print(shlex.join(cmd))
+    return 0 if args.dry_run else subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

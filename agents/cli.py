@@ -21,14 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="engine smoke run: RoPE x2, LoRA+, one S2-Attn step, save, reload, merge")
     demo.add_argument("--model", default="smollm2-135m", help="alias, local model directory or cached hub id")
     demo.add_argument("--target-context", type=int, default=16384, help="tokens (default 16384)")
-    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    demo.add_argument("--out", default=None, help="output directory (default runs/demo/<timestamp>)")
+    demo.add_argument("--steps", type=int, default=1, help="S2-Attn training steps (default 1)")
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
     from engine.smoke import format_report, run_smoke
 
-    report = run_smoke(args.model, args.target_context, args.out)
+    report = run_smoke(args.model, args.target_context, args.out, steps=args.steps)
     print("LongPilot engine demo: done")
     print(format_report(report))
     return 0

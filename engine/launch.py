@@ -5,6 +5,11 @@
     python -m engine.launch distributed --config run.json --launcher deepspeed --hostfile hosts --nproc 8
 
 Every launcher runs the same `train` entry point, so single- and multi-process runs write the same artifacts.
+
+The LongLoRA 8xA100 recipe (Llama-2-7B, 4k -> 32k, ZeRO-2, bf16, global batch 64; the planner prints this):
+    python -m engine.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json --nproc 8 \
+        --launcher deepspeed
+which runs: deepspeed --num_gpus=8 --master_port=29500 --module engine.launch train --config <that file>
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
+RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def worker_command(config_path: str) -> list[str]:

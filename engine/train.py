@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from engine.lora import LoraPlusConfig, apply_lora_plus, count_trainable, describe, write_adapter_sidecars
 from engine.loss import FinalHiddenCapture, chunked_lm_loss
-from engine.models import DEFAULT_MODEL, load_model, resolve_model
+from engine.models import DEFAULT_MODEL, default_device, load_model, resolve_model
 from engine.rope import apply_rope_extension, current_context
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, S2_ATTENTION
 
@@ -125,6 +125,7 @@ class TrainResult:
     initial_loss: float | None
     final_loss: float | None
     summary_path: Path
+    model: torch.nn.Module | None = None  # the trained PeftModel, in eval mode (not serialised)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -324,6 +325,15 @@ def _read_metrics(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- the entry point
 
 
+def _init_deepspeed_comm(args: TrainingArguments) -> None:
+    """ZeRO-3 partitions weights while `from_pretrained` runs; its config reads the world size from deepspeed.comm,
+    which must therefore wrap the process group (created by `args.device`) before the model is loaded."""
+    import deepspeed  # lazy: only DeepSpeed runs need it
+
+    _ = args.device
+    deepspeed.init_distributed()
+
+
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision != "auto":
         return cfg.precision
@@ -379,22 +389,9 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
     train_data = load_train_dataset(cfg, dataset)
     set_seed(cfg.seed)
 
-    attn = S2_ATTENTION if cfg.use_s2_attention else "sdpa"
-    if model is None:
-        model, _ = load_model(cfg.base_model, attn_implementation=attn, with_tokenizer=False)
-    else:
-        model.set_attn_implementation(attn)
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if model is not None else torch.device(default_device())
     precision = _precision(cfg, device)
-    if precision == "bf16" and model.dtype != torch.bfloat16:
-        model.to(torch.bfloat16)
-    model.config.s2_group_size_ratio = cfg.s2_group_size_ratio
-    model.config.use_cache = False
-    if cfg.target_context > current_context(model.config):
-        apply_rope_extension(model, cfg.target_context, cfg.rope_method)
-    peft_model = apply_lora_plus(model, cfg.lora)
-    log.info("%s; attention %s", describe(count_trainable(peft_model)), attn)
-
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[precision]
     ckpt_dir = out / "checkpoints"
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -428,6 +425,24 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         dataloader_num_workers=0,
         deepspeed=cfg.deepspeed,
     )
+    attn = S2_ATTENTION if cfg.use_s2_attention else "sdpa"
+    if cfg.deepspeed:
+        _init_deepspeed_comm(args)
+    if model is None:
+        # TrainingArguments exist by now, so under ZeRO-3 transformers loads the weights already partitioned.
+        model, _ = load_model(
+            cfg.base_model, device=args.device, dtype=dtype, attn_implementation=attn, with_tokenizer=False
+        )
+    else:
+        model.set_attn_implementation(attn)
+        model.to(dtype)
+    model.config.s2_group_size_ratio = cfg.s2_group_size_ratio
+    model.config.use_cache = False
+    if cfg.target_context > current_context(model.config):
+        apply_rope_extension(model, cfg.target_context, cfg.rope_method)
+    peft_model = apply_lora_plus(model, cfg.lora)
+    log.info("%s; attention %s", describe(count_trainable(peft_model)), attn)
+
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     metrics_path = out / "metrics.jsonl"
     trainer = LongLoraTrainer(
@@ -438,6 +453,8 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         callbacks=[MetricsWriter(metrics_path), CompleteMarker()],
         loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
+    if cfg.quiet:
+        trainer.remove_callback(PrinterCallback)  # the Trainer prints every log dict when tqdm is off
     resume = latest_complete_checkpoint(ckpt_dir)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -481,8 +498,9 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         ) from None
 
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # gathers ZeRO-3 shards into full tensors
     if _is_main_process():
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none
         tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(cfg.base_model)
         write_adapter_sidecars(
             adapter_dir, peft_model.get_base_model().config, _maybe_source(cfg.base_model), tokenizer

@@ -1,0 +1,126 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 with 2 CPU processes (DS_ACCELERATOR=cpu) against a single process, same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from engine.launch import launcher_command
+from engine.lora import load_adapter
+from engine.train import TrainConfig, train
+from tests.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+DS_DIR = ROOT / "engine" / "deepspeed"
+pytest.importorskip("deepspeed")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """Reference: one process, batch 2 (= 2 ranks x batch 1). Equal-length rows so the mean losses coincide."""
+    ws = tmp_path_factory.mktemp("dist")
+    tiny_llama(seed=0).save_pretrained(ws / "base")
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 128, (128,), generator=gen).tolist() for _ in range(16)]
+    Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(ws / "data"))
+    cfg = TrainConfig(
+        output_dir=str(ws / "single"),
+        dataset_dir=str(ws / "data"),
+        base_model=str(ws / "base"),
+        target_context=256,
+        max_steps=4,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        save_steps=2,
+        quiet=True,
+    )
+    return ws, cfg, train(cfg)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_process_deepspeed_matches_single_process(single_run, stage):
+    ws, single_cfg, single = single_run
+    cfg = single_cfg.to_dict() | {
+        "output_dir": str(ws / stage),
+        "per_device_batch_size": 1,
+        "deepspeed": str(DS_DIR / f"{stage}.json"),
+    }
+    cfg_path = ws / f"{stage}.json"
+    cfg_path.write_text(json.dumps(cfg))
+    cmd = launcher_command(str(cfg_path), nproc=2, launcher="torchrun", master_port=_free_port())
+    cmd[0] = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    got, want = _metrics(ws / stage), _metrics(single.output_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], abs=1e-4)
+    summary = json.loads((ws / stage / "train_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["hardware"]["world_size"] == 2
+    ids = torch.randint(3, 128, (1, 64))
+    with torch.no_grad():
+        dist_logits = load_adapter(ws / stage / "adapter")(ids).logits
+        single_logits = load_adapter(single.adapter_dir)(ids).logits
+    torch.testing.assert_close(dist_logits, single_logits, rtol=0, atol=1e-4)
+
+
+def test_launcher_commands():
+    assert launcher_command("c.json", 8, "torchrun")[:2] == ["torchrun", "--nproc_per_node=8"]
+    ds = launcher_command("c.json", 8, "deepspeed", hostfile="hosts")
+    assert ds[:3] == ["deepspeed", "--hostfile", "hosts"] and ds[-4:] == [
+        "engine.launch",
+        "train",
+        "--config",
+        "c.json",
+    ]
+    assert "--num_processes=16" in launcher_command("c.json", 8, "accelerate", nnodes=2)
+    with pytest.raises(ValueError, match="unknown launcher"):
+        launcher_command("c.json", 2, "mpirun")
+
+
+def test_8xa100_recipe_is_a_valid_config_and_command():
+    from engine.launch import RECIPES
+
+    path = RECIPES / "llama2-7b-32k-8xA100.json"
+    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+    assert (cfg.target_context, cfg.precision, cfg.per_device_batch_size * cfg.gradient_accumulation_steps * 8) == (
+        32768,
+        "bf16",
+        64,
+    )
+    assert (ROOT / cfg.deepspeed).is_file()
+    cmd = launcher_command(str(path), 8, "deepspeed")
+    assert cmd[:2] == ["deepspeed", "--num_gpus=8"] and cmd[-1] == str(path)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_shipped_deepspeed_configs(name):
+    cfg = json.loads((DS_DIR / f"{name}.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
+    assert cfg["train_micro_batch_size_per_gpu"] == "auto" and cfg["zero_allow_untested_optimizer"] is True
+    if name.startswith("zero3"):
+        assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    if name == "zero3_offload":
+        assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

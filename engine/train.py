@@ -253,6 +253,8 @@ class MetricsWriter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

@@ -65,8 +65,10 @@ def _looks_like_path(ref: str) -> bool:
     )
 
 
-def resolve_model(ref: str) -> ModelSource:
+def resolve_model(ref: str, cache_dir: str | Path | None = None) -> ModelSource:
     """Turn an alias, a local directory or an offline-cached hub id into a `ModelSource`.
+
+    `cache_dir` overrides the Hugging Face cache location (default: HF_HUB_CACHE); nothing is ever downloaded.
 
     Raises:
         ValueError: unknown alias, missing path, a directory without config.json, or a hub id not in the local cache.
@@ -90,7 +92,7 @@ def resolve_model(ref: str) -> ModelSource:
     from huggingface_hub import snapshot_download
 
     try:
-        cached = snapshot_download(ref, local_files_only=True)
+        cached = snapshot_download(ref, local_files_only=True, cache_dir=cache_dir)
     except Exception as err:  # the hub raises several types for "not in cache"
         raise ValueError(f"hub id {ref!r} is not in the local Hugging Face cache (no downloads at run time)") from err
     return ModelSource(ref, Path(cached))

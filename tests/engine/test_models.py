@@ -87,6 +87,18 @@ def test_bad_references_fail_with_one_line(ref, message):
     assert "\n" not in str(err.value)
 
 
+def test_hub_id_resolves_from_the_offline_cache_only(tmp_path):
+    """A hub id present in the local cache resolves to its snapshot; the same id absent from the cache is refused."""
+    snapshot = tmp_path / "hub" / "models--someorg--tiny" / "snapshots" / "abc123"
+    tiny_llama().save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--someorg--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--tiny" / "refs" / "main").write_text("abc123")
+    source = resolve_model("someorg/tiny", cache_dir=tmp_path / "hub")
+    assert source.path == snapshot and (source.path / "config.json").is_file()
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        resolve_model("someorg/other", cache_dir=tmp_path / "hub")
+
+
 def test_directory_without_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="not a Hugging Face model directory"):
         resolve_model(str(tmp_path))

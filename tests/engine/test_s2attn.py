@@ -6,6 +6,7 @@ segments, then runs an explicit masked softmax; nothing is shared with the imple
 
 from __future__ import annotations
 
+import copy
 import types
 
 import pytest
@@ -206,3 +207,30 @@ def test_model_level_s2_matches_reference_path_and_switches_with_mode():
     torch.testing.assert_close(
         s2_model(ids, attention_mask=mask).logits[valid_rows], sdpa_model(ids, attention_mask=mask).logits[valid_rows]
     )
+
+
+def test_mistral_uses_the_same_attention_hook():
+    """Mistral-style models (no sliding window) select S2 the same way: train mode differs, eval equals sdpa."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=None,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    s2 = AutoModelForCausalLM.from_config(cfg, attn_implementation=S2_ATTENTION)
+    sdpa = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa")  # config is shared
+    sdpa.load_state_dict(s2.state_dict())
+    ids = torch.randint(0, 64, (1, 32))
+    with torch.no_grad():
+        train_logits = s2.train()(ids).logits
+        eval_logits = s2.eval()(ids).logits
+        torch.testing.assert_close(eval_logits, sdpa.eval()(ids).logits)
+    assert not torch.allclose(train_logits, eval_logits)

@@ -99,7 +99,10 @@ def test_which_document_question():
 
 
 def test_prose_heading_question():
-    text = "Intro.\n\nInstallation\n============\n\nRun the installer first.\nThen reboot.\n\n# Usage\n\nCall it once every single day.\n"
+    text = (
+        "Intro.\n\nInstallation\n============\n\nRun the installer first.\nThen reboot.\n\n"
+        "# Usage\n\nCall it once every single day.\n"
+    )
     qs = prose_questions(Document("r.rst", "prose", text), random.Random(0), "train")
     answers = {q.answer for q in qs}
     assert "Run the installer first." in answers and "Call it once every single day." in answers

@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "longpilot-data/1"
 SYNTHETIC_TASKS = tuple(t for t in GENERATORS if t != "unanswerable")
-GROUNDED_TASKS = ("code_default", "code_raises", "code_which_document", "prose_after_heading")
+GROUNDED_TASKS = (
+    "code_default",
+    "code_returns",
+    "code_raises",
+    "code_which_document",
+    "prose_after_heading",
+    "prose_which_section",
+)
 INSTRUCTION = "Answer the question using only the document(s) above. If the answer is not there, reply: {none}."
 
 
@@ -208,7 +215,7 @@ class _Builder:
             trimmed = [Document(d.source, d.kind, d.text[:per_doc]) for d in subject_docs]
             chosen, subject_docs = which_document_question(trimmed, rng, split), trimmed
         else:
-            kind = "prose" if task == "prose_after_heading" else "code"
+            kind = "prose" if task.startswith("prose_") else "code"
             pool = [d for d in docs if d.kind == kind]
             if not pool:
                 self.rejected[f"no {kind} documents for {task}"] += 1

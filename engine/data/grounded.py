@@ -1,8 +1,9 @@
 """Questions grounded in the corpus itself, without an LLM, plus the hook for LLM-proposed ones.
 
-Code (parsed with `ast`): the default value of a parameter, what a function raises, which document defines a
-function. Prose: the first sentence after a heading. Every candidate is kept only if its answer appears verbatim in
-the document and its subject (function or heading) occurs exactly once, so the question has one right answer.
+Code (parsed with `ast`): the default value of a parameter, what a function returns or raises, which document
+defines a function. Prose: the first sentence after a heading, and which section states a given sentence. Every
+candidate is kept only if its answer appears verbatim in the document and its subject (function or heading) occurs
+exactly once, so the question has one right answer.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ TEMPLATES: dict[str, list[str]] = {
         "Which exception class does the function `{func}` raise first in its body?",
         "Name the first exception class raised inside `{func}`.",
     ],
+    "code_returns": [
+        "What expression does the function `{func}` return?",
+        "Quote the return expression of the function `{func}`.",
+    ],
     "code_which_document": [
         "Which document defines the function `{func}`? Answer with its label, such as 'Document 1'.",
         "In which of the documents is the function `{func}` defined? Reply like 'Document 1'.",
+    ],
+    "prose_which_section": [
+        "Which section heading is the sentence '{sentence}' under?",
+        "Under which heading does the text say '{sentence}'?",
     ],
     "prose_after_heading": [
         "What is the first sentence after the heading '{heading}'?",
@@ -84,6 +93,14 @@ def code_questions(doc: Document, rng: random.Random, split: str) -> list[Ground
                             "code_default", template.format(param=arg.arg, func=fn.name), value, value, tid, fn.name
                         )
                     )
+        returns = [n for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None]
+        if len(returns) == 1:  # a single return: the answer is unambiguous
+            value = ast.get_source_segment(doc.text, returns[0].value)
+            if value and "\n" not in value and 3 <= len(value) <= 60 and doc.text.count(f"return {value}") == 1:
+                template, tid = _template("code_returns", split, rng)
+                out.append(
+                    GroundedQA("code_returns", template.format(func=fn.name), value, f"return {value}", tid, fn.name)
+                )
         for node in ast.walk(fn):
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
                 template, tid = _template("code_raises", split, rng)
@@ -129,6 +146,11 @@ def prose_questions(doc: Document, rng: random.Random, split: str) -> list[Groun
         paragraph = doc.text[match.end() :].lstrip().split("\n\n", 1)[0]
         end = re.search(r"[.!?](?=\s|$)", paragraph)
         answer = paragraph[: end.end()] if end else ""  # a verbatim prefix, line breaks and all
+        if 20 <= len(answer) <= 120 and "\n" not in answer and doc.text.count(answer) == 1:
+            template, tid = _template("prose_which_section", split, rng)
+            out.append(
+                GroundedQA("prose_which_section", template.format(sentence=answer), heading, answer, tid, heading)
+            )
         if 20 <= len(answer) <= 300:
             template, tid = _template("prose_after_heading", split, rng)
             out.append(

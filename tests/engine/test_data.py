@@ -73,7 +73,7 @@ def connect(host, port=8080, retries=3):
     return host
 
 def helper(x):
-    return x
+    return x * 2 + 1
 """
 
 
@@ -81,7 +81,8 @@ def test_code_questions_are_grounded():
     qs = code_questions(Document("m.py", "code", CODE), random.Random(0), "train")
     by_task = {(q.task, q.answer) for q in qs}
     assert ("code_default", "8080") in by_task and ("code_default", "3") in by_task
-    assert ("code_raises", "ValueError") in by_task
+    assert ("code_raises", "ValueError") in by_task and ("code_returns", "host") in by_task
+    assert any(q.task == "code_returns" and q.answer == "x * 2 + 1" for q in qs)
     assert all(q.evidence in CODE for q in qs)
 
 
@@ -106,6 +107,7 @@ def test_prose_heading_question():
     qs = prose_questions(Document("r.rst", "prose", text), random.Random(0), "train")
     answers = {q.answer for q in qs}
     assert "Run the installer first." in answers and "Call it once every single day." in answers
+    assert ("prose_which_section", "Installation") in {(q.task, q.answer) for q in qs}
 
 
 def test_llm_proposals_pass_the_same_grounding():
@@ -397,3 +399,24 @@ def test_llm_proposer_hook_feeds_grounded_records(tokenizer, tmp_path):
     assert result.card["counts"]["train"] == {"llm_qa": 4}
     assert result.card["rejected"].get("llm proposal: evidence not in the document", 0) >= 4
     assert all(c.passed for c in result.checks)
+
+
+def test_unreachable_target_length_is_counted_then_reported(tokenizer, tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"d{i}.md").write_text("A short page. " * 20)
+    cfg = DataConfig(
+        output_dir=str(tmp_path / "o"),
+        target_context=65536,
+        corpus=(str(corpus),),
+        n_train=2,
+        n_eval=2,
+        lm_ratio=0.0,
+        short_ratio=0.0,
+        longqa_ratio=1.0,
+        tasks=("niah_single",),
+    )
+    with pytest.raises(ValueError, match="no records could be built.*length bucket not reachable") as err:
+        prepare_data(cfg, tokenizer)
+    assert "\n" not in str(err.value) and not (tmp_path / "o").exists()

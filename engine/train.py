@@ -500,6 +500,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         ) from None
 
     adapter_dir = out / "adapter"
+    model.config.use_cache = True  # training turned the KV cache off; the saved model is for inference
     trainer.save_model(str(adapter_dir))  # gathers ZeRO-3 shards into full tensors
     if _is_main_process():
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none

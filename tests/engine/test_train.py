@@ -79,7 +79,8 @@ def test_training_writes_every_artifact(workspace):
     assert (adapter / "adapter_config.json").is_file()
     weights = load_file(adapter / "adapter_model.safetensors")
     assert any("embed_tokens" in k for k in weights) and any("lora_B" in k for k in weights)
-    assert json.loads((adapter / "config.json").read_text())["max_position_embeddings"] == 256
+    saved_config = json.loads((adapter / "config.json").read_text())
+    assert saved_config["max_position_embeddings"] == 256 and saved_config["use_cache"] is True
     # the adapter changed the model
     ids = torch.randint(3, 128, (1, 64))
     with torch.no_grad():

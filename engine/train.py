@@ -531,6 +531,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         metrics[0]["loss"] if metrics else None,
         metrics[-1]["loss"] if metrics else None,
         summary,
+        peft_model.eval(),
     )
 
 

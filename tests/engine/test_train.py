@@ -81,10 +81,13 @@ def test_training_writes_every_artifact(workspace):
     assert any("embed_tokens" in k for k in weights) and any("lora_B" in k for k in weights)
     saved_config = json.loads((adapter / "config.json").read_text())
     assert saved_config["max_position_embeddings"] == 256 and saved_config["use_cache"] is True
-    # the adapter changed the model
+    # the adapter changed the model, and reloads to exactly the model that trained
     ids = torch.randint(3, 128, (1, 64))
     with torch.no_grad():
-        assert not torch.allclose(load_adapter(adapter)(ids).logits, tiny_llama(seed=0)(ids).logits)
+        reloaded = load_adapter(adapter)(ids).logits
+        assert not torch.allclose(reloaded, tiny_llama(seed=0)(ids).logits)
+        assert not result.model.training
+        torch.testing.assert_close(reloaded, result.model(ids).logits, rtol=0, atol=1e-6)
 
 
 def test_same_seed_same_metrics_and_full_attention_option(workspace):

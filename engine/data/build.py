@@ -179,22 +179,10 @@ class _Builder:
             return None
         context, prompt = fitted
         return self._row(
-            split,
-            task,
-            "longqa" if high == self.cfg.target_context else "short",
-            context,
-            prompt,
-            answer_ids,
-            item.question,
-            item.answer,
-            list(item.answer_parts),
-            list(item.chain),
-            list(item.needles),
-            list(item.namespace),
-            item.template_id,
-            "synthetic",
-            high,
-        )
+            split, task, self._qa_kind(high), context, prompt, answer_ids, item.question, item.answer,
+            parts=list(item.answer_parts), chain=list(item.chain), needles=list(item.needles),
+            namespace=list(item.namespace), template_id=item.template_id, source="synthetic", target=high,
+        )  # fmt: skip
 
     def _grounded(self, task, split, docs, rng, low, high):
         if task == "llm_qa":
@@ -246,41 +234,20 @@ class _Builder:
             return None
         context, prompt = fitted
         return self._row(
-            split,
-            task,
-            "longqa" if high == self.cfg.target_context else "short",
-            context,
-            prompt,
-            answer_ids,
-            chosen.question,
-            chosen.answer,
-            [chosen.answer],
-            [],
-            [],
-            [chosen.subject],
-            chosen.template_id,
-            ";".join(d.source for d in subject_docs),
-            high,
-        )
+            split, task, self._qa_kind(high), context, prompt, answer_ids, chosen.question, chosen.answer,
+            parts=[chosen.answer], namespace=[chosen.subject], template_id=chosen.template_id,
+            source=";".join(d.source for d in subject_docs), target=high,
+        )  # fmt: skip
+
+    def _qa_kind(self, high: int) -> str:
+        return "longqa" if high == self.cfg.target_context else "short"
 
     def _row(
-        self,
-        split,
-        task,
-        kind,
-        context,
-        prompt,
-        answer_ids,
-        question,
-        answer,
-        parts,
-        chain,
-        needles,
-        namespace,
-        template_id,
-        source,
-        target,
-    ):
+        self, split: str, task: str, kind: str, context: str, prompt: list[int], answer_ids: list[int],
+        question: str, answer: str, *, parts: list[str] = (), chain: list[str] = (), needles: list[str] = (),
+        namespace: list[str] = (), template_id: str, source: str, target: int,
+    ) -> dict | None:  # fmt: skip
+        """One QA record with its grounding metadata; None (counted) when it duplicates or fails a record check."""
         qa_hash = hashlib.sha256(" ".join(f"{question}\n{answer}".lower().split()).encode()).hexdigest()
         if qa_hash in self.seen_hashes:
             self.rejected["duplicate question+answer"] += 1
@@ -298,10 +265,10 @@ class _Builder:
             "num_tokens": len(ids),
             "question": question,
             "answer": answer,
-            "answer_parts": parts,
-            "chain": chain,
-            "needles": needles,
-            "namespace": namespace,
+            "answer_parts": list(parts),
+            "chain": list(chain),
+            "needles": list(needles),
+            "namespace": list(namespace),
             "template_id": template_id,
             "qa_hash": qa_hash,
             "context": context,
@@ -332,22 +299,9 @@ class _Builder:
                 continue
             tag = hashlib.sha256(rec.question.encode()).hexdigest()[:12]
             row = self._row(
-                split,
-                "json_qa",
-                "json",
-                "",
-                prompt,
-                answer_ids,
-                rec.question,
-                rec.answer,
-                [],
-                [],
-                [],
-                [],
-                "json_qa",
-                f"{rec.source}#{tag}",
-                self.cfg.target_context,
-            )
+                split, "json_qa", "json", "", prompt, answer_ids, rec.question, rec.answer,
+                template_id="json_qa", source=f"{rec.source}#{tag}", target=self.cfg.target_context,
+            )  # fmt: skip
             if row is not None:
                 rows.append(row)
         return rows

@@ -4,7 +4,6 @@ packed LM sequences from all of it (read -> tokenise -> pack -> check -> save).
     python bench/data.py          # knobs below; the corpus is the standard library copied until CORPUS_MB is reached
 """
 
-import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.data import DataConfig, prepare_data  # noqa: E402
+from engine.data.corpus import stdlib_dir  # noqa: E402
 from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
 
 CORPUS_MB = 100
@@ -22,7 +22,7 @@ BATCH = 64
 
 
 def make_corpus(folder: Path) -> int:
-    stdlib = Path(logging.__file__).resolve().parent.parent
+    stdlib = stdlib_dir()
     files = sorted(stdlib.glob("*.py"))
     size, copy = 0, 0
     while size < CORPUS_MB * 2**20:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.models import ModelSource
 
@@ -164,7 +164,7 @@ def load_adapter(
     is_trainable: bool = False,
 ) -> PeftModel:
     """Rebuild base (with the saved, RoPE-extended config) + adapter, exactly as plain transformers + peft would."""
-    from engine.models import resolve_model
+    from engine.models import load_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -174,16 +174,11 @@ def load_adapter(
         if not meta_file.is_file():
             raise ValueError(f"{str(adapter_dir)!r} does not record its base model; pass base_ref")
         base_ref = json.loads(meta_file.read_text())["base_ref"]
-    source = resolve_model(base_ref)
     config = AutoConfig.from_pretrained(adapter_dir, local_files_only=True)
-    base = AutoModelForCausalLM.from_pretrained(
-        source.path,
-        config=config,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-        **source.from_pretrained_kwargs(),
-    ).to(device)
+    base, _ = load_model(
+        base_ref, device=device, dtype=dtype, attn_implementation=attn_implementation, config=config,
+        with_tokenizer=False,
+    )  # fmt: skip
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable).eval()
 
 

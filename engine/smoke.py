@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine.data.corpus import stdlib_dir
 from engine.lora import load_adapter, merge_to_model_dir
 from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
@@ -45,7 +46,7 @@ class SmokeReport:
 
 def stdlib_text_tokens(tokenizer, n_tokens: int) -> list[int]:
     """`n_tokens` of real text every machine has: Python standard-library sources, in a fixed (sorted) order."""
-    stdlib = Path(logging.__file__).resolve().parent.parent
+    stdlib = stdlib_dir()
     ids: list[int] = []
     for path in sorted(stdlib.glob("*.py")):
         ids.extend(tokenizer(path.read_text(errors="replace"), add_special_tokens=False)["input_ids"])

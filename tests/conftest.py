@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -10,9 +12,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import engine  # noqa: E402,F401  (registers s2_attention)
+from engine.train import TrainConfig  # noqa: E402
 
 
 def tiny_llama_config(
@@ -52,3 +56,40 @@ def tiny_llama(seed: int = 0, attn: str = "sdpa", **kwargs) -> torch.nn.Module:
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     return tiny_llama()
+
+
+def make_dataset(path: Path, lengths=(200, 256, 180, 256, 256, 100, 256, 256), seed: int = 0) -> Path:
+    """Random token rows for the tiny Llama; the first quarter of each row is an unlabelled prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
+        labels = [-100] * (n // 4) + ids[n // 4 :]
+        rows.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * n})
+    Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def make_workspace(ws: Path, lengths=(200, 256, 180, 256, 256, 100, 256, 256)) -> Path:
+    """A saved tiny base model (`ws/base`) and a dataset (`ws/data`) for training tests."""
+    tiny_llama(seed=0).save_pretrained(ws / "base")
+    make_dataset(ws / "data", lengths)
+    return ws
+
+
+def train_config(ws: Path, name: str = "out", **overrides) -> TrainConfig:
+    """A short CPU training config over `make_workspace(ws)`; fields overridable."""
+    base = TrainConfig(
+        output_dir=str(ws / name),
+        dataset_dir=str(ws / "data"),
+        base_model=str(ws / "base"),
+        target_context=256,
+        max_steps=6,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        save_steps=2,
+        quiet=True,
+    )
+    return replace(base, **overrides)

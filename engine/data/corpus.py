@@ -49,9 +49,14 @@ class CorpusStats:
     sources: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its bytes
 
 
+def stdlib_dir() -> Path:
+    """The Python standard library's source directory: text every machine with Python has."""
+    return Path(logging.__file__).resolve().parent.parent
+
+
 def default_corpus_paths() -> list[Path]:
-    """Text every machine with Python has: the standard library's top-level sources and its pydoc topics."""
-    stdlib = Path(logging.__file__).resolve().parent.parent
+    """The standard library's top-level sources and its pydoc topics."""
+    stdlib = stdlib_dir()
     return [stdlib / "pydoc_data" / "topics.py"] + sorted(stdlib.glob("*.py"))  # prose first: reading stops early
 
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 
 from engine.launch import launcher_command
 from engine.lora import load_adapter
 from engine.train import TrainConfig, train
-from tests.conftest import tiny_llama
+from tests.conftest import make_workspace, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_DIR = ROOT / "engine" / "deepspeed"
@@ -31,25 +30,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    """Reference: one process, batch 2 (= 2 ranks x batch 1). Equal-length rows so the mean losses coincide."""
+    """Reference: one process, batch 2 (= 2 ranks x batch 1)."""
     ws = tmp_path_factory.mktemp("dist")
-    tiny_llama(seed=0).save_pretrained(ws / "base")
-    gen = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, 128, (128,), generator=gen).tolist() for _ in range(16)]
-    Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(ws / "data"))
-    cfg = TrainConfig(
-        output_dir=str(ws / "single"),
-        dataset_dir=str(ws / "data"),
-        base_model=str(ws / "base"),
-        target_context=256,
-        max_steps=4,
-        per_device_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        save_steps=2,
-        quiet=True,
-    )
+    make_workspace(ws, lengths=(128,) * 16)  # equal lengths and label counts: per-rank means average exactly
+    cfg = train_config(ws, "single", max_steps=4)
     return ws, cfg, train(cfg)
 
 

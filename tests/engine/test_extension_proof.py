@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import sys
 import time
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from engine.data.corpus import stdlib_dir
 from engine.lora import LoraPlusConfig, load_adapter
 from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 from engine.rope import apply_rope_extension
@@ -65,7 +65,7 @@ class Corpus:
 def build_corpus() -> Corpus:
     """Stdlib *.py files in sorted order; every 8th file held out. Ids remapped to the top VOCAB-1 + 'other'."""
     tokenizer = load_tokenizer(resolve_model(DEFAULT_MODEL))
-    stdlib = Path(logging.__file__).resolve().parent.parent
+    stdlib = stdlib_dir()
     train_ids: list[int] = []
     held_ids: list[int] = []
     for i, path in enumerate(sorted(stdlib.glob("*.py"))):

@@ -19,44 +19,17 @@ from safetensors.torch import load_file
 from engine.lora import load_adapter
 from engine.loss import chunked_lm_loss
 from engine.train import TrainConfig, TrainingDivergedError, train
-from tests.conftest import tiny_llama
+from tests.conftest import make_workspace, tiny_llama, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_dataset(path: Path, lengths=(200, 256, 180, 256, 256, 100, 256, 256), seed: int = 0) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for n in lengths:
-        ids = torch.randint(3, 128, (n,), generator=gen).tolist()
-        labels = [-100] * (n // 4) + ids[n // 4 :]  # a prompt part without labels
-        rows.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * n})
-    Dataset.from_list(rows).save_to_disk(str(path))
-    return path
-
-
 @pytest.fixture
 def workspace(tmp_path):
-    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
-    make_dataset(tmp_path / "data")
-    return tmp_path
+    return make_workspace(tmp_path)
 
 
-def config(ws: Path, name: str = "out", **overrides) -> TrainConfig:
-    base = TrainConfig(
-        output_dir=str(ws / name),
-        dataset_dir=str(ws / "data"),
-        base_model=str(ws / "base"),
-        target_context=256,
-        max_steps=6,
-        per_device_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        save_steps=2,
-        quiet=True,
-    )
-    return replace(base, **overrides)
+config = train_config
 
 
 def metrics(out: Path) -> list[dict]:

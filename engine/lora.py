@@ -154,6 +154,30 @@ def write_adapter_sidecars(
     return out
 
 
+_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+
+
+def _check_same_base(adapter_config: PretrainedConfig, base_config: PretrainedConfig, adapter_dir, base_ref) -> None:
+    """Refuse a base whose shapes differ from the one the adapter was trained on (peft would fail deep inside)."""
+    diffs = [
+        f"{key} {getattr(adapter_config, key, None)} vs {getattr(base_config, key, None)}"
+        for key in _SHAPE_KEYS
+        if getattr(adapter_config, key, None) != getattr(base_config, key, None)
+    ]
+    if diffs:
+        raise ValueError(
+            f"adapter {str(adapter_dir)!r} does not match base {base_ref!r} (adapter vs base: {'; '.join(diffs)})"
+        )
+
+
 def load_adapter(
     adapter_dir: str | Path,
     *,
@@ -164,7 +188,7 @@ def load_adapter(
     is_trainable: bool = False,
 ) -> PeftModel:
     """Rebuild base (with the saved, RoPE-extended config) + adapter, exactly as plain transformers + peft would."""
-    from engine.models import load_model
+    from engine.models import load_config, load_model, resolve_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -175,6 +199,7 @@ def load_adapter(
             raise ValueError(f"{str(adapter_dir)!r} does not record its base model; pass base_ref")
         base_ref = json.loads(meta_file.read_text())["base_ref"]
     config = AutoConfig.from_pretrained(adapter_dir, local_files_only=True)
+    _check_same_base(config, load_config(resolve_model(base_ref)), adapter_dir, base_ref)
     base, _ = load_model(
         base_ref, device=device, dtype=dtype, attn_implementation=attn_implementation, config=config,
         with_tokenizer=False,

@@ -19,10 +19,10 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torc
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_lm_loss(
+def chunked_lm_nll(
     hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module, chunk_tokens: int = 4096
-) -> torch.Tensor:
-    """Mean next-token cross-entropy over label positions != -100.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of scored positions (labels != -100).
 
     Args:
         hidden: (B, T, d) final (normed) hidden states.
@@ -31,7 +31,7 @@ def chunked_lm_loss(
         chunk_tokens: tokens per projected chunk.
 
     Returns:
-        Scalar loss (NaN-free zero when no position carries a label, so an empty batch cannot poison training).
+        (sum of -log p in fp32, count) as tensors; only one chunk of logits is alive at a time.
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -47,6 +47,18 @@ def chunked_lm_loss(
             total = total + checkpoint(_chunk_loss_sum, lm_head, h, y, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(lm_head, h, y)
+    return total, n_valid
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module, chunk_tokens: int = 4096
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over label positions != -100 (see `chunked_lm_nll` for the arguments).
+
+    Returns:
+        Scalar loss (NaN-free zero when no position carries a label, so an empty batch cannot poison training).
+    """
+    total, n_valid = chunked_lm_nll(hidden, labels, lm_head, chunk_tokens)
     return total / n_valid.clamp(min=1)
 
 

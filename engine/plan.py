@@ -1,0 +1,517 @@
+"""Planning math for a LongLoRA run: parameters, FLOPs, memory per device, wall time, and the TrainConfig to run.
+
+No weights, tensors or network: every number follows from an architecture's shape (a built-in, or any Llama/Mistral
+config.json) and a hardware profile, in small pure functions like nanoGPT's `estimate_mfu`, each with its formula in
+a comment. The constants that are measured rather than derived say where they come from.
+
+    python -m engine.plan --arch llama-2-7b --target 32768 --profile full --hardware 8xA100-80GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engine.launch import launcher_command
+from engine.lora import LoraPlusConfig, TrainableCounts
+from engine.models import S2_SUPPORTED_MODEL_TYPES
+from engine.rope import ROPE_METHODS
+from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
+from engine.train import TrainConfig
+
+GIB = 2**30
+# Gradient checkpointing re-runs each layer's forward during backward: fwd (1) + bwd (2) becomes 4 units, not 3.
+CHECKPOINT_RECOMPUTE = 4 / 3
+# Unchunked causal-LM loss on (tokens, V) logits: fp32 log-softmax output saved for backward, the incoming gradient
+# and the gradient w.r.t. the logits (4 + 4 + 4 bytes per logit) are alive together at the start of backward.
+LOSS_BYTES_PER_LOGIT = 12
+ZERO_STAGES = ("zero2", "zero3", "zero3_offload")  # engine/deepspeed/<stage>.json, cheapest first
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The shape of a decoder-only Llama-style model: all the planner needs to know about it."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    native_context: int
+    rope_theta: float = 10000.0
+    tied_embeddings: bool = False
+    name: str = "custom"
+
+
+BUILTIN_ARCHS: dict[str, ArchConfig] = {
+    a.name: a
+    for a in (
+        ArchConfig(4096, 11008, 32, 32, 32, 128, 32000, 4096, 10000.0, False, "llama-2-7b"),
+        ArchConfig(5120, 13824, 40, 40, 40, 128, 32000, 4096, 10000.0, False, "llama-2-13b"),
+        ArchConfig(8192, 28672, 80, 64, 8, 128, 32000, 4096, 10000.0, False, "llama-2-70b"),
+        ArchConfig(4096, 14336, 32, 32, 8, 128, 128256, 8192, 500000.0, False, "llama-3-8b"),
+        ArchConfig(576, 1536, 30, 9, 3, 64, 49152, 8192, 100000.0, True, "smollm2-135m"),
+    )
+}
+# What `TrainConfig.base_model` names for each built-in (hub ids must already be in the local cache at train time).
+BASE_MODEL_REFS = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "smollm2-135m": "smollm2-135m",
+}
+
+
+def arch_from_config_json(path: str | Path) -> ArchConfig:
+    """Read a Hugging Face config.json (Llama or Mistral) with plain json: no transformers, no weights.
+
+    Raises:
+        ValueError: another model type, sliding-window attention, or a missing key.
+    """
+    path = Path(path)
+    cfg = json.loads(path.read_text())
+    model_type = cfg.get("model_type")
+    if model_type not in S2_SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{str(path)!r}: model_type {model_type!r} is not one of {sorted(S2_SUPPORTED_MODEL_TYPES)}")
+    if cfg.get("sliding_window"):
+        raise ValueError(f"{str(path)!r}: sliding-window attention is not supported with S2-Attn")
+    try:
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps rope_theta here, v4 at the top level
+        return ArchConfig(
+            name=cfg.get("_name_or_path") or path.parent.name,
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            native_context=cfg["max_position_embeddings"],
+            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except KeyError as err:
+        raise ValueError(f"{str(path)!r} lacks {err.args[0]!r}: not a decoder config.json") from err
+
+
+def resolve_arch(name_or_path: str) -> ArchConfig:
+    """A built-in name, a config.json path, or a model directory holding config.json.
+
+    Raises:
+        ValueError: none of those (the message lists the built-ins).
+    """
+    if name_or_path in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return arch_from_config_json(path / "config.json")
+    if path.is_file():
+        return arch_from_config_json(path)
+    raise ValueError(
+        f"unknown architecture {name_or_path!r}: use one of {', '.join(BUILTIN_ARCHS)}, a config.json or a model dir"
+    )
+
+
+# ----------------------------------------------------------------------------- parameters and FLOPs
+
+
+def _lora_shapes(a: ArchConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer in one decoder layer; GQA shrinks k/v to kv_heads * head_dim."""
+    q, kv, h, i = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, a.intermediate_size
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def layer_matmul_params(a: ArchConfig) -> int:
+    """Weights of one decoder layer's linear layers: h*q + 2*h*kv + q*h + 3*h*i."""
+    return sum(n_in * n_out for n_in, n_out in _lora_shapes(a).values())
+
+
+def total_params(a: ArchConfig) -> int:
+    """All base-model parameters: V*h (embed) + layers * (linears + 2h norms) + h (final norm) + V*h unless tied."""
+    per_layer = layer_matmul_params(a) + 2 * a.hidden_size
+    lm_head = 0 if a.tied_embeddings else a.vocab_size * a.hidden_size
+    return a.vocab_size * a.hidden_size + a.num_layers * per_layer + a.hidden_size + lm_head
+
+
+def trainable_params(a: ArchConfig, lora: LoraPlusConfig = LoraPlusConfig()) -> TrainableCounts:
+    """LoRA+ trainables, counted as `engine.lora.count_trainable` counts a real model (total includes LoRA).
+
+    LoRA: layers * sum over targets of r * (in + out); embeddings: V*h (a tied lm_head is the same tensor, an untied
+    one stays frozen); norms: (2 * layers + 1) * h.
+
+    Raises:
+        ValueError: a target module that a Llama decoder layer does not have.
+    """
+    shapes = _lora_shapes(a)
+    unknown = [t for t in lora.target_modules if t not in shapes]
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} are not Llama linear layers ({', '.join(shapes)})")
+    n_lora = a.num_layers * sum(lora.r * sum(shapes[t]) for t in lora.target_modules)
+    return TrainableCounts(
+        lora=n_lora,
+        embeddings=a.vocab_size * a.hidden_size if lora.train_embeddings else 0,
+        norms=(2 * a.num_layers + 1) * a.hidden_size if lora.train_norms else 0,
+        other=0,
+        total_params=total_params(a) + n_lora,
+    )
+
+
+def flops_per_token(a: ArchConfig, seq_len: int, group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO) -> float:
+    """Training FLOPs per token, fwd + bwd, recomputation not counted (Kaplan et al. 2020; PaLM appendix B).
+
+    6 * N, N = layers * layer_matmul_params + V*h (the lm_head matmul runs even when tied; the embedding lookup is
+    no matmul), plus causal attention 6 * layers * (heads * head_dim) * L, times the group ratio G/L under S2-Attn
+    (each token attends within its group only). Frozen weights skip their weight-gradient matmul, so the hardware
+    does a little less than 6N; the assumed MFU absorbs that, as it does for every MFU figure quoted with 6N.
+    """
+    n = a.num_layers * layer_matmul_params(a) + a.vocab_size * a.hidden_size
+    attention = 6 * a.num_layers * a.num_heads * a.head_dim * seq_len
+    return 6 * n + attention * (group_size_ratio if group_size_ratio else 1.0)
+
+
+# ----------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Devices, memory per device, and throughput: peak FLOP/s times an assumed model-FLOPs utilisation."""
+
+    name: str
+    n_devices: int
+    memory_gib: float
+    peak_tflops: float
+    mfu: float
+    gpu: bool = True
+    runtime_overhead_gib: float = 1.5  # CUDA context + caching-allocator slack, beyond max_memory_allocated
+
+
+# Measured: SmolLM2-135M, fwd+bwd with S2-Attn and gradient checkpointing at 16k tokens, fp32, 2-core CPU ran 55-60
+# tokens/s (runs/demo/*/train/metrics.jsonl). Effective FLOP/s = 57.5 * flops_per_token(16k) * 4/3 = 9.44e10.
+CPU_MEASURED_TOKENS_PER_S = 57.5
+CPU_EFFECTIVE_TFLOPS = (
+    CPU_MEASURED_TOKENS_PER_S * flops_per_token(BUILTIN_ARCHS["smollm2-135m"], 16384) * CHECKPOINT_RECOMPUTE / 1e12
+)
+HARDWARE: dict[str, HardwareProfile] = {
+    # CPU: runtime overhead = interpreter, libraries, allocator slack; with it the 16k demo run above predicts
+    # 6.3 GiB against 6.4-6.6 GiB peak RSS measured.
+    "cpu": HardwareProfile("cpu", 1, 24.0, CPU_EFFECTIVE_TFLOPS, 1.0, gpu=False, runtime_overhead_gib=2.0),
+    "1xH100-80GB": HardwareProfile("1xH100-80GB", 1, 80.0, 790.0, 0.40),  # 790: measured bf16 matmul peak
+    "8xA100-80GB": HardwareProfile("8xA100-80GB", 8, 80.0, 312.0, 0.40),
+    "8xA100-40GB": HardwareProfile("8xA100-40GB", 8, 40.0, 312.0, 0.40),
+}
+
+
+def custom_hardware(n_devices: int, memory_gib: float, peak_tflops: float, mfu: float = 0.40) -> HardwareProfile:
+    """A GPU profile of your own. Raises ValueError on a non-positive count/memory/peak or mfu outside (0, 1]."""
+    if n_devices <= 0 or memory_gib <= 0 or peak_tflops <= 0 or not 0 < mfu <= 1:
+        raise ValueError(
+            f"bad hardware: n_devices={n_devices}, memory_gib={memory_gib}, tflops={peak_tflops}, mfu={mfu}"
+        )
+    return HardwareProfile(f"custom-{n_devices}x{memory_gib:g}GiB", n_devices, memory_gib, peak_tflops, mfu)
+
+
+def resolve_hardware(name: str | HardwareProfile) -> HardwareProfile:
+    """A profile by name (or as given). Raises ValueError naming the known profiles."""
+    if isinstance(name, HardwareProfile):
+        return name
+    if name not in HARDWARE:
+        raise ValueError(f"unknown hardware {name!r}: use one of {', '.join(HARDWARE)} or custom_hardware(...)")
+    return HARDWARE[name]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory per device in GiB: `breakdown` sums to `total_gib`; `transient` names the larger peak term."""
+
+    breakdown: dict[str, float]
+    total_gib: float
+    transient: str  # "loss" or "layer_recompute": the two never coexist (the loss is freed before layer backward)
+
+
+def activation_bytes_per_token(a: ArchConfig, weight_bytes: int) -> tuple[int, int]:
+    """(kept, recompute) activation bytes per token under per-layer gradient checkpointing (w = weight_bytes).
+
+    kept = layers * h * w (each layer's input) + (4 + w) * h (final RMSNorm's fp32 upcast and output, for the loss).
+    recompute = the one layer being re-run in backward: q, k, v, RoPE'd q and k, the S2 fold/GQA-expanded q, k, v,
+    attention output and its contiguous copy (7 q + 3 kv), two norm outputs, o_proj and down_proj outputs (4 h),
+    MLP gate, up, act, act*up and two gradients of width i (6 i), all * w; plus two fp32 norm upcasts (8 h). SDPA and
+    flash attention keep O(L) state (log-sum-exp), no L x L scores.
+    """
+    q, kv, h, i = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, a.intermediate_size
+    kept = a.num_layers * h * weight_bytes + (4 + weight_bytes) * h
+    recompute = weight_bytes * (7 * q + 3 * kv + 4 * h + 6 * i) + 8 * h
+    return kept, recompute
+
+
+def trainable_state_bytes(counts: TrainableCounts, weight_bytes: int, zero: str, n_devices: int) -> float:
+    """Per-device bytes of the trainable params, their grads and Adam m, v.
+
+    DeepSpeed (mixed precision, ZeRO paper sec. 3): 2 (bf16 param) + 2 (grad) + 12 (fp32 master, m, v) = 16 B/param;
+    ZeRO-2 shards all but the bf16 param (w + (16 - w) / n), ZeRO-3 shards all (16 / n), offload keeps none on GPU.
+    Without DeepSpeed torch AdamW keeps param, grad, m, v in the param's dtype: 4 * w for the embed/norm copies, 16
+    for LoRA (peft upcasts adapters to fp32).
+    """
+    n = counts.trainable
+    if zero == "none":
+        return 16 * counts.lora + 4 * weight_bytes * (n - counts.lora)
+    if zero == "zero2":
+        return n * (weight_bytes + (16 - weight_bytes) / n_devices)
+    return 16 * n / n_devices if zero == "zero3" else 0.0
+
+
+def frozen_weight_bytes(a: ArchConfig, weight_bytes: int, zero: str, n_devices: int) -> float:
+    """All base weights * w (peft keeps frozen originals of embed/norm copies), sharded / n under ZeRO-3, which also
+    gathers the weights in use: w * max(2 layers, V*h). Offload keeps only that gathered working set on the GPU."""
+    gathered = weight_bytes * max(2 * layer_matmul_params(a), a.vocab_size * a.hidden_size)
+    full = total_params(a) * weight_bytes
+    return {"none": full, "zero2": full, "zero3": full / n_devices + gathered}.get(zero, gathered)
+
+
+def memory_per_device(
+    a: ArchConfig,
+    seq_len: int,
+    *,
+    batch: int = 1,
+    precision: str = "bf16",
+    zero: str = "none",
+    n_devices: int = 1,
+    lora: LoraPlusConfig = LoraPlusConfig(),
+    chunked_loss: bool = True,
+    loss_chunk_tokens: int = 4096,
+    runtime_overhead_gib: float = 1.5,
+) -> MemoryEstimate:
+    """Peak training memory on one device, with gradient checkpointing.
+
+    peak = frozen weights + trainable state + kept activations * T + max(recompute * T, loss) + runtime overhead,
+    T = batch * seq_len; loss = 12 * V * T bytes unchunked, 12 * V * min(T, chunk) for engine.loss's chunked loss.
+    Calibration (plain HF + peft + SDPA, unchunked, Llama-2-7B LoRA+ r=8 qkvo, bf16, batch 1, one H100): measured
+    23.7 / 33.9 / 54.4 / 76.0 GiB at 16k / 32k / 64k / 100k, a slope of 671.6 KB/token; this model gives 670,720
+    B/token (kept 286,720 + loss 384,000) and 25.4 / 35.6 / 56.1 / 77.6 GiB (+7 / +5 / +3 / +2 %, the 1.5 GiB
+    overhead being outside max_memory_allocated). Chunked, Llama-2-7B needs 566,272 B/token.
+    """
+    if zero not in ("none", *ZERO_STAGES):
+        raise ValueError(f"unknown ZeRO stage {zero!r}: use none, {', '.join(ZERO_STAGES)}")
+    w = 2 if precision == "bf16" else 4  # engine.train loads fp16 runs in fp32 (autocast)
+    tokens = batch * seq_len
+    kept, recompute = activation_bytes_per_token(a, w)
+    loss = LOSS_BYTES_PER_LOGIT * a.vocab_size * (min(tokens, loss_chunk_tokens) if chunked_loss else tokens)
+    parts = {
+        "frozen_weights": frozen_weight_bytes(a, w, zero, n_devices) / GIB,
+        "trainable_state": trainable_state_bytes(trainable_params(a, lora), w, zero, n_devices) / GIB,
+        "activation_checkpoints": kept * tokens / GIB,
+        "peak_transient": max(recompute * tokens, loss) / GIB,
+        "runtime_overhead": runtime_overhead_gib,
+    }
+    transient = "loss" if loss > recompute * tokens else "layer_recompute"
+    return MemoryEstimate({k: round(v, 3) for k, v in parts.items()}, round(sum(parts.values()), 3), transient)
+
+
+# ----------------------------------------------------------------------------- profiles and the plan
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Optimisation settings of a run size; `n_train=None`: one sequence per sample seen (steps * global batch)."""
+
+    name: str
+    max_steps: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    warmup_steps: int
+    precision: str
+    use_deepspeed: bool
+    n_train: int | None
+    n_eval: int
+    save_steps: int = 100
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", 2, 1, 1, 2e-5, 0, "fp32", False, 4, 2, save_steps=2),  # CPU pipeline proof
+    "standard": Profile("standard", 1000, 1, 8, 2e-5, 20, "bf16", True, None, 32),  # one GPU, LongLoRA's schedule
+    "full": Profile("full", 1000, 1, 8, 2e-5, 20, "bf16", True, None, 64),  # LongLoRA 8xA100: 8 x 1 x 8 = 64
+}
+SCHEDULE_FIELDS = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate")
+SCHEDULE_FIELDS += ("warmup_steps", "precision", "save_steps")  # Profile fields that TrainConfig takes as they are
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything decided before training: the recipe, its predicted cost, and the exact config and command."""
+
+    arch: ArchConfig
+    hardware: HardwareProfile
+    profile: Profile  # steps, batch, accumulation, lr, warmup, precision (fp32 on CPU), data sizes
+    target_context: int
+    rope_method: str
+    rope_factor: float
+    group_size_ratio: float
+    group_size: int
+    lora: LoraPlusConfig
+    trainable: TrainableCounts
+    deepspeed_stage: str  # none | zero2 | zero3 | zero3_offload
+    tokens_per_step: int
+    memory: MemoryEstimate
+    fits: bool
+    flops_per_token: float
+    tokens_per_s: float  # all devices together
+    wall_time_s: float
+    data: dict[str, int]
+    train_config: dict[str, Any]
+    launch_command: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["trainable"]["trainable"] = self.trainable.trainable
+        out["wall_time_h"] = round(self.wall_time_s / 3600, 2)
+        return json.loads(json.dumps(out))  # tuples -> lists, as the JSON file will hold
+
+
+def make_plan(
+    arch: ArchConfig | str,
+    target_context: int,
+    profile: Profile | str = "standard",
+    hardware: HardwareProfile | str = "1xH100-80GB",
+    *,
+    lora: LoraPlusConfig = LoraPlusConfig(),
+    rope_method: str = "linear",
+    group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
+    output_dir: str | None = None,
+    dataset_dir: str | None = None,
+    base_model_ref: str | None = None,
+) -> Plan:
+    """Plan a LongLoRA run: RoPE factor, S2 group, LoRA+, schedule, DeepSpeed stage, memory, time, config, command.
+
+    The DeepSpeed stage is the cheapest that fits: ZeRO-2, else ZeRO-3, else ZeRO-3 + CPU offload (none on 1 device,
+    where a plan may then not fit). Wall time = steps * tokens/step * FLOPs/token * 4/3 / (n * peak * mfu).
+
+    Raises:
+        ValueError: unknown arch/profile/hardware/RoPE method, target <= native context, or a ratio outside (0, 1].
+    """
+    ref = arch if isinstance(arch, str) else None
+    a = resolve_arch(arch) if isinstance(arch, str) else arch
+    hw = resolve_hardware(hardware)
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}: use one of {', '.join(PROFILES)}")
+        profile = PROFILES[profile]
+    if target_context <= a.native_context:
+        raise ValueError(f"target context {target_context} must exceed {a.name}'s native {a.native_context}")
+    if rope_method not in ROPE_METHODS:
+        raise ValueError(f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_METHODS)}")
+    group = group_size(target_context, group_size_ratio)  # raises on a ratio outside (0, 1]
+
+    if not hw.gpu:
+        profile = replace(profile, precision="fp32")  # bf16 matmuls are slow on CPU
+    n, batch, accum = hw.n_devices, profile.per_device_batch_size, profile.gradient_accumulation_steps
+    for stage in ZERO_STAGES if n > 1 and profile.use_deepspeed else ("none",):  # first that fits, else the last
+        memory = memory_per_device(
+            a, target_context, batch=batch, precision=profile.precision, zero=stage, n_devices=n, lora=lora,
+            runtime_overhead_gib=hw.runtime_overhead_gib,
+        )  # fmt: skip
+        if memory.total_gib <= hw.memory_gib:
+            break
+
+    fpt = flops_per_token(a, target_context, group_size_ratio)
+    tokens_per_step = n * batch * accum * target_context
+    tokens_per_s = n * hw.peak_tflops * 1e12 * hw.mfu / (fpt * CHECKPOINT_RECOMPUTE)
+    size = f"{target_context // 1024}k" if target_context % 1024 == 0 else f"{round(target_context / 1000)}k"
+    out_dir = output_dir or f"runs/{a.name.replace('/', '-')}-{size}"
+    if base_model_ref is None and ref is not None and ref not in BUILTIN_ARCHS:  # a model dir or its config.json
+        base_model_ref = ref if Path(ref).is_dir() else str(Path(ref).parent)
+    schedule = {k: getattr(profile, k) for k in SCHEDULE_FIELDS}
+    cfg = TrainConfig(
+        output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data",
+        base_model=base_model_ref or BASE_MODEL_REFS.get(a.name, a.name), target_context=target_context,
+        rope_method=rope_method, s2_group_size_ratio=group_size_ratio, lora=lora, gradient_checkpointing=True,
+        deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **schedule,
+    )  # fmt: skip
+    config_path = f"{out_dir}/train_config.json"
+    if n == 1:
+        command = ["python", "-m", "engine.launch", "train", "--config", config_path]
+    else:
+        command = launcher_command(config_path, n, "torchrun" if stage == "none" else "deepspeed")
+    notes = ["wall time includes x4/3 for gradient checkpointing (each layer's forward runs twice)"]
+    if stage == "zero3_offload":
+        notes.append("ZeRO-3 offload: CPU<->GPU transfers are not in the wall-time estimate; expect slower")
+    return Plan(
+        arch=a,
+        hardware=hw,
+        profile=profile,
+        target_context=target_context,
+        rope_method=rope_method,
+        rope_factor=target_context / a.native_context,
+        group_size_ratio=group_size_ratio,
+        group_size=group,
+        lora=lora,
+        trainable=trainable_params(a, lora),
+        deepspeed_stage=stage,
+        tokens_per_step=tokens_per_step,
+        memory=memory,
+        fits=memory.total_gib <= hw.memory_gib,
+        flops_per_token=fpt,
+        tokens_per_s=round(tokens_per_s, 1),
+        wall_time_s=round(profile.max_steps * tokens_per_step / tokens_per_s, 1),
+        data={"n_train": profile.n_train or profile.max_steps * n * batch * accum, "n_eval": profile.n_eval},
+        train_config=cfg.to_dict(),
+        launch_command=shlex.join(command),
+        notes=tuple(notes),
+    )
+
+
+def plan_checks(plan: Plan) -> list[tuple[str, bool, str]]:
+    """The plan's own sanity checks as (name, passed, detail); a failed check is data, not an exception."""
+    mem, cap, stage = plan.memory.total_gib, plan.hardware.memory_gib, plan.deepspeed_stage
+    native, target, factor, group = plan.arch.native_context, plan.target_context, plan.rope_factor, plan.group_size
+    expected, steps = math.floor(target * plan.group_size_ratio), plan.profile.max_steps
+    return [
+        ("memory_fits", mem <= cap, f"{mem:.1f} GiB predicted per device of {cap:g} GiB ({stage})"),
+        ("factor_consistent", factor * native >= target * (1 - 1e-9), f"{factor:g} x {native} vs {target}"),
+        ("group_size_valid", 2 <= group == expected, f"G = {group}, floor(L x ratio) = {expected}, need >= 2"),
+        ("steps_positive", steps > 0 and plan.tokens_per_step > 0, f"{steps} steps of {plan.tokens_per_step} tokens"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.plan", description="Print a LongLoRA plan as JSON.")
+    parser.add_argument("--arch", default="smollm2-135m", help=f"{', '.join(BUILTIN_ARCHS)}, or a config.json")
+    parser.add_argument("--target", type=int, required=True, help="target context in tokens")
+    parser.add_argument("--profile", default="standard", choices=list(PROFILES))
+    parser.add_argument("--hardware", default="1xH100-80GB", choices=list(HARDWARE))
+    parser.add_argument("--output-dir")
+    args = parser.parse_args(argv)
+    try:
+        plan = make_plan(args.arch, args.target, args.profile, args.hardware, output_dir=args.output_dir)
+    except ValueError as err:
+        parser.error(str(err))
+    checks = [{"name": name, "passed": ok, "detail": detail} for name, ok, detail in plan_checks(plan)]
+    print(json.dumps({**plan.to_dict(), "checks": checks}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -71,6 +71,8 @@ class EvalConfig:
     batch_size: int = 1
     max_new_tokens_cap: int | None = None  # cap RULER's generation budgets (CPU smoke runs)
     longqa_max_items: int | None = None
+    longqa_max_tokens: int | None = None  # only QA records up to this many tokens (CPU smoke runs)
+    task_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-task subset of `lengths`
     device: str | None = None
     progress: bool = True
 
@@ -98,8 +100,14 @@ class EvalConfig:
             problems.append("at least one seed is needed")
         if self.ppl_stride < 1 or self.batch_size < 1:
             problems.append(f"ppl_stride and batch_size must be positive, got {self.ppl_stride}, {self.batch_size}")
+        for task, subset in self.task_lengths.items():
+            if task not in ("perplexity", "passkey", "ruler") or not set(subset) <= set(self.lengths) or not subset:
+                problems.append(f"task_lengths[{task!r}] must be a non-empty subset of lengths for a length task")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def lengths_for(self, task: str) -> list[int]:
+        return sorted(set(self.task_lengths.get(task) or self.lengths))
 
     @property
     def sorted_lengths(self) -> list[int]:
@@ -267,9 +275,10 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
         raise ValueError("long-QA needs the data engineer's dataset: set data_dir")
     rows = longqa_rows(load_eval_split(cfg.data_dir))
     limit = model.context if not model.allow_beyond_context else float("inf")
+    limit = min(limit, cfg.longqa_max_tokens or limit)
     usable = [r for r in rows if r["num_tokens"] <= limit][: cfg.longqa_max_items]
     if not usable:
-        raise ValueError(f"the eval split has no QA records that fit {model.name!r}'s {model.context}-token context")
+        raise ValueError(f"the eval split has no QA records that fit the {limit}-token limit for {model.name!r}")
     logs = run_longqa(model, usable, run.progress(len(usable), f"{model.name}: longqa"))
     f1 = [g["f1"] for g in logs]
     kinds = sorted({g["kind"] for g in logs})
@@ -283,7 +292,7 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
             }
             for k in kinds
         },  # fmt: skip
-        "skipped_too_long": len(rows) - len([r for r in rows if r["num_tokens"] <= limit]),
+        "skipped_too_long": len([r for r in rows if r["num_tokens"] > limit]),
         "items": logs,
     }
 
@@ -309,9 +318,9 @@ def _evaluate_model(run: _Run, model: LoadedModel, native: int) -> None:
     entry = run.report["models"].setdefault(model.name, {})
     entry.update(kind=model.kind, context=model.context, native_context=model.native_context, status="running")
     tasks = {
-        "perplexity": lambda: _eval_perplexity(run, model, lengths),
-        "passkey": lambda: _eval_passkey(run, model, lengths),
-        "ruler": lambda: _eval_ruler(run, model, lengths),
+        "perplexity": lambda: _eval_perplexity(run, model, cfg.lengths_for("perplexity")),
+        "passkey": lambda: _eval_passkey(run, model, cfg.lengths_for("passkey")),
+        "ruler": lambda: _eval_ruler(run, model, cfg.lengths_for("ruler")),
         "longqa": lambda: _eval_longqa(run, model),
         "regression": lambda: _eval_native(run, model, native, entry),
     }
@@ -374,7 +383,11 @@ def _gate(cfg: EvalConfig, models: dict[str, dict], comparison: dict, native: in
                 check(name, None, False, f"{task} was not evaluated")
                 continue
             by = cand[task]["by_length"]
-            vals = {n: (by[str(n)]["value"] if task == "passkey" else by[str(n)]["average"]) for n in upto}
+            key = "value" if task == "passkey" else "average"
+            vals = {n: by[str(n)][key] for n in upto if str(n) in by}
+            if not vals:
+                check(name, None, False, f"{task} has no lengths <= {target}")
+                continue
             worst = min(vals, key=vals.get)
             check(name, vals[worst], vals[worst] >= threshold, f"lowest at {worst} tokens; all: {vals}")
         elif name == "ppl_ratio_max":
@@ -406,7 +419,8 @@ def _plots(run: _Run, models: dict[str, dict], native: int) -> None:
         run.report["plots"]["perplexity"] = plot_perplexity(series, run.out / "ppl_vs_length.png", native).name
     if "passkey" in cfg.tasks:
         matrices = {n: m["passkey"]["matrix"]["accuracy"] for n, m in models.items()}
-        path = plot_passkey_heatmaps(matrices, list(cfg.depths), cfg.sorted_lengths, run.out / "passkey_heatmap.png")
+        lengths = cfg.lengths_for("passkey")
+        path = plot_passkey_heatmaps(matrices, list(cfg.depths), lengths, run.out / "passkey_heatmap.png")
         run.report["plots"]["passkey"] = path.name
 
 

@@ -1,0 +1,198 @@
+"""Python API: `Assistant` runs the SOP (plan -> data -> train -> evaluate -> report) in a run directory.
+
+    from agents import Assistant
+    assistant = Assistant(runs_dir="runs")
+    print(assistant.plan(base_model="smollm2-135m", target_context=16384).card)
+    result = assistant.run(base_model="smollm2-135m", target_context=16384, approve=True)
+    print(result.status, result.run_dir / "report.md")
+
+`run(..., approve=None)` stops at plan approval (status `awaiting_approval`); `approve(run_dir)` / `reject(run_dir)`
+continue it. `resume(run_dir)` continues a killed run without redoing verified stages.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langgraph.types import Command
+
+from agents.workflow import PROGRESS_FILE, RUN_FILE, Roles, build_graph, open_checkpointer, write_run_file
+from sop.loader import DEFAULT_SOP, load_sop
+from sop.manifest import Manifest
+from sop.schemas import Spec
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    spec: Spec
+    plan: dict[str, Any]
+    card: str
+    checks: list[dict]
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str  # passed | failed | rejected | awaiting_approval | running
+    failure: str | None
+    stages: dict[str, dict]
+    plan_card: str | None = None
+    report: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    run_dir: Path
+    status: str
+    stage: str | None
+    failure: str | None
+    stages: dict[str, dict]
+    artifacts: dict[str, dict]
+    last_events: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status, "stage": self.stage,
+                "failure": self.failure, "stages": self.stages, "artifacts": self.artifacts,
+                "last_events": self.last_events}  # fmt: skip
+
+
+def _new_run_id(spec: Spec) -> str:
+    name = Path(spec.base_model).name.replace("/", "-") or "model"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{spec.target_context // 1024}k"
+
+
+class Assistant:
+    """The four roles following the SOP, as one object. Thread-safe per run directory, not across one run."""
+
+    def __init__(self, runs_dir: str | Path = "runs", *, sop_path: str | Path = DEFAULT_SOP, llm=None) -> None:
+        self.runs_dir = Path(runs_dir)
+        self.sop = load_sop(sop_path)
+        self.llm = llm  # an agents.llm.LLMClient, or None for fully deterministic roles
+
+    # -------------------------------------------------------------- planning only
+    def plan(self, spec: Spec | None = None, **fields: Any) -> PlanResult:
+        """Plan without running anything (no run directory is created)."""
+        from agents.planner import make_plan_document, plan_card
+        from sop.checks import CheckContext, run_check
+        from sop.schemas import Plan
+
+        spec = spec or Spec(**fields)
+        with tempfile.TemporaryDirectory() as tmp:
+            doc = make_plan_document(spec, Path("runs") / "<run-id>")
+            stage = self.sop.stage("plan")
+            ctx = CheckContext(Path(tmp), Path(tmp), Plan.model_validate(doc), spec.model_dump(), doc)
+            checks = [run_check(ref.name, ctx) for a in stage.produces for ref in a.checks]
+        return PlanResult(spec, doc, plan_card(doc), checks)
+
+    # -------------------------------------------------------------- running
+    def run(
+        self,
+        spec: Spec | None = None,
+        *,
+        run_dir: str | Path | None = None,
+        approve: bool | None = None,
+        on_event: Callable[[dict], None] | None = None,
+        **fields: Any,
+    ) -> RunResult:
+        """Start a new run. `approve=True` approves the plan without asking; None stops and waits for approval."""
+        spec = spec or Spec(**fields)
+        run_dir = Path(run_dir) if run_dir else self.runs_dir / _new_run_id(spec)
+        if (run_dir / "manifest.json").exists():
+            raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+        manifest = Manifest(run_dir)
+        manifest.init_stages([s.name for s in self.sop.stages])
+        manifest.record("spec", "spec.json", role="planner", schema="Spec", checks=[])
+        write_run_file(run_dir, run_id=run_dir.name, status="running", stage=None, failure=None,
+                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+        state = {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve), "status": "running"}
+        return self._drive(run_dir, state, on_event)
+
+    def resume(
+        self, run_dir: str | Path, *, approve: bool | None = None, on_event: Callable[[dict], None] | None = None
+    ) -> RunResult:
+        """Continue a stopped or killed run from its last checkpoint; verified stages are not redone."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "manifest.json").is_file():
+            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
+        graph, config = self._graph(run_dir)
+        snapshot = graph.get_state(config)
+        if not snapshot.next:
+            return self._result(run_dir, graph, config)
+        if any(task.interrupts for task in snapshot.tasks):
+            if approve is None:
+                return self._result(run_dir, graph, config)
+            return self._drive(run_dir, Command(resume={"approved": approve, "by": "resume"}), on_event)
+        return self._drive(run_dir, None, on_event)
+
+    def approve(self, run_dir: str | Path, *, on_event: Callable[[dict], None] | None = None) -> RunResult:
+        return self._drive(Path(run_dir), Command(resume={"approved": True, "by": "user"}), on_event)
+
+    def reject(self, run_dir: str | Path, reason: str = "rejected by the user") -> RunResult:
+        return self._drive(Path(run_dir), Command(resume={"approved": False, "reason": reason}), None)
+
+    # -------------------------------------------------------------- reading
+    def status(self, run_dir: str | Path, last: int = 10) -> RunStatus:
+        run_dir = Path(run_dir)
+        if not (run_dir / RUN_FILE).is_file():
+            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no {RUN_FILE})")
+        run = json.loads((run_dir / RUN_FILE).read_text())
+        manifest = Manifest(run_dir)
+        events = []
+        if (run_dir / PROGRESS_FILE).is_file():
+            events = [json.loads(x) for x in (run_dir / PROGRESS_FILE).read_text().splitlines()[-last:] if x]
+        return RunStatus(run_dir.name, run_dir, run.get("status", "unknown"), run.get("stage"), run.get("failure"),
+                         manifest.stages, manifest.artifacts, events)  # fmt: skip
+
+    def export(self, run_dir: str | Path, out_dir: str | Path) -> Path:
+        """Merge the verified adapter into a standalone model directory (plain transformers loads it)."""
+        from engine.lora import load_adapter, merge_to_model_dir
+
+        run_dir, out = Path(run_dir), Path(out_dir)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{str(out)!r} is not empty; choose a new directory (nothing overwritten)")
+        adapter = Manifest(run_dir).verify("training") / "adapter"
+        model = load_adapter(adapter, device="cpu")
+        from transformers import AutoTokenizer
+
+        return merge_to_model_dir(model, out, AutoTokenizer.from_pretrained(adapter, local_files_only=True))
+
+    # -------------------------------------------------------------- internals
+    def _graph(self, run_dir: Path):
+        graph = build_graph(self.sop, Roles(self.llm), open_checkpointer(run_dir))
+        return graph, {"configurable": {"thread_id": run_dir.name}}
+
+    def _drive(self, run_dir: Path, payload: Any, on_event: Callable[[dict], None] | None) -> RunResult:
+        graph, config = self._graph(run_dir)
+        for mode, chunk in graph.stream(payload, config, stream_mode=["custom", "updates"], durability="sync"):
+            if mode == "custom" and on_event is not None:
+                on_event(chunk)
+        return self._result(run_dir, graph, config)
+
+    def _result(self, run_dir: Path, graph, config) -> RunResult:
+        snapshot = graph.get_state(config)
+        values = snapshot.values
+        card = None
+        if any(task.interrupts for task in snapshot.tasks):
+            status = "awaiting_approval"
+            card = snapshot.tasks[0].interrupts[0].value.get("plan_card")
+        elif snapshot.next:
+            status = "running"
+        else:
+            status = values.get("status", "running")
+        report = run_dir / "report.md"
+        return RunResult(run_dir.name, run_dir, status, values.get("failure"), Manifest(run_dir).stages, card,
+                         report if report.is_file() else None)  # fmt: skip

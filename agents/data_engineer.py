@@ -1,0 +1,34 @@
+"""Data engineer role: prepare the LongQA-like dataset for the plan (engine.data does the work)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sop.schemas import Spec
+
+
+def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], llm=None) -> Path:
+    """Build `run_dir/data`. An unverified leftover (a crash, a failed gate) is moved aside first, never deleted."""
+    from engine.data.build import DataConfig, prepare_data
+    from engine.models import load_tokenizer, resolve_model
+
+    out = run_dir / "data"
+    if out.exists():
+        attempt = 1
+        while (run_dir / f"data.attempt-{attempt}").exists():
+            attempt += 1
+        out.rename(run_dir / f"data.attempt-{attempt}")
+    shutil.rmtree(run_dir / "data.partial", ignore_errors=True)  # prepare_data's own scratch space
+    proposer = None
+    if llm is not None and spec.corpus:
+        from agents.llm import qa_proposer
+
+        proposer = qa_proposer(llm)
+    cfg = DataConfig(
+        output_dir=str(out), target_context=spec.target_context, corpus=tuple(spec.corpus) or None,
+        n_train=plan["data"]["n_train"], n_eval=max(plan["data"]["n_eval"], 4), seed=overrides.get("seed", spec.seed),
+    )  # fmt: skip
+    prepare_data(cfg, load_tokenizer(resolve_model(spec.base_model)), proposer=proposer)
+    return out

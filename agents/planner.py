@@ -1,0 +1,107 @@
+"""Planner role: Spec -> Plan. Decides nothing numeric itself: the engine's planning math does (engine.plan); this
+role picks the architecture from the spec, adds the evaluation settings of the profile, and writes plan.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sop.schemas import Plan, Spec
+
+# Smoke runs prove the pipeline on CPU: few, cheap evaluation items (one 16k forward takes minutes there).
+SMOKE_EVAL = {"depths": [0.5], "seeds": [0], "ruler_tasks": ["niah_single_numbers"], "max_new_tokens_cap": 16}
+QUALITY_GATES = {"passkey_min": 0.95, "ppl_ratio_max": 1.05, "regression_max_points": 2.0}
+
+
+def arch_reference(base_model: str) -> str:
+    """What engine.plan.resolve_arch understands for a model reference: a built-in name or a config directory."""
+    from engine.plan import BASE_MODEL_REFS, BUILTIN_ARCHS
+
+    if base_model in BUILTIN_ARCHS:
+        return base_model
+    for name, ref in BASE_MODEL_REFS.items():
+        if ref == base_model:
+            return name
+    if Path(base_model).expanduser().exists():
+        return str(Path(base_model).expanduser())
+    from engine.models import resolve_model  # a hub id already in the local cache
+
+    return str(resolve_model(base_model).path)
+
+
+def _doubling_lengths(low: int, target: int) -> list[int]:
+    lengths, n = [], low
+    while n < target:
+        lengths.append(n)
+        n *= 2
+    return lengths + [target]
+
+
+def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any]:
+    """What the evaluator measures for a profile; smoke measures little, on purpose, and says so in the report."""
+    if profile == "smoke":
+        short = min(2048, native // 2)
+        return {
+            "lengths": [short, target], "task_lengths": {"ruler": [short]}, "native_length": short,
+            "ppl_tokens": target, "ppl_stride": short, "longqa_max_items": 2, "longqa_max_tokens": native,
+            "rope_only_baseline": False, "gates": QUALITY_GATES, **SMOKE_EVAL,
+        }  # fmt: skip
+    return {
+        "lengths": sorted(set(_doubling_lengths(2048, target)) | {native}), "task_lengths": {},
+        "native_length": native, "ppl_tokens": 2 * target, "ppl_stride": 256, "depths": [i / 10 for i in range(11)],
+        "seeds": [0, 1], "ruler_tasks": None, "max_new_tokens_cap": None, "longqa_max_items": 64,
+        "longqa_max_tokens": None, "rope_only_baseline": True, "gates": QUALITY_GATES,
+    }  # fmt: skip
+
+
+def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
+    """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory."""
+    from engine.plan import custom_hardware, make_plan
+
+    run_dir = Path(run_dir)
+    hardware = custom_hardware(**spec.custom_hardware) if spec.hardware == "custom" else spec.hardware
+    if spec.hardware == "custom" and not spec.custom_hardware:
+        raise ValueError("hardware 'custom' needs custom_hardware (n_devices, memory_gib, peak_tflops)")
+    plan = make_plan(
+        arch_reference(spec.base_model), spec.target_context, spec.profile, hardware,
+        output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), base_model_ref=spec.base_model,
+    )  # fmt: skip
+    doc = plan.to_dict()
+    config = doc["train_config"]
+    config["seed"] = spec.seed
+    if spec.max_steps is not None:
+        config["max_steps"] = spec.max_steps
+        doc["wall_time_s"] = round(doc["wall_time_s"] * spec.max_steps / plan.profile.max_steps, 1)
+        doc["wall_time_h"] = round(doc["wall_time_s"] / 3600, 2)
+    config["save_steps"] = max(1, min(config["save_steps"], config["max_steps"] // 2 or 1))
+    doc["evaluation"] = evaluation_settings(spec.profile, plan.arch.native_context, spec.target_context)
+    return Plan.model_validate(doc).model_dump()
+
+
+def write_plan(spec: Spec, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "plan.json"
+    path.write_text(json.dumps(make_plan_document(spec, run_dir), indent=2) + "\n")
+    return path
+
+
+def plan_card(plan: dict[str, Any]) -> str:
+    """A readable summary of a plan (CLI, chat)."""
+    mem = plan["memory"]
+    t = plan["trainable"]
+    lines = [
+        f"Plan: {plan['arch']['name']} {plan['arch']['native_context']} -> {plan['target_context']} tokens "
+        f"({plan['profile']['name']} profile on {plan['hardware']['name']})",
+        f"  RoPE {plan['rope_method']} x{plan['rope_factor']:g}; S2-Attn group {plan['group_size']} "
+        f"(ratio {plan['group_size_ratio']:g}); LoRA r={plan['lora']['r']} on "
+        f"{', '.join(plan['lora']['target_modules'])}"
+        f" + embeddings + norms: {t['trainable']:,} trainable of {t['total_params']:,}",
+        f"  {plan['train_config']['max_steps']} steps x {plan['tokens_per_step']:,} tokens, lr "
+        f"{plan['train_config']['learning_rate']:g}, {plan['train_config']['precision']}, DeepSpeed "
+        f"{plan['deepspeed_stage']}",
+        f"  predicted {mem['total_gib']:.1f} GiB per device of {plan['hardware']['memory_gib']:g} "
+        f"({'fits' if plan['fits'] else 'DOES NOT FIT'}), {plan['tokens_per_s']:,.0f} tokens/s, "
+        f"{plan['wall_time_s'] / 60:.1f} min",
+        f"  launch: {plan['launch_command']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""Chat text -> Spec without an LLM: the deterministic first reading of a request.
+
+Why no LLM: the chat app, the CLI and the Python API must understand "extend smollm2 to 16k on cpu" offline and
+reproducibly; an LLM, when one is configured, is only needed for what this parser leaves in `missing`/`problems`.
+Rules are regexes applied in a fixed order (paths, model, device/hardware, seed, then lengths), and each match is
+blanked out of the text, so a number that belongs to a model name ("SmolLM2 135M"), a path, hardware ("8xA100 80GB")
+or a seed is never read as the target context.
+
+Lengths: "k" means 1024 and "m" means 1024**2, as context windows are powers of two: 16k = 16384, 32k = 32768,
+100k = 102400, 1M = 1048576. A bare number is tokens ("32768"). "from 4k" (or "4k native") is the model's current
+window, never the target; a length after "to" wins over other lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from sop.schemas import Spec
+
+# Copies of engine.plan's names (a test asserts they are equal): importing engine.plan would cost ~5 s of torch.
+BASE_MODEL_REFS = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "smollm2-135m": "smollm2-135m",
+}
+NATIVE_CONTEXT = {
+    "llama-2-7b": 4096,
+    "llama-2-13b": 4096,
+    "llama-2-70b": 4096,
+    "llama-3-8b": 8192,
+    "smollm2-135m": 8192,
+}
+HARDWARE_NAMES = ("cpu", "1xH100-80GB", "8xA100-80GB", "8xA100-40GB")
+PROFILE_NAMES = ("smoke", "standard", "full")
+PROFILE_HARDWARE = {"smoke": "cpu", "standard": "1xH100-80GB", "full": "8xA100-80GB"}  # when the text names none
+HARDWARE_PROFILE = {"cpu": "smoke", "1xH100-80GB": "standard", "8xA100-80GB": "full", "8xA100-40GB": "full"}
+REQUIRED = ("base_model", "target_context")
+MAX_CHARS = 10_000  # a request is a sentence or two; a pasted document belongs in the corpus
+QUESTIONS = {
+    "base_model": "Which model should I extend (e.g. smollm2-135m or a local model directory)?",
+    "target_context": "How long should the context become (e.g. 16k or 32768 tokens)?",
+    "both": "Which model should I extend (e.g. smollm2-135m or a local model directory), and how long should its "
+    "context become (e.g. 16k or 32768 tokens)?",
+}
+_HUB_ALIASES = {ref.lower(): a for a, ref in BASE_MODEL_REFS.items()} | {"huggingfacetb/smollm2-135m": "smollm2-135m"}
+_QUOTED = re.compile(r"[\"`“”]([^\"`“”\n]+)[\"`“”]|(?<!\w)'([^'\n]+)'(?!\w)")
+_DOC_EXT = re.compile(r"\.(txt|md|markdown|rst|json|jsonl|csv|tsv|html?|pdf|py|tex|xml|ya?ml|log|parquet|gguf)$", re.I)
+_HUB_ID = re.compile(r"^[A-Za-z][\w.-]*/(?=[\w.-]*\d)(?=[\w.-]*[A-Za-z])[\w.-]+$")  # org/name-7b, never "and/or"
+_SMOLLM = re.compile(r"\bsmol[\s-]*lm[\s-]*2(?:[\s-]*135[\s-]*m\b|(?![\s-]*\d+\s*[mb]\b))")
+_LLAMA = re.compile(r"\b(?:meta[\s-]*)?llama[\s-]*(\d(?:\.\d)?)(?:[\s-]*(\d+)\s*b)?\b")
+_OTHER = re.compile(
+    r"\b(?:gpt|mistral|mixtral|qwen|gemma|phi|falcon|bloom|pythia|deepseek|olmo|smollm)(?:[\s-]?\d[\w.-]*)?\b"
+)
+_NAMED = re.compile(r"\b(?:extend|model|stretch|fine-?tune)\s+(?:the\s+|my\s+|model\s+)?([a-z][\w.-]*\d[\w.-]*)")
+_WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "four": 4, "eight": 8}
+_COUNT = r"(\d+|an?|one|single|two|four|eight)"
+_GPU = re.compile(rf"\b(?:{_COUNT}\s*(?:x\s*)?)?(?:nvidia\s+)?([ah]100)s?\b")
+_GPUS = re.compile(rf"\b{_COUNT}\s*(?:x\s*)?gpus?\b")
+_NO_GPU = re.compile(r"\b(?:no|without(?:\s+an?)?)\s+gpus?\b")
+_MEMORY = re.compile(r"\b(40|80)\s*gi?b\b")
+_SEED = re.compile(r"\bseed\s*(?:=|:|of|is)?\s*(-?\d+)\b")
+_LENGTH = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)\s*([km])?(?!\w)")
+_NOT_LENGTH = re.compile(
+    r"\s*(?:x\b|gi?b\b|gpus?\b|cards?\b|nodes?\b|steps?\b|epochs?\b|layers?\b|b\b|%|native|original)"
+)
+_TO = re.compile(r"\b(?:to|into|reach(?:es)?|handle|target(?:_context)?|up to)\s*[=:]?\s*(?:about\s+)?$")
+_FROM = re.compile(r"\b(?:from|native(?:ly)?|currently|originally)\s+(?:context\s+)?(?:of\s+)?$")
+_PROFILE = re.compile(r"\b(smoke|standard|full(?!\s+(?:context|length|window|corpus|docs?|set)))\b")
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """What `parse_request` understood; `spec` is set only when nothing is missing and nothing is wrong."""
+
+    fields: dict = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    spec: Spec | None = None
+    question: str | None = None
+
+
+def _short(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens:,}"
+
+
+def _blank(text: str, start: int, end: int) -> str:
+    """Blank a claimed span with spaces, so later matches keep the offsets of the original text."""
+    return text[:start] + " " * (end - start) + text[end:]
+
+
+def _missing_path(path: str) -> str:
+    return f"{'file' if Path(path).suffix else 'directory'} {path!r} does not exist"
+
+
+def _native_of(ref: str, problems: list[str]) -> int | None:
+    """The native context of a built-in (by alias or hub id), or of a model directory whose config.json says."""
+    alias = next((a for a, r in BASE_MODEL_REFS.items() if r == ref), None) or _HUB_ALIASES.get(ref.lower())
+    path = Path(ref).expanduser()
+    if alias or not (path / "config.json").is_file():
+        return NATIVE_CONTEXT.get(alias or "")
+    try:
+        native = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
+        return native if isinstance(native, int) else None
+    except (OSError, ValueError, AttributeError):
+        problems.append(f"{str(path / 'config.json')!r} is not a readable JSON config")
+        return None
+
+
+def _paths(text: str, problems: list[str]) -> tuple[str, list[tuple[str, int | None]], list[str]]:
+    """Quoted or path-like tokens (a slash, a document extension): model dirs, hub ids and corpus paths.
+
+    Returns the text with every claimed path blanked, the models as (base_model, native context or None), the corpus.
+    """
+    models, corpus = [], []
+    for pattern in (_QUOTED, re.compile(r"\S+")):  # quoted first: a quoted path may contain spaces
+        for m in pattern.finditer(text):
+            start, end = m.span(0 if pattern is not _QUOTED else 1 if m.group(1) else 2)
+            token = text[start:end].strip("([{<>}])\"'`“”‘’,;:!?")
+            while token.endswith(".") and token not in (".", ".."):
+                token = token[:-1]
+            start = text.index(token, start) if token else start
+            path, explicit = (
+                Path(token).expanduser(),
+                token.startswith(("/", "./", "../", "~")) or _DOC_EXT.search(token),
+            )
+            if not token or "://" in token or not (explicit or "/" in token or pattern is _QUOTED and path.exists()):
+                continue
+            if (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and token.endswith(".gguf")):
+                models.append((token, _native_of(token, problems)))
+            elif path.exists():
+                corpus.append(token)
+            elif _HUB_ID.match(token) and not explicit:
+                ref = BASE_MODEL_REFS.get(_HUB_ALIASES.get(token.lower(), ""), token)
+                models.append((ref, _native_of(ref, problems)))
+            elif explicit:
+                problems.append(_missing_path(token))
+            else:
+                continue
+            text = _blank(text, start, start + len(token))
+    return text, models, corpus
+
+
+def _builtin_models(rest: str, models: list, problems: list[str]) -> str:
+    """Built-in names in their common spellings; a known family at an unknown size or version is a problem."""
+    known = len(problems)
+    for m in [*_SMOLLM.finditer(rest), *_LLAMA.finditer(rest)]:
+        name = "smollm2-135m" if m.re is _SMOLLM else f"llama-{m.group(1)}" + (f"-{m.group(2)}b" if m.group(2) else "")
+        if name in BASE_MODEL_REFS:
+            models.append((BASE_MODEL_REFS[name], NATIVE_CONTEXT[name]))
+        elif name in ("llama-2", "llama-3"):
+            sizes = [k for k in BASE_MODEL_REFS if k.startswith(name)]
+            problems.append(f"which {name.replace('-', ' ').title()} do you mean: {' or '.join(sizes)}?")
+        else:
+            problems.append(f"I don't know the model {name!r}; built-in: {', '.join(BASE_MODEL_REFS)}")
+        rest = _blank(rest, *m.span())
+    if not models and len(problems) == known and (other := _OTHER.search(rest) or _NAMED.search(rest)):
+        name = other.group(other.lastindex or 0)
+        problems.append(f"I don't know the model {name!r}; built-in: {', '.join(BASE_MODEL_REFS)}")
+    if len(refs := list(dict.fromkeys(ref for ref, _ in models))) > 1:
+        problems.append(f"I found several models ({', '.join(refs)}): which one?")
+    return rest
+
+
+def _hardware(rest: str, fields: dict, problems: list[str]) -> str:
+    """Device, hardware and profile. An explicit profile word wins; otherwise the hardware implies the profile."""
+    no_gpu = _NO_GPU.search(rest)
+    rest = _blank(rest, *no_gpu.span()) if no_gpu else rest
+    cpu = bool(no_gpu or re.search(r"\bcpu\b", rest))
+    if cpu or re.search(r"\bcuda\b|\bgpus?\b", rest):
+        fields["device"] = "cpu" if cpu else "cuda"
+    hardware, implied = "cpu" if cpu else None, None
+    if memory := _MEMORY.search(rest):
+        rest = _blank(rest, *memory.span())
+    for m in _GPU.finditer(rest):
+        gpu, count = m.group(2).upper(), m.group(1) or ("1" if m.group(2) == "h100" else "8")
+        n = _WORD_COUNTS.get(count) or int(count)
+        name = f"{n}x{gpu}-{memory.group(1) if memory else 80}GB"
+        if name not in HARDWARE_NAMES:
+            problems.append(f"no hardware profile for {n}x{gpu}; known: {', '.join(HARDWARE_NAMES)}")
+        hardware = name if name in HARDWARE_NAMES else hardware
+        rest = _blank(rest, *m.span())
+    for m in _GPUS.finditer(rest):
+        n = _WORD_COUNTS.get(m.group(1)) or int(m.group(1))
+        if (implied := {1: "standard", 8: "full"}.get(n)) is None:
+            problems.append(f"no hardware profile for {n} GPUs; known: {', '.join(HARDWARE_NAMES)}")
+        rest = _blank(rest, *m.span())
+    explicit = _PROFILE.search(rest)
+    quick = re.search(r"\b(?:quick|tiny)\b", rest)
+    profile = explicit.group(1) if explicit else "smoke" if quick else HARDWARE_PROFILE.get(hardware or "", implied)
+    if profile or hardware:
+        fields["profile"] = profile or HARDWARE_PROFILE[hardware]
+        fields["hardware"] = hardware or PROFILE_HARDWARE[profile]
+    return rest
+
+
+def _target(rest: str, fields: dict, models: list, problems: list[str]) -> None:
+    """ "to N" is the target and "from N" the native window; other lengths count only when there is one."""
+    strong, plain = [], []
+    for m in _LENGTH.finditer(rest):
+        before = max(0, m.start() - 40)  # a bounded look back keeps a 10k-character message linear
+        if _NOT_LENGTH.match(rest, m.end()) or _FROM.search(rest, before, m.start()):
+            continue
+        tokens = round(float(m.group(1).replace(",", "")) * {"k": 1024, "m": 1024**2}.get(m.group(2) or "", 1))
+        if _TO.search(rest, before, m.start()):
+            strong.append(tokens)
+        elif m.group(2) or tokens >= 512 or re.match(r"\s*(?:tokens?|context|ctx)\b", rest[m.end() :]):
+            plain.append(tokens)
+    lengths = sorted(set(strong or plain))
+    if len(lengths) > 1:
+        problems.append(f"I see several lengths ({' and '.join(map(_short, lengths))}): which is the target?")
+    elif lengths and (tokens := lengths[0]) > 0:
+        fields["target_context"] = tokens
+        ref, native = models[0] if models else ("", None)
+        if native and tokens <= native:
+            name = next((a for a, r in BASE_MODEL_REFS.items() if r == ref), Path(ref).name)
+            problems.append(f"target {_short(tokens)} is not longer than {name}'s native {_short(native)} context")
+
+
+def parse_request(text: str, defaults: dict | None = None) -> ParsedRequest:
+    """Read a chat request into Spec fields. Never raises on user input: problems are data, as in sop/ checks.
+
+    Args:
+        text: what the user typed.
+        defaults: Spec fields from elsewhere (uploaded files as `corpus`, LLM settings). The text overrides them,
+            except `corpus`: uploads are kept and paths named in the text are added.
+
+    Returns:
+        ParsedRequest: the fields found, the required ones missing, one-line problems, the Spec when complete and
+        nothing is wrong, and a one-sentence question asking for what is missing.
+    """
+    fields, problems = dict(defaults or {}), []
+    problems += [f"unknown setting {k!r}" for k in fields if k not in Spec.model_fields]
+    uploads = list(fields.pop("corpus", None) or [])
+    problems += [_missing_path(p) for p in uploads if not Path(p).expanduser().exists()]
+    text = text or ""
+    if len(text) > MAX_CHARS:
+        problems.append(f"that message is {len(text):,} characters; please describe the run in under {MAX_CHARS:,}")
+        text = ""
+    elif text.strip():
+        fields["request_text"] = text.strip()
+    rest, models, corpus = _paths(text, problems)
+    rest = _builtin_models(rest.lower(), models, problems)
+    if models:
+        fields["base_model"] = models[0][0]
+    elif fields.get("base_model"):  # a follow-up answer ("16k") to a question about an earlier request
+        models.append((fields["base_model"], _native_of(str(fields["base_model"]), problems)))
+    rest = _hardware(rest, fields, problems)
+    if seed := _SEED.search(rest):
+        fields["seed"] = int(seed.group(1))
+        rest = _blank(rest, *seed.span())
+    _target(rest, fields, models, problems)
+    if "upload" in rest and not uploads:
+        problems.append("you mention uploaded files, but none arrived: attach them again or name a path")
+    if corpus := list(dict.fromkeys(uploads + corpus)):
+        fields["corpus"] = corpus
+    problems = list(dict.fromkeys(problems))  # "./x ./x" is one problem
+    missing = [name for name in REQUIRED if name not in fields]
+    question = QUESTIONS["both" if len(missing) == 2 else missing[0]] if missing else None
+    spec = None
+    if not missing and not problems:
+        try:
+            spec = Spec(**fields)
+        except ValidationError as err:
+            problems += [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    return ParsedRequest(fields=fields, missing=missing, problems=problems, spec=spec, question=question)
+
+
+def describe_spec(spec: Spec) -> str:
+    """One line for the chat, so the user can confirm what will run before anything costly starts."""
+    where = spec.hardware if spec.device in ("auto", spec.hardware) else f"{spec.hardware}, device {spec.device}"
+    names = [Path(p).name or p for p in spec.corpus]
+    corpus = "the built-in corpus" if not names else "your corpus: " + ", ".join(names[:3])
+    corpus += f" and {len(names) - 3} more" if len(names) > 3 else ""
+    seed = f", seed {spec.seed}" if spec.seed else ""
+    return (
+        f"Extend {spec.base_model} to {spec.target_context:,} tokens with the {spec.profile} profile on {where}"
+        f"{seed}, using {corpus}."
+    )

@@ -1,0 +1,73 @@
+"""Trainer role: run the plan's LongLoRA training in `run_dir/train` (engine.train does the work).
+
+Re-entering after a crash resumes from the last complete checkpoint (same config, same directory). A retry with a
+changed config (e.g. a halved learning rate) moves the failed attempt aside first, so nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sop.schemas import Spec
+
+
+def train_config_for(plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any]):
+    from engine.train import TrainConfig
+
+    config = dict(plan["train_config"])
+    config.update(output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), quiet=True)
+    if overrides.get("learning_rate") is not None:
+        config["learning_rate"] = overrides["learning_rate"]
+    return TrainConfig.from_dict(config)
+
+
+def _move_aside_if_other_run(out: Path, config_hash: str) -> None:
+    record = out / "run_config.json"
+    if record.is_file() and json.loads(record.read_text()).get("config_hash") != config_hash:
+        attempt = 1
+        while out.with_name(f"train.attempt-{attempt}").exists():
+            attempt += 1
+        out.rename(out.with_name(f"train.attempt-{attempt}"))
+
+
+def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Event) -> None:
+    """Forward each new metrics.jsonl line as a progress event until `stop` is set."""
+    seen = 0
+    while not stop.wait(1.0):
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            for line in lines[seen:]:
+                if line.strip():
+                    emit({"event": "train_step", **json.loads(line)})
+            seen = len(lines)
+
+
+def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], emit: Callable[[dict], None]):
+    """Train (or resume) and return the engine's TrainResult. Raises TrainingDivergedError on a non-finite loss."""
+    from engine.models import load_model
+    from engine.train import train as engine_train
+
+    cfg = train_config_for(plan, run_dir, overrides)
+    out = run_dir / "train"
+    _move_aside_if_other_run(out, cfg.config_hash())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # what the launch line runs
+    model = None
+    if spec.device != "auto":  # an explicit device: load the base there; otherwise the engine picks CUDA when present
+        from engine.s2attn import S2_ATTENTION
+
+        model, _ = load_model(
+            cfg.base_model, device=spec.device, attn_implementation=S2_ATTENTION, with_tokenizer=False
+        )
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_metrics, args=(out / "metrics.jsonl", emit, stop), daemon=True)
+    follower.start()
+    try:
+        return engine_train(cfg, model=model)
+    finally:
+        stop.set()
+        follower.join(timeout=5)

@@ -1,0 +1,269 @@
+"""The SOP as a langgraph graph: one node per stage, a verify gate after each, plan approval by `interrupt`.
+
+    START -> plan -> verify_plan -> approve_plan -> prepare_data -> verify_prepare_data -> train -> ... -> END
+                          |  (failed gate, attempts left: back to the stage with the failure text; else END)
+
+State carries artifact references (path + sha256), never tensors. The SQLite checkpointer in the run directory makes
+a killed run resumable: the interrupted node re-runs from its start, so every stage is idempotent (an artifact
+already verified in the manifest is reused, never produced twice). Progress goes to `progress.jsonl` and to
+langgraph's `custom` stream.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.config import get_stream_writer
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import interrupt
+
+from agents import data_engineer, evaluator, planner, trainer
+from sop.checks import RETRY_CHANGES, CheckContext, run_check
+from sop.loader import Sop, StageSpec
+from sop.manifest import Manifest, TamperedArtifactError
+from sop.schemas import SCHEMAS, Spec
+
+CHECKPOINT_DB = "checkpoints.sqlite"
+PROGRESS_FILE = "progress.jsonl"
+RUN_FILE = "run.json"
+
+
+class RunState(TypedDict, total=False):
+    run_dir: str
+    run_id: str
+    artifacts: dict[str, dict]  # name -> {"path", "sha256"}
+    errors: dict[str, str]  # stage -> what went wrong in its last attempt
+    feedback: dict[str, str]  # stage -> the failed gate's text, handed to the role on retry
+    overrides: dict[str, dict]  # stage -> what retries changed
+    gates: dict[str, str]  # stage -> passed | retry | failed
+    auto_approve: bool
+    status: str  # running | awaiting_approval | passed | failed | rejected
+    failure: str | None
+
+
+def emit(run_dir: Path, event: dict[str, Any]) -> None:
+    """Append a progress event to progress.jsonl and to the custom stream (when inside a graph run)."""
+    event = {"time": round(time.time(), 3), **event}
+    with open(run_dir / PROGRESS_FILE, "a") as fh:
+        fh.write(json.dumps(event, default=str) + "\n")
+    try:
+        get_stream_writer()(event)
+    except RuntimeError:  # called outside a graph run (e.g. from a helper thread): the file is enough
+        pass
+
+
+def write_run_file(run_dir: Path, **fields: Any) -> None:
+    path = run_dir / RUN_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _spec(run_dir: Path, manifest: Manifest) -> Spec:
+    return Spec.model_validate_json(manifest.verify("spec").read_text())
+
+
+def _plan(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    return json.loads(manifest.verify("plan").read_text())
+
+
+class Roles:
+    """The role action for each stage: read verified inputs, call the role, leave files for the gate."""
+
+    def __init__(self, llm=None) -> None:
+        self.llm = llm
+
+    def __call__(self, stage: StageSpec, run_dir: Path, manifest: Manifest, overrides: dict[str, Any]) -> None:
+        spec = _spec(run_dir, manifest)
+        progress: Callable[[dict], None] = lambda e: emit(run_dir, {"stage": stage.name, **e})  # noqa: E731
+        if stage.name == "plan":
+            planner.write_plan(spec, run_dir)
+        elif stage.name == "prepare_data":
+            data_engineer.prepare(spec, _plan(run_dir, manifest), run_dir, overrides, self.llm)
+        elif stage.name == "train":
+            manifest.verify("dataset")
+            trainer.train(spec, _plan(run_dir, manifest), run_dir, overrides, progress)
+        elif stage.name == "evaluate":
+            manifest.verify("dataset"), manifest.verify("training")
+            evaluator.evaluate(spec, _plan(run_dir, manifest), run_dir, progress)
+        elif stage.name == "report":
+            for name in stage.consumes:
+                manifest.verify(name)
+            narrative = None
+            if self.llm is not None:
+                from agents.llm import narrate
+
+                figures = json.loads((run_dir / "eval" / "eval_report.json").read_text())["comparison"]
+                narrative = narrate(self.llm, figures)
+            evaluator.write_report(spec, _plan(run_dir, manifest), run_dir, run_dir.name, narrative)
+        else:
+            raise ValueError(f"no role action for stage {stage.name!r}")
+
+
+def _verify_artifacts(stage: StageSpec, run_dir: Path, manifest: Manifest, error: str | None) -> list[dict]:
+    """Schema-validate each produced document, run its checks, record it in the manifest; returns all results."""
+    spec = json.loads((run_dir / "spec.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else None
+    results: list[dict] = []
+    for art in stage.produces:
+        doc_path = run_dir / art.document_path
+        if error is not None:
+            checks = [{"name": "stage_completed", "passed": False, "detail": error}]
+        elif not doc_path.is_file():
+            checks = [{"name": "document_present", "passed": False, "detail": f"{art.document_path} was not written"}]
+        else:
+            try:
+                document = SCHEMAS[art.schema_name].model_validate_json(doc_path.read_text())
+            except ValueError as err:
+                first = str(err).splitlines()[:3]
+                checks = [{"name": f"schema_{art.schema_name}", "passed": False, "detail": " ".join(first)}]
+            else:
+                ctx = CheckContext(run_dir, run_dir / art.path, document, spec, plan)
+                checks = [run_check(ref.name, ctx) for ref in art.checks if ref.applies(spec["profile"])]
+        if (run_dir / art.path).exists():
+            manifest.record(art.name, art.path, role=stage.role, schema=art.schema_name, checks=checks)
+        results += checks
+    return results
+
+
+def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
+    """Compile the SOP into a langgraph graph (see the module docstring for its shape)."""
+    graph = StateGraph(RunState)
+    names = [s.name for s in sop.stages]
+
+    def stage_node(stage: StageSpec):
+        def run(state: RunState) -> dict:
+            run_dir = Path(state["run_dir"])
+            manifest = Manifest(run_dir)
+            if manifest.stages.get(stage.name, {}).get("status") == "passed" and all(
+                manifest.is_verified(a.name) for a in stage.produces
+            ):
+                emit(run_dir, {"event": "stage_reused", "stage": stage.name})
+                return {}
+            errors = dict(state.get("errors", {}))
+            errors.pop(stage.name, None)
+            try:
+                for name in stage.consumes:
+                    manifest.verify(name)
+            except TamperedArtifactError as err:
+                errors[stage.name] = f"TAMPERED: {err}"
+                return {"errors": errors}
+            manifest.set_stage(stage.name, "running", new_attempt=True)
+            write_run_file(run_dir, status="running", stage=stage.name)
+            emit(run_dir, {"event": "stage_started", "stage": stage.name, "role": stage.role,
+                           "feedback": state.get("feedback", {}).get(stage.name)})  # fmt: skip
+            overrides = dict(state.get("overrides", {}).get(stage.name, {}))
+            try:
+                roles(stage, run_dir, manifest, overrides)
+            except TamperedArtifactError as err:
+                errors[stage.name] = f"TAMPERED: {err}"
+            except Exception as err:  # the gate reports it; a retry may fix it
+                errors[stage.name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            return {"errors": errors}
+
+        return run
+
+    def verify_node(stage: StageSpec):
+        def run(state: RunState) -> dict:
+            run_dir = Path(state["run_dir"])
+            manifest = Manifest(run_dir)
+            error = state.get("errors", {}).get(stage.name)
+            gates = dict(state.get("gates", {}))
+            if (
+                error is None
+                and manifest.stages.get(stage.name, {}).get("status") == "passed"
+                and all(manifest.is_verified(a.name) for a in stage.produces)
+            ):
+                gates[stage.name] = "passed"
+                return {"gates": gates}
+            results = _verify_artifacts(stage, run_dir, manifest, error)
+            passed = all(r["passed"] for r in results) and bool(results)
+            emit(run_dir, {"event": "gate", "stage": stage.name, "passed": passed, "checks": results})
+            manifest.set_stage(stage.name, "passed" if passed else "failed")
+            artifacts = dict(state.get("artifacts", {}))
+            if passed:
+                for art in stage.produces:
+                    entry = manifest.artifacts[art.name]
+                    artifacts[art.name] = {"path": entry["path"], "sha256": entry["sha256"]}
+                gates[stage.name] = "passed"
+                return {"gates": gates, "artifacts": artifacts}
+            failure = "; ".join(f"{r['name']}: {r['detail']}" for r in results if not r["passed"])
+            attempts = manifest.stages[stage.name]["attempts"]
+            tampered = error is not None and error.startswith("TAMPERED")
+            if not tampered and attempts <= stage.retry.limit:
+                overrides = {k: dict(v) for k, v in state.get("overrides", {}).items()}
+                stage_overrides = overrides.setdefault(stage.name, {})
+                stage_overrides.setdefault("planned_seed", json.loads((run_dir / "spec.json").read_text())["seed"])
+                if (run_dir / "plan.json").is_file():
+                    plan = json.loads((run_dir / "plan.json").read_text())
+                    stage_overrides.setdefault("planned_learning_rate", plan["train_config"]["learning_rate"])
+                change = RETRY_CHANGES[stage.retry.change](stage_overrides) if stage.retry.change else "same settings"
+                emit(run_dir, {"event": "retry", "stage": stage.name, "attempt": attempts + 1, "change": change,
+                               "failure": failure})  # fmt: skip
+                gates[stage.name] = "retry"
+                feedback = {**state.get("feedback", {}), stage.name: failure}
+                return {"gates": gates, "overrides": overrides, "feedback": feedback}
+            gates[stage.name] = "failed"
+            reason = f"stage {stage.name} failed after {attempts} attempt(s): {failure}"
+            write_run_file(run_dir, status="failed", stage=stage.name, failure=reason)
+            emit(run_dir, {"event": "run_failed", "stage": stage.name, "failure": reason})
+            return {"gates": gates, "status": "failed", "failure": reason}
+
+        return run
+
+    def approve_node(state: RunState) -> dict:
+        run_dir = Path(state["run_dir"])
+        if state.get("auto_approve"):
+            emit(run_dir, {"event": "plan_approved", "by": "--yes"})
+            return {}
+        write_run_file(run_dir, status="awaiting_approval", stage="plan")
+        plan = json.loads((run_dir / "plan.json").read_text())
+        decision = interrupt({"question": "Approve this plan?", "plan_card": planner.plan_card(plan)})
+        if isinstance(decision, dict) and decision.get("approved"):
+            emit(run_dir, {"event": "plan_approved", "by": decision.get("by", "user")})
+            write_run_file(run_dir, status="running", stage="plan")
+            return {}
+        reason = (decision or {}).get("reason", "no reason given") if isinstance(decision, dict) else str(decision)
+        write_run_file(run_dir, status="rejected", stage="plan", failure=f"plan rejected: {reason}")
+        emit(run_dir, {"event": "plan_rejected", "reason": reason})
+        return {"status": "rejected", "failure": f"plan rejected: {reason}"}
+
+    def finish_node(state: RunState) -> dict:
+        run_dir = Path(state["run_dir"])
+        write_run_file(run_dir, status="passed", stage=None, failure=None)
+        emit(run_dir, {"event": "run_passed"})
+        return {"status": "passed"}
+
+    for i, stage in enumerate(sop.stages):
+        graph.add_node(stage.name, stage_node(stage))
+        graph.add_node(f"verify_{stage.name}", verify_node(stage))
+        graph.add_edge(stage.name, f"verify_{stage.name}")
+        after = names[i + 1] if i + 1 < len(names) else "finish"
+        if stage.approval:
+            graph.add_node(f"approve_{stage.name}", approve_node)
+            graph.add_conditional_edges(
+                f"approve_{stage.name}", lambda s, nxt=after: END if s.get("status") == "rejected" else nxt,
+                [after, END],
+            )  # fmt: skip
+            after = f"approve_{stage.name}"
+
+        def route(state: RunState, name=stage.name, nxt=after) -> str:
+            verdict: Literal["passed", "retry", "failed"] = state["gates"][name]
+            return {"passed": nxt, "retry": name, "failed": END}[verdict]
+
+        graph.add_conditional_edges(f"verify_{stage.name}", route, [after, stage.name, END])
+    graph.add_node("finish", finish_node)
+    graph.add_edge("finish", END)
+    graph.add_edge(START, names[0])
+    return graph.compile(checkpointer=checkpointer)
+
+
+def open_checkpointer(run_dir: Path) -> SqliteSaver:
+    conn = sqlite3.connect(str(run_dir / CHECKPOINT_DB), check_same_thread=False)
+    return SqliteSaver(conn)

@@ -1,0 +1,134 @@
+"""Schemas (pydantic) of every artifact a run produces, by the names the SOP YAML uses.
+
+Spec, Plan and FinalReport are LongPilot's own documents: `extra="forbid"`, so a typo or a stale field fails loudly.
+DataCard, TrainSummary and EvalReport are written by the engine, which adds diagnostic fields over time; their
+schemas pin the fields the workflow and the checks rely on and allow the rest (`extra="allow"`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Profile = Literal["smoke", "standard", "full"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Engine(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Spec(_Strict):
+    """What the user asked for. Everything else is derived from it."""
+
+    base_model: str = Field(description="alias (smollm2-135m), local model directory, or cached hub id")
+    target_context: int = Field(gt=0, description="context length to reach, in tokens")
+    corpus: list[str] = Field(default_factory=list, description="user files/directories; empty = built-in corpus")
+    profile: Profile = Field("smoke", description="smoke (CPU pipeline proof), standard (one GPU), full (8 GPUs)")
+    hardware: str = Field("cpu", description="hardware profile: cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB, custom")
+    custom_hardware: dict[str, float] | None = Field(
+        None, description="for hardware=custom: n_devices, memory_gib, peak_tflops, mfu"
+    )
+    device: Device = Field("auto", description="where the engine runs: auto picks CUDA when available")
+    seed: int = Field(0, description="seed for data, training and evaluation")
+    max_steps: int | None = Field(None, gt=0, description="override the profile's number of optimizer steps")
+    llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the key is never stored)")
+    llm_model: str | None = Field(None, description="model name at that endpoint")
+    request_text: str | None = Field(None, description="the chat text this spec was parsed from, if any")
+
+    @field_validator("base_model")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("base_model must not be empty")
+        return value.strip()
+
+
+class Plan(_Strict):
+    """engine.plan.Plan as written to plan.json, plus the request's evaluation settings."""
+
+    arch: dict[str, Any]
+    hardware: dict[str, Any]
+    profile: dict[str, Any]
+    target_context: int = Field(gt=0)
+    rope_method: str
+    rope_factor: float = Field(gt=1.0)
+    group_size_ratio: float = Field(gt=0, le=1)
+    group_size: int
+    lora: dict[str, Any]
+    trainable: dict[str, int]
+    deepspeed_stage: str
+    tokens_per_step: int
+    memory: dict[str, Any]
+    fits: bool
+    flops_per_token: float
+    tokens_per_s: float
+    wall_time_s: float
+    wall_time_h: float
+    data: dict[str, int]
+    train_config: dict[str, Any]
+    launch_command: str
+    notes: list[str] = Field(default_factory=list)
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="lengths, depths, tasks, gates")
+
+
+class CheckRecord(_Strict):
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class DataCard(_Engine):
+    generator_version: str
+    seed: int
+    records: dict[str, int]
+    counts: dict[str, dict[str, int]]
+    token_length_histogram: dict[str, int]
+    checks: list[CheckRecord]
+    files: dict[str, str]
+
+
+class TrainSummary(_Engine):
+    status: Literal["completed", "failed"]
+    config_hash: str
+    seed: int
+    initial_loss: float | None = None
+    final_loss: float | None = None
+    steps: int | None = None
+    adapter_dir: str | None = None
+    resumed_from: str | None = None
+    wall_seconds: float
+
+
+class EvalReport(_Engine):
+    status: Literal["running", "complete", "incomplete"]
+    error: str | None = None
+    models: dict[str, dict[str, Any]]
+    comparison: dict[str, Any]
+    gate: dict[str, Any] | None = None
+    plots: dict[str, str]
+
+
+class FinalReport(_Strict):
+    """final_report.json: the facts report.md is written from."""
+
+    run_id: str
+    status: Literal["passed", "failed"]
+    profile: Profile
+    base_model: str
+    target_context: int
+    quality_gate: dict[str, Any] | None
+    proves: str = Field(description="what this profile's run does and does not demonstrate")
+    figures: dict[str, Any]
+    artifacts: dict[str, str]
+    narrative_source: Literal["deterministic", "llm"] = "deterministic"
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    cls.__name__: cls for cls in (Spec, Plan, DataCard, TrainSummary, EvalReport, FinalReport)
+}

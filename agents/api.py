@@ -107,8 +107,11 @@ class Assistant:
         **fields: Any,
     ) -> RunResult:
         """Start a new run. `approve=True` approves the plan without asking; None stops and waits for approval."""
+        from agents.planner import make_plan_document
+
         spec = spec or Spec(**fields)
         run_dir = Path(run_dir) if run_dir else self.runs_dir / _new_run_id(spec)
+        make_plan_document(spec, run_dir)  # bad input (unknown model, target <= native) fails here, before any file
         if (run_dir / "manifest.json").exists():
             raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
         run_dir.mkdir(parents=True, exist_ok=True)

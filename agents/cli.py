@@ -1,15 +1,40 @@
-"""`longpilot` command line. Thin: parse arguments, call the engine, print results, exit non-zero on bad input."""
+"""`longpilot` command line. Thin: parse arguments, call the agents API or the engine, print, exit.
+
+Exit codes: 0 success; 1 the run/plan/gate failed or the plan was rejected; 2 bad input (one-line reason);
+3 the run waits for plan approval (`longpilot resume RUN_DIR --yes`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_AWAITING = 0, 1, 2, 3
+
+
+def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="smollm2-135m, llama-2-7b, a local model directory or a cached hub id"
+    )
+    p.add_argument("--target-context", type=int, default=None, help="tokens to reach, e.g. 16384")
+    p.add_argument("--request", default=None, help='plain-language request, e.g. "extend smollm2 to 16k"')
+    p.add_argument("--corpus", nargs="+", default=None, help="your files/directories (default: built-in corpus)")
+    p.add_argument("--profile", choices=["smoke", "standard", "full"], default=None)
+    p.add_argument("--hardware", default=None, help="cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB (default cpu)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="override the profile's optimizer steps")
+    p.add_argument("--llm", default="none", help="none, or an OpenAI-compatible base URL (key from env)")
+    p.add_argument("--llm-model", default=None, help="model name at the --llm endpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongPilot: extend the context window of an LLM with LongLoRA (S2-Attn + LoRA+ + RoPE).",
     )
     sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="plan -> data -> train -> evaluate -> report, every artifact verified")
+    _add_spec_arguments(run)
+    run.add_argument("--run-dir", default=None, help="run directory (default runs/<run-id>)")
+    run.add_argument("--runs-dir", default="runs")
+    run.add_argument("--yes", action="store_true", help="approve the plan without asking")
+    plan = sub.add_parser("plan", help="print the plan (memory, time, launch command); runs nothing")
+    _add_spec_arguments(plan)
+    plan.add_argument("--json", action="store_true")
+    resume = sub.add_parser("resume", help="continue a stopped or killed run")
+    resume.add_argument("run_dir")
+    resume.add_argument("--yes", action="store_true", help="approve a plan that waits for approval")
+    status = sub.add_parser("status", help="stages, artifacts and recent events of a run")
+    status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true")
+    export = sub.add_parser("export", help="merge a run's adapter into a standalone model directory")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    app = sub.add_parser("app", help="the Gradio app")
+    app.add_argument("app_args", nargs=argparse.REMAINDER, help="passed to the app (--host, --port, --runs-dir, ...)")
     demo = sub.add_parser("demo", help="engine smoke run: RoPE x2, LoRA+, one S2-Attn step, save, reload, merge")
     demo.add_argument("--model", default="smollm2-135m", help="alias, local model directory or cached hub id")
     demo.add_argument("--target-context", type=int, default=16384, help="tokens (default 16384)")
@@ -25,6 +69,139 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=1, help="S2-Attn training steps (default 1)")
     _add_eval_parser(sub)
     return parser
+
+
+def _spec_from_args(args: argparse.Namespace):
+    """Flags win over the plain-language request; the request fills what flags leave out."""
+    from sop.schemas import Spec
+
+    fields: dict = {}
+    if args.request:
+        from agents.request import parse_request
+
+        parsed = parse_request(args.request, {"corpus": args.corpus} if args.corpus else None)
+        if parsed.problems:
+            raise ValueError("; ".join(parsed.problems))
+        fields.update(parsed.fields)
+    flags = {"base_model": args.model, "target_context": args.target_context, "corpus": args.corpus,
+             "profile": args.profile, "hardware": args.hardware, "device": args.device, "seed": args.seed,
+             "max_steps": args.max_steps}  # fmt: skip
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    missing = [flag for flag, key in (("--model", "base_model"), ("--target-context", "target_context"))
+               if key not in fields]  # fmt: skip
+    if missing:
+        raise ValueError(f"missing {' and '.join(missing)} (or say it in --request)")
+    if args.llm and args.llm.lower() != "none":
+        fields.update(llm_base_url=args.llm, llm_model=args.llm_model)
+    try:
+        return Spec(**fields)
+    except Exception as err:  # pydantic: keep the first message, on one line
+        raise ValueError(
+            f"invalid request: {str(err).splitlines()[2].strip() if len(str(err).splitlines()) > 2 else err}"
+        )
+
+
+def _llm_for(spec):
+    from agents.llm import LLMClient, LLMSettings
+
+    settings = LLMSettings.from_env_and_flags(spec.llm_base_url, spec.llm_model)
+    return LLMClient(settings) if settings is not None else None
+
+
+def _assistant(spec=None, runs_dir: str = "runs"):
+    from agents import Assistant
+
+    return Assistant(runs_dir=runs_dir, llm=_llm_for(spec) if spec is not None else None)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    spec = _spec_from_args(args)
+    result = _assistant(spec).plan(spec)
+    if args.json:
+        print(json.dumps({"spec": spec.model_dump(), "plan": result.plan, "checks": result.checks}, indent=2))
+    else:
+        print(result.card)
+        for c in result.checks:
+            print(f"  check {c['name']}: {'ok' if c['passed'] else 'FAILED'} ({c['detail']})")
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _finish(result, assistant, interactive_yes: bool) -> int:
+    from agents.progress import ProgressPrinter
+
+    if result.status == "awaiting_approval":
+        print(result.plan_card)
+        if interactive_yes or (
+            sys.stdin.isatty() and input("Approve this plan? [y/N] ").strip().lower() in ("y", "yes")
+        ):
+            result = assistant.approve(result.run_dir, on_event=ProgressPrinter())
+        elif sys.stdin.isatty():
+            result = assistant.reject(result.run_dir, "rejected at the prompt")
+        else:
+            print(f"longpilot: run {result.run_dir} awaits plan approval: longpilot resume {result.run_dir} --yes",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_AWAITING
+    if result.status == "passed":
+        print(f"run {result.run_id}: passed; report: {result.report}")
+        return EXIT_OK
+    print(f"longpilot: run {result.run_dir} {result.status}: {result.failure}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agents.progress import ProgressPrinter
+
+    spec = _spec_from_args(args)
+    assistant = _assistant(spec, args.runs_dir)
+    result = assistant.run(spec, run_dir=args.run_dir, approve=True if args.yes else None, on_event=ProgressPrinter())
+    print(f"run directory: {result.run_dir}")
+    return _finish(result, assistant, args.yes)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from agents.progress import ProgressPrinter
+    from sop.schemas import Spec
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "spec.json").is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no spec.json)")
+    spec = Spec.model_validate_json((run_dir / "spec.json").read_text())
+    assistant = _assistant(spec, str(run_dir.parent))
+    result = assistant.resume(run_dir, approve=True if args.yes else None, on_event=ProgressPrinter())
+    return _finish(result, assistant, args.yes)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agents import Assistant
+
+    status = Assistant(runs_dir=Path(args.run_dir).parent).status(args.run_dir)
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2, default=str))
+        return EXIT_OK
+    print(f"run {status.run_id}: {status.status}" + (f" at {status.stage}" if status.stage else ""))
+    if status.failure:
+        print(f"  failure: {status.failure}")
+    for name, stage in status.stages.items():
+        print(f"  {name:<13} {stage['status']:<8} attempts {stage['attempts']}")
+    for name, art in status.artifacts.items():
+        ok = all(c["passed"] for c in art["checks"])
+        print(f"  artifact {name:<12} {art['path']:<22} {art['sha256'][:12]} checks {'ok' if ok else 'FAILED'}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from agents import Assistant
+
+    out = Assistant(runs_dir=Path(args.run_dir).parent).export(args.run_dir, args.out)
+    print(f"merged model written to {out}")
+    return EXIT_OK
+
+
+def _app(args: argparse.Namespace) -> int:
+    """The app is a top-level module that nothing imports: start it as its own process."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "app", *args.app_args])
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -109,12 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if args.command in ("run", "resume") else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
-        return {"demo": _demo, "eval": _eval}[args.command](args)
+        commands = {"run": _run, "plan": _plan, "resume": _resume, "status": _status, "export": _export,
+                    "app": _app, "demo": _demo, "eval": _eval}  # fmt: skip
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"longpilot: error: {err}", file=sys.stderr)
-        return 2
+        print(f"longpilot: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RuntimeError as err:  # e.g. an unreachable LLM endpoint (agents.llm.LLMError)
+        print(f"longpilot: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -60,17 +60,17 @@ _OTHER = re.compile(
 )
 _NAMED = re.compile(r"\b(?:extend|model|stretch|fine-?tune)\s+(?:the\s+|my\s+|model\s+)?([a-z][\w.-]*\d[\w.-]*)")
 _WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "four": 4, "eight": 8}
-_COUNT = r"(\d+|an?|one|single|two|four|eight)"
+_COUNT = r"(\d{1,3}|an?|one|single|two|four|eight)"
 _GPU = re.compile(rf"\b(?:{_COUNT}\s*(?:x\s*)?)?(?:nvidia\s+)?([ah]100)s?\b")
 _GPUS = re.compile(rf"\b{_COUNT}\s*(?:x\s*)?gpus?\b")
 _NO_GPU = re.compile(r"\b(?:no|without(?:\s+an?)?)\s+gpus?\b")
 _MEMORY = re.compile(r"\b(40|80)\s*gi?b\b")
-_SEED = re.compile(r"\bseed\s*(?:=|:|of|is)?\s*(-?\d+)\b")
-_LENGTH = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)\s*([km])?(?!\w)")
+_SEED = re.compile(r"\bseed\s*(?:=|:|of|is)?\s*(-?\d{1,18})\b")  # bounded digits: int() and float() never overflow
+_LENGTH = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3}){1,4}|\d{1,12}(?:\.\d{1,6})?)\s*([km])?(?!\w)")
 _NOT_LENGTH = re.compile(
     r"\s*(?:x\b|gi?b\b|gpus?\b|cards?\b|nodes?\b|steps?\b|epochs?\b|layers?\b|b\b|%|native|original)"
 )
-_TO = re.compile(r"\b(?:to|into|reach(?:es)?|handle|target(?:_context)?|up to)\s*[=:]?\s*(?:about\s+)?$")
+_TO = re.compile(r"\b(?:to|into|reach(?:es)?|handle|target(?:_context)?|up to|or)\s*[=:]?\s*(?:about\s+)?$")
 _FROM = re.compile(r"\b(?:from|native(?:ly)?|currently|originally)\s+(?:context\s+)?(?:of\s+)?$")
 _PROFILE = re.compile(r"\b(smoke|standard|full(?!\s+(?:context|length|window|corpus|docs?|set)))\b")
 
@@ -95,6 +95,14 @@ def _blank(text: str, start: int, end: int) -> str:
     return text[:start] + " " * (end - start) + text[end:]
 
 
+def _exists(ref: str, name: str = "") -> bool:
+    """Path.exists that says False for names the OS rejects (too long, NUL, ~nobody): chat text can hold them."""
+    try:
+        return (Path(ref).expanduser() / name).exists()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def _missing_path(path: str) -> str:
     return f"{'file' if Path(path).suffix else 'directory'} {path!r} does not exist"
 
@@ -102,9 +110,9 @@ def _missing_path(path: str) -> str:
 def _native_of(ref: str, problems: list[str]) -> int | None:
     """The native context of a built-in (by alias or hub id), or of a model directory whose config.json says."""
     alias = next((a for a, r in BASE_MODEL_REFS.items() if r == ref), None) or _HUB_ALIASES.get(ref.lower())
-    path = Path(ref).expanduser()
-    if alias or not (path / "config.json").is_file():
+    if alias or not _exists(ref, "config.json"):
         return NATIVE_CONTEXT.get(alias or "")
+    path = Path(ref).expanduser()
     try:
         native = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
         return native if isinstance(native, int) else None
@@ -126,15 +134,12 @@ def _paths(text: str, problems: list[str]) -> tuple[str, list[tuple[str, int | N
             while token.endswith(".") and token not in (".", ".."):
                 token = token[:-1]
             start = text.index(token, start) if token else start
-            path, explicit = (
-                Path(token).expanduser(),
-                token.startswith(("/", "./", "../", "~")) or _DOC_EXT.search(token),
-            )
-            if not token or "://" in token or not (explicit or "/" in token or pattern is _QUOTED and path.exists()):
+            explicit = token.startswith(("/", "./", "../", "~")) or bool(_DOC_EXT.search(token))
+            if not token or "://" in token or not (explicit or "/" in token or pattern is _QUOTED and _exists(token)):
                 continue
-            if (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and token.endswith(".gguf")):
+            if _exists(token, "config.json") or (token.endswith(".gguf") and _exists(token)):
                 models.append((token, _native_of(token, problems)))
-            elif path.exists():
+            elif _exists(token):
                 corpus.append(token)
             elif _HUB_ID.match(token) and not explicit:
                 ref = BASE_MODEL_REFS.get(_HUB_ALIASES.get(token.lower(), ""), token)
@@ -201,7 +206,7 @@ def _hardware(rest: str, fields: dict, problems: list[str]) -> str:
 
 
 def _target(rest: str, fields: dict, models: list, problems: list[str]) -> None:
-    """ "to N" is the target and "from N" the native window; other lengths count only when there is one."""
+    """The length after "to" is the target, one after "from" the native window; others count only when alone."""
     strong, plain = [], []
     for m in _LENGTH.finditer(rest):
         before = max(0, m.start() - 40)  # a bounded look back keeps a 10k-character message linear
@@ -238,7 +243,7 @@ def parse_request(text: str, defaults: dict | None = None) -> ParsedRequest:
     fields, problems = dict(defaults or {}), []
     problems += [f"unknown setting {k!r}" for k in fields if k not in Spec.model_fields]
     uploads = list(fields.pop("corpus", None) or [])
-    problems += [_missing_path(p) for p in uploads if not Path(p).expanduser().exists()]
+    problems += [_missing_path(p) for p in uploads if not _exists(p)]
     text = text or ""
     if len(text) > MAX_CHARS:
         problems.append(f"that message is {len(text):,} characters; please describe the run in under {MAX_CHARS:,}")

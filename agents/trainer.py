@@ -6,6 +6,7 @@ changed config (e.g. a halved learning rate) moves the failed attempt aside firs
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 from collections.abc import Callable
@@ -37,13 +38,16 @@ def _move_aside_if_other_run(out: Path, config_hash: str) -> None:
 def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Event) -> None:
     """Forward each new metrics.jsonl line as a progress event until `stop` is set."""
     seen = 0
-    while not stop.wait(1.0):
+    while True:
+        stopping = stop.wait(1.0)
         if path.is_file():
             lines = path.read_text().splitlines()
             for line in lines[seen:]:
                 if line.strip():
                     emit({"event": "train_step", **json.loads(line)})
             seen = len(lines)
+        if stopping:  # one last read after training returned, so the final step is reported too
+            return
 
 
 def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], emit: Callable[[dict], None]):
@@ -64,7 +68,9 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
             cfg.base_model, device=spec.device, attn_implementation=S2_ATTENTION, with_tokenizer=False
         )
     stop = threading.Event()
-    follower = threading.Thread(target=_follow_metrics, args=(out / "metrics.jsonl", emit, stop), daemon=True)
+    follower = threading.Thread(  # in a copy of this context, so the follower can reach the run's progress stream
+        target=contextvars.copy_context().run, args=(_follow_metrics, out / "metrics.jsonl", emit, stop), daemon=True
+    )
     follower.start()
     try:
         return engine_train(cfg, model=model)

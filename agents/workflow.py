@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -48,14 +47,16 @@ class RunState(TypedDict, total=False):
 
 
 def emit(run_dir: Path, event: dict[str, Any]) -> None:
-    """Append a progress event to progress.jsonl and to the custom stream (when inside a graph run)."""
+    """Append a progress event to progress.jsonl and send it to the custom stream (inside a graph run; helper
+    threads started by a node run in a copy of its context, so they reach the stream too)."""
     event = {"time": round(time.time(), 3), **event}
     with open(run_dir / PROGRESS_FILE, "a") as fh:
         fh.write(json.dumps(event, default=str) + "\n")
     try:
-        get_stream_writer()(event)
-    except RuntimeError:  # called outside a graph run (e.g. from a helper thread): the file is enough
-        pass
+        writer = get_stream_writer()
+    except RuntimeError:  # outside a graph run: the file is enough
+        return
+    writer(event)
 
 
 def write_run_file(run_dir: Path, **fields: Any) -> None:
@@ -81,7 +82,10 @@ class Roles:
 
     def __call__(self, stage: StageSpec, run_dir: Path, manifest: Manifest, overrides: dict[str, Any]) -> None:
         spec = _spec(run_dir, manifest)
-        progress: Callable[[dict], None] = lambda e: emit(run_dir, {"stage": stage.name, **e})  # noqa: E731
+
+        def progress(event: dict) -> None:
+            emit(run_dir, {"stage": stage.name, **event})
+
         if stage.name == "plan":
             planner.write_plan(spec, run_dir)
         elif stage.name == "prepare_data":

@@ -166,16 +166,18 @@ class _Run:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc=desc, disable=not self.cfg.progress, leave=False)
+        done = [0]  # counted here: a disabled tqdm does not count
 
         def step(item: dict | int) -> None:
             n = item if isinstance(item, int) else 1
             bar.update(n)
+            done[0] += n
             if isinstance(item, dict):
                 self.items_file.write(json.dumps({"model": desc.split(":")[0], **item}, default=_jsonable) + "\n")
                 self.items_file.flush()
             if self.on_event is not None:
-                self.on_event({"event": "progress", "task": desc, "done": bar.n, "total": total})
-            if bar.n >= total:
+                self.on_event({"event": "progress", "task": desc, "done": done[0], "total": total})
+            if done[0] >= total:
                 bar.close()
 
         return step

@@ -1,0 +1,181 @@
+"""The SOP workflow: gate routing, retries, plan approval, tamper detection, the CLI end to end, resume after kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agents import Assistant
+from agents.cli import main
+from sop.checks import CHECKS, RETRY_CHANGES, check
+from sop.loader import DEFAULT_SOP
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {"target_context": 2048, "profile": "smoke", "hardware": "cpu"}
+
+
+# ---------------------------------------------------------------- gate routing on a one-stage SOP
+
+
+@check("test_flaky_once")
+def _flaky_once(ctx):
+    marker = ctx.run_dir / "flaky.seen"
+    if marker.exists():
+        return True, "passes on the second look"
+    marker.write_text("x")
+    return False, "fails the first time"
+
+
+@check("test_always_fails")
+def _always_fails(ctx):
+    return False, "this check never passes"
+
+
+def _plan_only_sop(tmp_path: Path, extra_check: str, limit: int) -> Path:
+    text = DEFAULT_SOP.read_text()
+    head = text[: text.index("  - name: prepare_data")]
+    head = head.replace("plan_steps_positive]", f"plan_steps_positive, {extra_check}]")
+    head = head.replace("    retry: {limit: 0}", f"    retry: {{limit: {limit}}}", 1)
+    path = tmp_path / "plan_only.yaml"
+    path.write_text(head)
+    return path
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+
+
+def test_a_check_failing_once_is_retried_and_passes(tmp_path, tiny_model_dir):
+    assistant = Assistant(tmp_path, sop_path=_plan_only_sop(tmp_path, "test_flaky_once", limit=1))
+    result = assistant.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "r", approve=True, **TINY)
+    assert result.status == "passed", result.failure
+    assert result.stages["plan"] == {"status": "passed", "attempts": 2}
+    retries = [e for e in _events(tmp_path / "r") if e["event"] == "retry"]
+    assert len(retries) == 1 and "test_flaky_once: fails the first time" in retries[0]["failure"]
+    started = [e for e in _events(tmp_path / "r") if e["event"] == "stage_started"]
+    assert started[1]["feedback"] == retries[0]["failure"]  # the role got the failure text back
+
+
+def test_a_check_that_keeps_failing_stops_the_run(tmp_path, tiny_model_dir):
+    assistant = Assistant(tmp_path, sop_path=_plan_only_sop(tmp_path, "test_always_fails", limit=2))
+    result = assistant.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "r", approve=True, **TINY)
+    assert result.status == "failed"
+    assert result.stages["plan"] == {"status": "failed", "attempts": 3}
+    assert "stage plan failed after 3 attempt(s): test_always_fails: this check never passes" in result.failure
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert {"name": "test_always_fails", "passed": False, "detail": "this check never passes"} in manifest[
+        "artifacts"
+    ]["plan"]["checks"]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
+
+
+def test_retry_changes():
+    assert RETRY_CHANGES["halve_learning_rate"]({"planned_learning_rate": 2e-5}) == "learning rate lowered to 1e-05"
+    overrides = {"planned_seed": 3}
+    RETRY_CHANGES["reseed_data"](overrides)
+    RETRY_CHANGES["reseed_data"](overrides)
+    assert overrides["seed"] == 5
+    assert "test_flaky_once" in CHECKS
+
+
+# ---------------------------------------------------------------- approval and tampering on the real SOP
+
+
+def test_plan_waits_for_approval_and_can_be_rejected(tmp_path, tiny_model_dir):
+    assistant = Assistant(tmp_path)
+    waiting = assistant.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "r", **TINY)
+    assert waiting.status == "awaiting_approval" and "RoPE linear x2" in waiting.plan_card
+    assert assistant.status(tmp_path / "r").status == "awaiting_approval"
+    rejected = assistant.reject(tmp_path / "r", "too expensive")
+    assert rejected.status == "rejected" and rejected.failure == "plan rejected: too expensive"
+    assert rejected.stages["prepare_data"]["status"] == "pending" and not (tmp_path / "r" / "data").exists()
+
+
+def test_a_tampered_input_is_refused(tmp_path, tiny_model_dir):
+    assistant = Assistant(tmp_path)
+    run_dir = tmp_path / "r"
+    assistant.run(base_model=str(tiny_model_dir), run_dir=run_dir, **TINY)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    plan["train_config"]["learning_rate"] = 1.0  # someone edits the approved plan
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    result = assistant.approve(run_dir)
+    assert result.status == "failed"
+    assert "artifact 'plan' (plan.json) changed since it was verified" in result.failure
+    assert result.stages["prepare_data"] == {"status": "failed", "attempts": 0}  # refused before doing anything
+    assert not (run_dir / "data").exists()
+
+
+# ---------------------------------------------------------------- the CLI, end to end on the tiny model
+
+
+def test_cli_end_to_end_with_exit_codes(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    args = ["--model", str(tiny_model_dir), "--target-context", "2048", "--profile", "smoke", "--max-steps", "3"]
+    assert main(["plan", *args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["plan"]["rope_factor"] == 2.0 and all(c["passed"] for c in plan["checks"])
+    assert main(["run", *args, "--run-dir", str(run_dir)]) == 3  # no TTY and no --yes: waits for approval
+    assert "awaits plan approval" in capsys.readouterr().err
+    assert main(["resume", str(run_dir), "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert "run passed" in out and "step 3: loss" in out and "gate evaluate: passed" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["artifacts"]) == {"spec", "plan", "dataset", "training", "evaluation", "final_report"}
+    assert all(s == {"status": "passed", "attempts": 1} for s in manifest["stages"].values())
+    assert all(c["passed"] for a in manifest["artifacts"].values() for c in a["checks"])
+    for name in ("report.md", "final_report.json", "checkpoints.sqlite", "eval/eval_report.json",
+                 "train/adapter/adapter_config.json", "passkey_heatmap.png", "ppl_vs_length.png"):  # fmt: skip
+        assert (run_dir / name).exists(), name
+    assert "quality gates need the standard profile on a GPU" in (run_dir / "report.md").read_text()
+    assert main(["status", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "passed"
+    assert main(["resume", str(run_dir)]) == 0  # a finished run: nothing redone
+    assert "attempts" not in capsys.readouterr().err
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]["attempts"] == 1
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.rope_parameters["factor"] == 2.0
+    # bad input: one line on stderr, exit 2, nothing produced
+    assert main(["run", *args[:2], "--target-context", "512", "--run-dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: progress bars of the export above
+    assert err.startswith("longpilot: error: target context 512 must exceed") and not (tmp_path / "bad").exists()
+    assert main(["resume", str(tmp_path / "nowhere")]) == 2
+    assert main(["run", "--target-context", "4096"]) == 2
+    assert "missing --model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a real kill during training, then resume
+
+
+def test_resume_after_kill_during_training(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "agents.cli", "run", "--model", str(tiny_model_dir), "--target-context", "2048",
+           "--profile", "smoke", "--max-steps", "8", "--yes", "--run-dir", str(run_dir)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    marker = run_dir / "train" / "checkpoints" / "checkpoint-2" / "longpilot_complete"
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "train" / "train_summary.json").exists()  # killed mid-training
+    resumed = subprocess.run([sys.executable, "-m", "agents.cli", "resume", str(run_dir)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 8 and summary["resumed_from"].endswith("checkpoint-2")
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages["prepare_data"]["attempts"] == 1 and stages["train"]["attempts"] == 2
+    assert not list(run_dir.glob("data.attempt-*"))  # verified data reused, not rebuilt
+    steps = [json.loads(x)["step"] for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))

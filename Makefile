@@ -33,8 +33,11 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: the whole SOP (plan -> data -> train -> evaluate -> report) on the embedded SmolLM2-135M, 8k -> 16k,
+# smoke profile (CPU pipeline proof), plan approved by --yes. Output: runs/demo-<date>/ (report.md, manifest.json).
+DEMO_RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: setup
-	$(VENV)/bin/longpilot demo
+	$(VENV)/bin/longpilot run --model smollm2-135m --target-context 16384 --profile smoke --yes --run-dir $(DEMO_RUN_DIR)
 
 test: setup
 	$(PY) -m pytest -q
@@ -51,6 +54,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/attention.py
+	$(PY) bench/eval.py
 
 clean:
-	rm -rf $(VENV) *.egg-info runs/demo
+	rm -rf $(VENV) *.egg-info runs/demo runs/demo-*

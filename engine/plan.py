@@ -350,7 +350,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", 2, 1, 1, 2e-5, 0, "fp32", False, 4, 2, save_steps=2),  # CPU pipeline proof
+    "smoke": Profile("smoke", 1, 1, 1, 2e-5, 0, "fp32", False, 4, 4, save_steps=1),  # CPU pipeline proof
     "standard": Profile("standard", 1000, 1, 8, 2e-5, 20, "bf16", True, None, 32),  # one GPU, LongLoRA's schedule
     "full": Profile("full", 1000, 1, 8, 2e-5, 20, "bf16", True, None, 64),  # LongLoRA 8xA100: 8 x 1 x 8 = 64
 }

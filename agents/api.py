@@ -176,7 +176,7 @@ class Assistant:
     # -------------------------------------------------------------- internals
     def _graph(self, run_dir: Path):
         graph = build_graph(self.sop, Roles(self.llm), open_checkpointer(run_dir))
-        return graph, {"configurable": {"thread_id": run_dir.name}}
+        return graph, {"configurable": {"thread_id": run_dir.name, "run_dir": str(run_dir.resolve())}}
 
     def _drive(self, run_dir: Path, payload: Any, on_event: Callable[[dict], None] | None) -> RunResult:
         graph, config = self._graph(run_dir)

@@ -29,7 +29,11 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request", default=None, help='plain-language request, e.g. "extend smollm2 to 16k"')
     p.add_argument("--corpus", nargs="+", default=None, help="your files/directories (default: built-in corpus)")
     p.add_argument("--profile", choices=["smoke", "standard", "full"], default=None)
-    p.add_argument("--hardware", default=None, help="cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB (default cpu)")
+    p.add_argument(
+        "--hardware",
+        default=None,
+        help="cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB or custom:N,GiB,TFLOPS[,MFU] (default cpu)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="override the profile's optimizer steps")
@@ -87,6 +91,8 @@ def _spec_from_args(args: argparse.Namespace):
              "profile": args.profile, "hardware": args.hardware, "device": args.device, "seed": args.seed,
              "max_steps": args.max_steps}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
+    if str(fields.get("hardware", "")).startswith("custom:"):
+        fields["hardware"], fields["custom_hardware"] = "custom", _custom_hardware(fields["hardware"])
     missing = [flag for flag, key in (("--model", "base_model"), ("--target-context", "target_context"))
                if key not in fields]  # fmt: skip
     if missing:
@@ -99,6 +105,20 @@ def _spec_from_args(args: argparse.Namespace):
         raise ValueError(
             f"invalid request: {str(err).splitlines()[2].strip() if len(str(err).splitlines()) > 2 else err}"
         )
+
+
+def _custom_hardware(text: str) -> dict:
+    """`custom:N,GiB,TFLOPS[,MFU]` -> the planner's custom hardware fields."""
+    parts = text.split(":", 1)[1].split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (3, 4) or values[0] < 1 or values[0] != int(values[0]):
+        raise ValueError(
+            f"--hardware {text!r}: use custom:N_DEVICES,MEMORY_GIB,PEAK_TFLOPS[,MFU], e.g. custom:4,80,312"
+        )
+    return dict(zip(("n_devices", "memory_gib", "peak_tflops", "mfu"), values))
 
 
 def _llm_for(spec):
@@ -124,6 +144,13 @@ def _plan(args: argparse.Namespace) -> int:
         for c in result.checks:
             print(f"  check {c['name']}: {'ok' if c['passed'] else 'FAILED'} ({c['detail']})")
     return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _ask(question: str) -> str:
+    try:
+        return input(question).strip().lower()
+    except EOFError:
+        return ""
 
 
 def _finish(result, assistant, interactive_yes: bool) -> int:
@@ -298,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"longpilot: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except RuntimeError as err:  # e.g. an unreachable LLM endpoint (agents.llm.LLMError)
-        print(f"longpilot: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("longpilot: interrupted; a started run continues with `longpilot resume RUN_DIR`", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything else (an unreachable LLM, a broken file): one line, never a stack trace
+        text = str(err).splitlines()[0] if str(err) else ""
+        print(f"longpilot: error: {type(err).__name__}: {text}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -60,9 +60,12 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
     from engine.plan import custom_hardware, make_plan
 
     run_dir = Path(run_dir)
-    hardware = custom_hardware(**spec.custom_hardware) if spec.hardware == "custom" else spec.hardware
-    if spec.hardware == "custom" and not spec.custom_hardware:
-        raise ValueError("hardware 'custom' needs custom_hardware (n_devices, memory_gib, peak_tflops)")
+    hardware: str | object = spec.hardware
+    if spec.hardware == "custom":
+        if not spec.custom_hardware:
+            raise ValueError("hardware 'custom' needs n_devices, memory_gib and peak_tflops (e.g. custom:4,80,312)")
+        hw = dict(spec.custom_hardware)
+        hardware = custom_hardware(int(hw.pop("n_devices")), **hw)
     plan = make_plan(
         arch_reference(spec.base_model), spec.target_context, spec.profile, hardware,
         output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), base_model_ref=spec.base_model,

@@ -41,10 +41,12 @@ def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Ev
     while True:
         stopping = stop.wait(1.0)
         if path.is_file():
-            lines = path.read_text().splitlines()
+            lines = path.read_text().split("\n")[:-1]  # complete lines only: the last one may be half written
             for line in lines[seen:]:
-                if line.strip():
+                try:
                     emit({"event": "train_step", **json.loads(line)})
+                except ValueError:
+                    pass  # not a metrics line; the file itself is what the gate checks
             seen = len(lines)
         if stopping:  # one last read after training returned, so the final step is reported too
             return

@@ -66,6 +66,11 @@ def write_run_file(run_dir: Path, **fields: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def run_dir_of(config: dict) -> Path:
+    """The run directory comes with every call (not from the checkpointed state), so a moved run still resumes."""
+    return Path(config["configurable"]["run_dir"])
+
+
 def _spec(run_dir: Path, manifest: Manifest) -> Spec:
     return Spec.model_validate_json(manifest.verify("spec").read_text())
 
@@ -142,27 +147,30 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
     names = [s.name for s in sop.stages]
 
     def stage_node(stage: StageSpec):
-        def run(state: RunState) -> dict:
-            run_dir = Path(state["run_dir"])
+        def run(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+            run_dir = run_dir_of(config)
             manifest = Manifest(run_dir)
-            if manifest.stages.get(stage.name, {}).get("status") == "passed" and all(
-                manifest.is_verified(a.name) for a in stage.produces
-            ):
-                emit(run_dir, {"event": "stage_reused", "stage": stage.name})
-                return {}
             errors = dict(state.get("errors", {}))
             errors.pop(stage.name, None)
-            try:
+            try:  # inputs first: even a stage that could be reused must not build on a changed input
                 for name in stage.consumes:
                     manifest.verify(name)
             except TamperedArtifactError as err:
                 errors[stage.name] = f"TAMPERED: {err}"
                 return {"errors": errors}
-            manifest.set_stage(stage.name, "running", new_attempt=True)
+            status = manifest.stages.get(stage.name, {}).get("status")
+            if status == "passed" and all(manifest.is_verified(a.name) for a in stage.produces):
+                emit(run_dir, {"event": "stage_reused", "stage": stage.name})
+                return {"errors": errors}
+            resumed = status == "running"  # the process died inside this stage: same attempt, continued
+            manifest.set_stage(stage.name, "running", new_attempt=not resumed)
             write_run_file(run_dir, status="running", stage=stage.name)
-            emit(run_dir, {"event": "stage_started", "stage": stage.name, "role": stage.role,
-                           "feedback": state.get("feedback", {}).get(stage.name)})  # fmt: skip
+            feedback = state.get("feedback", {}).get(stage.name)
+            emit(run_dir, {"event": "stage_resumed" if resumed else "stage_started", "stage": stage.name,
+                           "role": stage.role, "feedback": feedback})  # fmt: skip
             overrides = dict(state.get("overrides", {}).get(stage.name, {}))
+            if feedback:
+                overrides["feedback"] = feedback  # the failed gate's text, for the role (and its LLM, if any)
             try:
                 roles(stage, run_dir, manifest, overrides)
             except TamperedArtifactError as err:
@@ -174,8 +182,8 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
         return run
 
     def verify_node(stage: StageSpec):
-        def run(state: RunState) -> dict:
-            run_dir = Path(state["run_dir"])
+        def run(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+            run_dir = run_dir_of(config)
             manifest = Manifest(run_dir)
             error = state.get("errors", {}).get(stage.name)
             gates = dict(state.get("gates", {}))
@@ -221,8 +229,8 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
 
         return run
 
-    def approve_node(state: RunState) -> dict:
-        run_dir = Path(state["run_dir"])
+    def approve_node(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+        run_dir = run_dir_of(config)
         if state.get("auto_approve"):
             emit(run_dir, {"event": "plan_approved", "by": "--yes"})
             return {}
@@ -238,8 +246,8 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
         emit(run_dir, {"event": "plan_rejected", "reason": reason})
         return {"status": "rejected", "failure": f"plan rejected: {reason}"}
 
-    def finish_node(state: RunState) -> dict:
-        run_dir = Path(state["run_dir"])
+    def finish_node(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+        run_dir = run_dir_of(config)
         write_run_file(run_dir, status="passed", stage=None, failure=None)
         emit(run_dir, {"event": "run_passed"})
         return {"status": "passed"}

@@ -202,7 +202,7 @@ def eval_plots_present(ctx: CheckContext) -> tuple[bool, str]:
 
 @check("eval_quality_gate")
 def eval_quality_gate(ctx: CheckContext) -> tuple[bool, str]:
-    gate = ctx.document.gate
+    gate = getattr(ctx.document, "gate", None) or getattr(ctx.document, "quality_gate", None)  # EvalReport/FinalReport
     if not gate:
         return False, "no quality gate was evaluated"
     failed = [f"{c['name']} ({c['value']} vs {c['threshold']})" for c in gate["checks"] if not c["passed"]]

@@ -5,7 +5,8 @@ every stage with its status and attempts. Other tools read it, so its shape is f
                               "created": "<ISO time>", "checks": [{"name": "...", "passed": true, "detail": "..."}]}},
      "stages": {"<stage>": {"status": "pending|running|passed|failed", "attempts": N}}}
 
-A directory's sha256 is taken over the sorted lines `<relative path> <sha256 of file>` of its files. A stage reads an
+A directory's sha256 is taken over the sorted lines `<relative path> <sha256 of file>\n` of its files (each line
+newline-terminated, paths relative to the directory with `/` separators, UTF-8). A stage reads an
 input only through `verify`, which refuses it when the bytes on disk no longer match (tampering, partial writes).
 """
 
@@ -35,14 +36,14 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a directory as the sorted `<relative path> <sha256>` lines of its files."""
+    """sha256 of a file, or of a directory over the sorted, newline-terminated `<relative path> <sha256>` lines."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
-    lines = sorted(f"{p.relative_to(path).as_posix()} {sha256_file(p)}" for p in path.rglob("*") if p.is_file())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    lines = sorted(f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n" for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def _now() -> str:

@@ -32,7 +32,7 @@ class Spec(_Strict):
     profile: Profile = Field("smoke", description="smoke (CPU pipeline proof), standard (one GPU), full (8 GPUs)")
     hardware: str = Field("cpu", description="hardware profile: cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB, custom")
     custom_hardware: dict[str, float] | None = Field(
-        None, description="for hardware=custom: n_devices, memory_gib, peak_tflops, mfu"
+        None, description="for hardware=custom: n_devices (whole number), memory_gib, peak_tflops, mfu"
     )
     device: Device = Field("auto", description="where the engine runs: auto picks CUDA when available")
     seed: int = Field(0, description="seed for data, training and evaluation")

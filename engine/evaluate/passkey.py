@@ -7,8 +7,9 @@
     What is the pass key? The pass key is
 
 Lengths are measured in model tokens: the pieces are tokenised once (the garbage haystack once per tokenizer, reused
-across depths and seeds) and cut so the prompt is exactly `length` tokens. The needle sits after `depth` of the
-garbage budget. Correct when the first integer generated equals K (a fresh K per seed and depth, from 1..50000).
+across depths and seeds) and cut so the prompt plus the answer budget is exactly `length` tokens (as RULER counts).
+The needle sits after `depth` of the garbage budget. Correct when the first integer generated equals K (a fresh K per
+seed and depth, from 1..50000).
 """
 
 from __future__ import annotations
@@ -60,13 +61,13 @@ class Haystack:
         rng = random.Random(f"passkey/{length}/{depth:.4f}/{seed}")
         key = rng.randint(1, 50000)
         needle = self.needle(key)
-        budget = length - len(self.head) - len(needle) - len(self.tail)
+        budget = length - MAX_NEW_TOKENS - len(self.head) - len(needle) - len(self.tail)  # prompt + answer <= length
         if budget < 0:
             raise ValueError(f"passkey length {length} is shorter than the prompt without garbage ({length - budget})")
         n_prefix = round(depth * budget)
         prefix, suffix = self.garbage[:n_prefix], self.garbage[: budget - n_prefix]
         prompt = self.head + prefix + needle + suffix + self.tail
-        assert len(prompt) == length, (len(prompt), length)
+        assert len(prompt) == length - MAX_NEW_TOKENS, (len(prompt), length)
         return PasskeyItem(length, depth, seed, key, prompt, len(self.head) + n_prefix)
 
 

@@ -84,4 +84,5 @@ def sliding_window_perplexity(
         capture.remove()
     assert count == len(token_ids) - 1, f"scored {count} of {len(token_ids) - 1} tokens"
     mean = total / count
-    return PerplexityResult(window, stride, math.exp(mean), mean, count, len(spans))
+    ppl = math.exp(mean) if mean < 700 else math.inf  # a diverged model must not crash the report
+    return PerplexityResult(window, stride, ppl, mean, count, len(spans))

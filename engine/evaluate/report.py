@@ -159,7 +159,7 @@ class _Run:
     def write(self) -> None:
         self.report["wall_s"] = round(time.time() - self.started, 1)
         tmp = self.out / (REPORT_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.report, indent=2, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(_finite(self.report), indent=2, default=_jsonable, allow_nan=False) + "\n")
         tmp.replace(self.out / REPORT_FILE)
 
     def progress(self, total: int, desc: str) -> Callable[[dict | int], None]:
@@ -181,6 +181,17 @@ class _Run:
                 bar.close()
 
         return step
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively: strict JSON readers reject NaN, and a diverged PPL must still be reportable."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -251,7 +262,9 @@ def _ruler_summary(logs: list[dict], lengths: list[int], tasks: tuple[str, ...])
             continue
         per_task = {t: rate([g["score"] for g in at if g["task"] == t]) for t in tasks}
         means = [r["value"] for r in per_task.values() if r["value"] is not None]
-        by_length[str(n)] = {"average": sum(means) / len(means), "n": len(at), "tasks": per_task}
+        pooled = rate([g["score"] for g in at])  # interval of the pooled items (tasks weigh equally in `average`)
+        by_length[str(n)] = {"average": sum(means) / len(means), "n": len(at), "ci95": pooled["ci95"],
+                             "tasks": per_task}  # fmt: skip
     return by_length
 
 
@@ -306,10 +319,11 @@ def _eval_native(run: _Run, model: LoadedModel, native: int, done: dict) -> dict
         out["passkey"] = done["passkey"]["by_length"][str(native)]
     else:
         out["passkey"] = _eval_passkey(run, model, [native])["overall"]
-    if "ruler" in done and str(native) in done["ruler"]["by_length"]:
-        out["ruler_average"] = done["ruler"]["by_length"][str(native)]["average"]
-    else:
-        out["ruler_average"] = _eval_ruler(run, model, [native])["average"]
+    at_native = done.get("ruler", {}).get("by_length", {}).get(str(native))
+    if at_native is None:
+        at_native = _eval_ruler(run, model, [native])["by_length"][str(native)]
+    out["ruler_average"] = at_native["average"]
+    out["ruler"] = {k: at_native[k] for k in ("average", "n", "ci95")}
     return out
 
 
@@ -387,8 +401,9 @@ def _gate(cfg: EvalConfig, models: dict[str, dict], comparison: dict, native: in
             by = cand[task]["by_length"]
             key = "value" if task == "passkey" else "average"
             vals = {n: by[str(n)][key] for n in upto if str(n) in by}
-            if not vals:
-                check(name, None, False, f"{task} has no lengths <= {target}")
+            missing = [n for n in cfg.lengths_for(task) if n <= target and str(n) not in by]
+            if not vals or missing:
+                check(name, None, False, f"{task} not measured at {missing or 'any length'} <= {target}")
                 continue
             worst = min(vals, key=vals.get)
             check(name, vals[worst], vals[worst] >= threshold, f"lowest at {worst} tokens; all: {vals}")
@@ -445,6 +460,8 @@ def evaluate(
     """
     loaded = dict(loaded or {})
     lengths = cfg.sorted_lengths
+    if (Path(cfg.output_dir) / REPORT_FILE).exists():
+        raise ValueError(f"{cfg.output_dir!r} already holds an evaluation ({REPORT_FILE}); choose a new directory")
     for spec in cfg.models:  # fail before any work when a length cannot be evaluated
         if spec.name not in loaded:
             _check_lengths(spec.name, lengths, planned_context(spec), spec.allow_beyond_context)

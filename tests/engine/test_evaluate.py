@@ -104,7 +104,7 @@ def test_passkey_prompt_is_exact_and_has_the_requested_token_length():
     items = passkey_items(tok, [400, 900], [0.0, 0.5, 1.0], [0, 1])
     assert len(items) == 12
     for item in items:
-        assert len(item.prompt_ids) == item.length
+        assert len(item.prompt_ids) == item.length - 10  # prompt + the 10-token answer budget = length
         text = tok.decode(item.prompt_ids)
         after_head = GARBAGE[:20] if item.depth > 0 else "\nThe pass key is"  # the LongLoRA "\n".join layout
         assert text.startswith(TASK_DESCRIPTION + "\n" + after_head)

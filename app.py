@@ -1,13 +1,170 @@
-"""LongPilot Gradio app (the app issue builds it on the agents API). Until then it says so and exits non-zero."""
+"""LongPilot Gradio app: chat with the assistant, approve the plan, watch the run live, inspect results, and chat with
+the extended model over a long document. Layout and calls into the agents API only.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--runs-dir runs] [--auth user:password]   # or: longpilot app
+Runs continue in worker processes and are read back from their directories, so a reloaded page or another browser
+re-attaches by run id. Binds to loopback, never shares, analytics off; files served only from the runs directory.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from agents.chat import AssistantChat, ChatState  # noqa: E402
+from agents.model_chat import ModelChat  # noqa: E402
+from agents.run_view import list_runs, view_run  # noqa: E402
+from agents.uploads import inside  # noqa: E402
+
+STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
 
 
-def main() -> int:
-    print("longpilot app: the Gradio app is not built yet (it depends on the agents issue)", file=sys.stderr)
-    return 2
+def build_app(runs_dir: Path, *, llm=None, base_model: str = "smollm2-135m", upload_limit: int | None = None):
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit)
+    model_chat = ModelChat(runs_dir, base_model)
+
+    def send(text, files, history, state):
+        history = list(history or [])
+        try:
+            reply, state = chat.message(text, files, state)
+        except Exception as err:  # never a stack trace in the chat
+            reply = f"Something went wrong: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
+        return "", None, history, state, state.run_id or ""
+
+    def decide(approved: bool, history, state):
+        reply = chat.approve(state) if approved else chat.reject(state)
+        return list(history or []) + [{"role": "assistant", "content": reply}], state
+
+    def poll(run_id):
+        empty = (pd.DataFrame(columns=STAGE_COLUMNS), pd.DataFrame({"step": [], "loss": []}), "", "", [], [], "")
+        if not run_id:
+            return empty
+        try:
+            run_dir = inside(run_id.strip(), runs_dir)
+        except ValueError as err:
+            return (*empty[:-1], str(err))
+        if not (run_dir / "run.json").is_file():
+            return (*empty[:-1], f"no run `{run_id}` in {runs_dir}")
+        view = view_run(run_dir)
+        losses = pd.DataFrame(view.losses, columns=["step", "loss"])
+        return (pd.DataFrame(view.stages, columns=STAGE_COLUMNS), losses, view.log, view.report_md or "",
+                view.plots, view.downloads, f"run `{view.run_id}`: **{view.status}**")  # fmt: skip
+
+    with gr.Blocks(title="LongPilot", analytics_enabled=False) as app:
+        gr.Markdown("# LongPilot: extend an LLM's context window with LongLoRA")
+        state = gr.State(ChatState())
+        with gr.Tab("Assistant"):
+            chatbot = gr.Chatbot(label="Assistant", height=320)
+            with gr.Row():
+                message = gr.Textbox(placeholder="e.g. extend smollm2-135m to 16k using the docs I uploaded",
+                                     show_label=False, scale=4, elem_id="message")  # fmt: skip
+                uploads = gr.File(file_count="multiple", label="documents", scale=1)
+                send_btn = gr.Button("Send", variant="primary", elem_id="send")
+            with gr.Row():
+                approve_btn = gr.Button("Approve", variant="primary", elem_id="approve")
+                reject_btn = gr.Button("Reject", elem_id="reject")
+                run_box = gr.Textbox(label="run id (paste one to re-attach)", elem_id="run-id")
+            status_md = gr.Markdown(elem_id="run-status")
+            stages = gr.Dataframe(headers=STAGE_COLUMNS, label="stages", interactive=False)
+            with gr.Row():
+                loss = gr.LinePlot(x="step", y="loss", label="training loss", height=220)
+                log = gr.Textbox(label="log", lines=8, max_lines=8)
+            report = gr.Markdown(elem_id="report")
+            plots = gr.Gallery(label="plots", columns=2, height=320, elem_id="plots")
+            downloads = gr.File(label="downloads", file_count="multiple", interactive=False)
+            export_btn = gr.Button("Export merged model")
+        with gr.Tab("Runs"):
+            runs_table = gr.Dataframe(headers=["run", "status", "stage", "updated"], interactive=False)
+            with gr.Row():
+                refresh_runs = gr.Button("Refresh")
+                open_id = gr.Textbox(label="run id")
+                open_btn = gr.Button("Open in Assistant tab")
+                resume_btn = gr.Button("Resume")
+            runs_msg = gr.Markdown()
+        with gr.Tab("Model chat"):
+            with gr.Row():
+                choice = gr.Dropdown(model_chat.choices(), value=model_chat.choices()[0], label="model")
+                refresh_models = gr.Button("Refresh models")
+            document = gr.Textbox(label="document (paste)", lines=8)
+            doc_file = gr.File(label="or upload a text file", file_types=[".txt", ".md", ".py", ".rst"])
+            question = gr.Textbox(label="question")
+            with gr.Row():
+                ask = gr.Button("Ask", variant="primary")
+                tokens = gr.Markdown()
+            answer = gr.Textbox(label="answer", lines=6)
+
+        outputs = [stages, loss, log, report, plots, downloads, status_md]
+        send_btn.click(send, [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box],
+                       api_name="chat")  # fmt: skip
+        message.submit(send, [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box])
+        approve_btn.click(lambda h, s: decide(True, h, s), [chatbot, state], [chatbot, state], api_name="approve")
+        reject_btn.click(lambda h, s: decide(False, h, s), [chatbot, state], [chatbot, state], api_name="reject")
+        gr.Timer(2.0).tick(poll, run_box, outputs)
+        run_box.change(poll, run_box, outputs, api_name="poll")
+
+        def export(run_id):
+            from agents import Assistant
+
+            run_dir = inside(run_id.strip(), runs_dir)
+            out = Assistant(runs_dir).export(run_dir, run_dir / "downloads" / "merged")
+            import shutil
+
+            shutil.make_archive(str(out), "zip", out)
+            return poll(run_id)
+
+        export_btn.click(export, run_box, outputs)
+        refresh_runs.click(lambda: list_runs(runs_dir), None, runs_table)
+        app.load(lambda: list_runs(runs_dir), None, runs_table)
+        open_btn.click(lambda r: r, open_id, run_box)
+        resume_btn.click(lambda r: chat.resume(r.strip()) if r.strip() else "Give a run id.", open_id, runs_msg)
+        refresh_models.click(lambda: gr.Dropdown(choices=model_chat.choices()), None, choice)
+
+        def load_doc(path):
+            if not path:
+                return gr.skip()
+            if Path(path).stat().st_size > 2 * 2**20:
+                return "(file over 2 MiB: paste an excerpt instead)"
+            return Path(path).read_text(errors="replace")
+
+        doc_file.change(load_doc, doc_file, document)
+        ask.click(model_chat.count, [choice, document, question], tokens, api_name="count")
+        ask.click(model_chat.answer, [choice, document, question], answer, api_name="ask")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longpilot app", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--auth", default=os.environ.get("LONGPILOT_APP_AUTH"), help="user:password (or env)")
+    parser.add_argument("--base-model", default="smollm2-135m", help="model offered in the Model chat tab")
+    args = parser.parse_args(argv)
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            print("longpilot app: error: --auth must be user:password", file=sys.stderr)
+            return 2
+        auth = tuple(args.auth.split(":", 1))
+    runs = Path(args.runs_dir).resolve()
+    limit = int(os.environ.get("LONGPILOT_UPLOAD_LIMIT_BYTES", 50 * 2**20))
+    build_app(runs, base_model=args.base_model, upload_limit=limit).queue().launch(
+        server_name=args.host, server_port=args.port, auth=auth, share=False, allowed_paths=[str(runs)],
+        max_file_size="50mb",
+    )  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

@@ -274,6 +274,10 @@ def _eval(args: argparse.Namespace) -> int:
     from engine.evaluate.summary import summary_table
 
     rope = dict(args.rope)
+    names = [_key_value(t)[0] if "=" in t else "model" for t in args.model]
+    unknown = sorted((set(rope) | set(args.allow_beyond)) - set(names))
+    if unknown:
+        raise ValueError(f"--rope/--allow-beyond name models that are not given with --model: {unknown}")
     models = []
     for text in args.model:
         name, ref = _key_value(text) if "=" in text else ("model", text)

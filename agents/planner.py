@@ -45,13 +45,14 @@ def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any
         return {
             "lengths": [short, target], "task_lengths": {"ruler": [short]}, "native_length": short,
             "ppl_tokens": target, "ppl_stride": short, "longqa_max_items": 2, "longqa_max_tokens": native,
-            "rope_only_baseline": False, "gates": QUALITY_GATES, **SMOKE_EVAL,
+            "rope_only_baseline": False, "base_tasks": ["perplexity", "regression"], "gates": QUALITY_GATES,
+            **SMOKE_EVAL,
         }  # fmt: skip
     return {
         "lengths": sorted(set(_doubling_lengths(2048, target)) | {native}), "task_lengths": {},
         "native_length": native, "ppl_tokens": 2 * target, "ppl_stride": 256, "depths": [i / 10 for i in range(11)],
         "seeds": [0, 1], "ruler_tasks": None, "max_new_tokens_cap": None, "longqa_max_items": 64,
-        "longqa_max_tokens": None, "rope_only_baseline": True, "gates": QUALITY_GATES,
+        "longqa_max_tokens": None, "rope_only_baseline": True, "base_tasks": None, "gates": QUALITY_GATES,
     }  # fmt: skip
 
 

@@ -187,6 +187,7 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
             manifest = Manifest(run_dir)
             error = state.get("errors", {}).get(stage.name)
             gates = dict(state.get("gates", {}))
+            emit(run_dir, {"event": "verifying", "stage": stage.name})
             if (
                 error is None
                 and manifest.stages.get(stage.name, {}).get("status") == "passed"

@@ -74,7 +74,8 @@ def plan_memory_fits(ctx: CheckContext) -> tuple[bool, str]:
 def plan_factor_consistent(ctx: CheckContext) -> tuple[bool, str]:
     plan = ctx.document
     native = plan.arch["native_context"]
-    ok = plan.rope_factor * native >= plan.target_context * (1 - 1e-9) and plan.train_config["target_context"] == (
+    scaled = plan.rope_factor * native  # the interpolated context must be the target: not less, not more
+    ok = abs(scaled - plan.target_context) <= 1e-6 * plan.target_context and plan.train_config["target_context"] == (
         plan.target_context
     )
     return ok, f"factor {plan.rope_factor:g} x native {native} vs target {plan.target_context}"

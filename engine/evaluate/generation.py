@@ -32,6 +32,7 @@ class ModelUnderTest:
     rope_method: RopeMethod = "linear"
     base_ref: str | None = None  # adapter only: overrides the base recorded in the adapter directory
     allow_beyond_context: bool = False  # score lengths past the configured context (e.g. the base at 16k)
+    tasks: tuple[str, ...] | None = None  # a subset of the evaluation's tasks for this model (None: all)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():

@@ -86,6 +86,9 @@ class EvalConfig:
         for role in ("reference", "candidate"):
             if getattr(self, role) is not None and getattr(self, role) not in names:
                 problems.append(f"`{role}` {getattr(self, role)!r} is not one of the models {names}")
+        for model in self.models:
+            if model.tasks is not None and (unknown := sorted(set(model.tasks) - set(TASKS))):
+                problems.append(f"model {model.name!r}: unknown tasks {unknown}")
         if unknown := sorted(set(self.tasks) - set(TASKS)):
             problems.append(f"unknown tasks {unknown} (known: {', '.join(TASKS)})")
         if unknown := sorted(set(self.ruler_tasks) - set(RULER_TASKS)):
@@ -327,7 +330,7 @@ def _eval_native(run: _Run, model: LoadedModel, native: int, done: dict) -> dict
     return out
 
 
-def _evaluate_model(run: _Run, model: LoadedModel, native: int) -> None:
+def _evaluate_model(run: _Run, model: LoadedModel, native: int, only: tuple[str, ...] | None = None) -> None:
     cfg = run.cfg
     lengths = cfg.sorted_lengths
     _check_lengths(model.name, lengths, model.context, model.allow_beyond_context)
@@ -340,7 +343,7 @@ def _evaluate_model(run: _Run, model: LoadedModel, native: int) -> None:
         "longqa": lambda: _eval_longqa(run, model),
         "regression": lambda: _eval_native(run, model, native, entry),
     }
-    for task in [t for t in TASKS if t in cfg.tasks]:
+    for task in [t for t in TASKS if t in cfg.tasks and (only is None or t in only)]:
         t0 = time.time()
         entry[task] = tasks[task]()
         entry[task]["wall_s"] = round(time.time() - t0, 2)
@@ -371,7 +374,7 @@ def _compare(cfg: EvalConfig, models: dict[str, dict], native: int) -> dict:
     if "ruler" in cfg.tasks and threshold is not None:
         out["effective_length"] = {
             "threshold": threshold,
-            **{n: effective_length(m["ruler"]["by_length"], threshold) for n, m in models.items()},
+            **{n: effective_length(m["ruler"]["by_length"], threshold) for n, m in models.items() if "ruler" in m},
         }
     if ref_native is not None and models[cand].get("regression") is not None:
         cand_native = models[cand]["regression"]
@@ -432,10 +435,11 @@ def _gate(cfg: EvalConfig, models: dict[str, dict], comparison: dict, native: in
 def _plots(run: _Run, models: dict[str, dict], native: int) -> None:
     cfg = run.cfg
     if "perplexity" in cfg.tasks:
-        series = {n: [(r["length"], r["ppl"]) for r in m["perplexity"]["by_length"]] for n, m in models.items()}
+        series = {n: [(r["length"], r["ppl"]) for r in m["perplexity"]["by_length"]]
+                  for n, m in models.items() if "perplexity" in m}  # fmt: skip
         run.report["plots"]["perplexity"] = plot_perplexity(series, run.out / "ppl_vs_length.png", native).name
     if "passkey" in cfg.tasks:
-        matrices = {n: m["passkey"]["matrix"]["accuracy"] for n, m in models.items()}
+        matrices = {n: m["passkey"]["matrix"]["accuracy"] for n, m in models.items() if "passkey" in m}
         lengths = cfg.lengths_for("passkey")
         path = plot_passkey_heatmaps(matrices, list(cfg.depths), lengths, run.out / "passkey_heatmap.png")
         run.report["plots"]["passkey"] = path.name
@@ -473,7 +477,7 @@ def evaluate(
             model = loaded.pop(spec.name, None) or load_for_eval(spec, device=cfg.device, batch_size=cfg.batch_size)
             run.report["models"].setdefault(spec.name, {}).update(ref=spec.ref, load_s=round(time.time() - t0, 1))
             native = native or model.native_context  # the reference (first) model's pre-training context
-            _evaluate_model(run, model, native)
+            _evaluate_model(run, model, native, spec.tasks)
             del model
             gc.collect()
             if torch.cuda.is_available():

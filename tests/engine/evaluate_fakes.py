@@ -67,8 +67,10 @@ class ScriptedModel:
         self.calls: list[int] = []
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Answers cut to `max_new_tokens` words (a stand-in for model tokens), so budgets matter here too."""
         self.calls.append(len(prompts))
-        return [self.answer(self.tokenizer.decode(p)) for p in prompts]
+        cut = [" ".join(self.answer(self.tokenizer.decode(p)).split(" ")[: max_new_tokens + 1]) for p in prompts]
+        return cut
 
 
 def wrong_answer(prompt: str) -> str:

@@ -144,10 +144,17 @@ def test_ruler_items_fit_and_contain_their_answers():
 
 def test_ruler_scores_right_and_wrong_models():
     tok = byte_tokenizer()
-    items = ruler_items(tok, RULER_TASKS, [1024], [0, 1, 2], max_new_tokens_cap=8)
+    items = ruler_items(tok, RULER_TASKS, [1024], [0, 1, 2], max_new_tokens_cap=16)
     right = run_ruler(ScriptedModel("oracle", oracle_answer), items)
     assert [g["score"] for g in right] == [1.0] * len(items)
     assert all(g["score"] == 0.0 for g in run_ruler(ScriptedModel("wrong", wrong_answer), items))
+
+
+def test_ruler_generation_budget_truncates_answers():
+    tok = byte_tokenizer()
+    items = ruler_items(tok, ["niah_multivalue"], [1024], [0], max_new_tokens_cap=2)  # room for 2 of 4 values
+    assert items[0].max_new_tokens == 2
+    assert run_ruler(ScriptedModel("oracle", oracle_answer), items)[0]["score"] == 0.5
 
 
 def test_ruler_unknown_task_and_too_short_length():
@@ -202,7 +209,7 @@ def test_longqa_prompt_extraction_and_errors(tmp_path):
 def _generation_config(tmp_path: Path, **overrides) -> EvalConfig:
     base = dict(
         output_dir=str(tmp_path / "eval"), lengths=(1024, 1536), depths=(0.0, 0.5, 1.0), seeds=(0, 1),
-        data_dir=str(make_eval_data(tmp_path / "data")), max_new_tokens_cap=8, progress=False,
+        data_dir=str(make_eval_data(tmp_path / "data")), max_new_tokens_cap=16, progress=False,
         models=(ModelUnderTest("base", "unused-base"), ModelUnderTest("extended", "unused-ext")),
         tasks=("passkey", "ruler", "longqa", "regression"), native_length=1024,
     )  # fmt: skip

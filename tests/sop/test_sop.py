@@ -130,6 +130,7 @@ def _ctx(tmp_path, document, plan=None, **extra) -> CheckContext:
     [
         ("plan_memory_fits", {"memory.total_gib": 99.0}),
         ("plan_factor_consistent", {"rope_factor": 1.5}),
+        ("plan_factor_consistent", {"rope_factor": 100.0}),
         ("plan_group_size_valid", {"group_size": 1}),
         ("plan_steps_positive", {"train_config.max_steps": 0}),
     ],

@@ -1,0 +1,77 @@
+"""Chat with the base model or a finished run's extended model over a long document (streaming, full attention)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from agents.uploads import inside
+
+
+class ModelChat:
+    """Keeps one model loaded at a time (the last one asked for)."""
+
+    def __init__(self, runs_dir: Path, base_model: str = "smollm2-135m") -> None:
+        self.runs_dir, self.base_model = Path(runs_dir), base_model
+        self._key: str | None = None
+        self._loaded = None
+        self._lock = threading.Lock()
+
+    def choices(self) -> list[str]:
+        done = sorted(p.parent.parent.name for p in self.runs_dir.glob("*/train/adapter/adapter_config.json"))
+        return [f"base: {self.base_model}"] + [f"run: {r}" for r in done]
+
+    def _load(self, choice: str):
+        from engine.evaluate import ModelUnderTest, load_for_eval
+
+        with self._lock:
+            if self._key != choice:
+                if choice.startswith("run: "):
+                    ref = str(inside(Path(choice[5:]) / "train" / "adapter", self.runs_dir))
+                elif choice.startswith("base: "):
+                    ref = choice[6:]
+                else:
+                    raise ValueError(f"unknown model choice {choice!r}")
+                self._loaded = load_for_eval(ModelUnderTest("chat", ref), device=None)
+                self._key = choice
+            return self._loaded
+
+    def _prompt(self, loaded, document: str, question: str) -> list[int]:
+        content = f"{document}\n\nQuestion: {question}" if document.strip() else question
+        tok = loaded.tokenizer
+        if getattr(tok, "chat_template", None):
+            out = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)  # fmt: skip
+            return list(out["input_ids"] if isinstance(out, dict) else out)
+        return tok(content + "\nAnswer:", add_special_tokens=True)["input_ids"]
+
+    def count(self, choice: str, document: str, question: str = "") -> str:
+        loaded = self._load(choice)
+        n = len(self._prompt(loaded, document, question))
+        return f"{n:,} tokens of {loaded.context:,} ({loaded.name}: {choice})"
+
+    def answer(self, choice: str, document: str, question: str, max_new_tokens: int = 200) -> Iterator[str]:
+        """Yield the growing answer text; a prompt over the model's context gets a message instead."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        if not question.strip():
+            yield "Ask a question about the document."
+            return
+        loaded = self._load(choice)
+        ids = self._prompt(loaded, document, question)
+        if len(ids) + max_new_tokens > loaded.context:
+            yield f"The document and question take {len(ids):,} tokens; {choice} handles {loaded.context:,}."
+            return
+        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        device = next(loaded.model.parameters()).device
+        kwargs = dict(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                      streamer=streamer, pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+        thread = threading.Thread(target=lambda: torch.no_grad()(loaded.model.generate)(**kwargs), daemon=True)
+        thread.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        thread.join()

@@ -1,0 +1,51 @@
+"""Files a user uploads in the app: copied into the runs directory under sanitised names, with a size limit, so
+nothing outside the runs directory is ever read or written on their behalf."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+MAX_UPLOAD_BYTES = 50 * 2**20
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file name with no directory parts, no leading dots and only [A-Za-z0-9._-] (at most 100 characters)."""
+    base = re.split(r"[\\/]", name)[-1]
+    cleaned = _SAFE.sub("_", base).lstrip("._")[:100]
+    return cleaned or "upload.txt"
+
+
+def store_uploads(paths: list[str], runs_dir: Path, limit: int = MAX_UPLOAD_BYTES) -> tuple[Path | None, list[str]]:
+    """Copy uploaded temp files into `runs_dir/uploads/<id>/`. Returns (folder or None, problems); an oversized or
+    unreadable file is skipped with a one-line reason, never copied."""
+    if not paths:
+        return None, []
+    folder = runs_dir / "uploads" / uuid.uuid4().hex[:12]
+    problems, kept = [], 0
+    for raw in paths:
+        src = Path(raw)
+        name = safe_name(src.name)
+        if not src.is_file():
+            problems.append(f"{name}: not a readable file")
+        elif src.stat().st_size > limit:
+            problems.append(f"{name}: {src.stat().st_size / 2**20:.1f} MiB is over the {limit / 2**20:.0f} MiB limit")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / name
+            while target.exists():
+                target = folder / f"{target.stem}_1{target.suffix}"
+            shutil.copyfile(src, target)
+            kept += 1
+    return (folder if kept else None), problems
+
+
+def inside(path: str | Path, root: Path) -> Path:
+    """`path` resolved, refusing anything outside `root` (a run id like `../../etc` or an absolute path)."""
+    resolved = (root / path).resolve()
+    if root.resolve() not in (resolved, *resolved.parents):
+        raise ValueError(f"{str(path)!r} is outside the runs directory")
+    return resolved

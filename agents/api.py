@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ class RunStatus:
 
 def _new_run_id(spec: Spec) -> str:
     name = Path(spec.base_model).name.replace("/", "-") or "model"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{spec.target_context // 1024}k"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{spec.target_context // 1024}k-{uuid.uuid4().hex[:4]}"  # unique
 
 
 class Assistant:

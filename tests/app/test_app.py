@@ -98,6 +98,26 @@ def test_chat_plan_approve_run_report_through_gradio_client(app_server):
     assert [row[1] for row in stages["data"]] == ["passed"] * 5
 
 
+def test_two_sessions_run_two_runs_and_another_browser_reattaches(app_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    def session(target: str) -> tuple[str, str]:
+        client = Client(app_server["url"], verbose=False)
+        _, _, history, run_id = client.predict(f"extend {app_server['tiny']} to {target}", None, [],
+                                               api_name="/chat")  # fmt: skip
+        client.predict(history, api_name="/approve")  # approves this session's plan, not the other one's
+        return run_id, _wait_for_report(client, run_id)[-1]
+
+    with ThreadPoolExecutor(2) as pool:
+        (run_a, status_a), (run_b, status_b) = pool.map(session, ["2k", "4k"])
+    assert run_a != run_b and "-2k-" in run_a and "-4k-" in run_b
+    assert "passed" in status_a and "passed" in status_b
+    stranger = Client(app_server["url"], verbose=False)  # a fresh browser, knowing only the run id
+    assert f"run `{run_b}`: **passed**" in stranger.predict(run_b, api_name="/poll")[-1]
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [

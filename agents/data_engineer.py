@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from agents.files import move_aside
 from sop.schemas import Spec
 
 
@@ -15,11 +16,7 @@ def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str
     from engine.models import load_tokenizer, resolve_model
 
     out = run_dir / "data"
-    if out.exists():
-        attempt = 1
-        while (run_dir / f"data.attempt-{attempt}").exists():
-            attempt += 1
-        out.rename(run_dir / f"data.attempt-{attempt}")
+    move_aside(out)
     shutil.rmtree(run_dir / "data.partial", ignore_errors=True)  # prepare_data's own scratch space
     proposer = None
     if llm is not None and spec.corpus:

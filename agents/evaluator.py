@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agents.files import move_aside
 from sop.schemas import FinalReport, Spec
 
 PROVES = {
@@ -29,11 +30,7 @@ def evaluate(spec: Spec, plan: dict[str, Any], run_dir: Path, emit: Callable[[di
     from engine.evaluate.ruler import RULER_TASKS
 
     out = run_dir / "eval"
-    if out.exists():
-        attempt = 1
-        while (run_dir / f"eval.attempt-{attempt}").exists():
-            attempt += 1
-        out.rename(run_dir / f"eval.attempt-{attempt}")
+    move_aside(out)
     ev = plan["evaluation"]
     # smoke: the base model only gets what the comparison needs (PPL by length, the short-context check) - each
     # 16k-token item costs minutes on a CPU; standard/full evaluate every model on every task

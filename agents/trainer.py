@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agents.files import move_aside
 from sop.schemas import Spec
 
 
@@ -29,10 +30,7 @@ def train_config_for(plan: dict[str, Any], run_dir: Path, overrides: dict[str, A
 def _move_aside_if_other_run(out: Path, config_hash: str) -> None:
     record = out / "run_config.json"
     if record.is_file() and json.loads(record.read_text()).get("config_hash") != config_hash:
-        attempt = 1
-        while out.with_name(f"train.attempt-{attempt}").exists():
-            attempt += 1
-        out.rename(out.with_name(f"train.attempt-{attempt}"))
+        move_aside(out)
 
 
 def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Event) -> None:

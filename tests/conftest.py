@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,3 +94,10 @@ def train_config(ws: Path, name: str = "out", **overrides) -> TrainConfig:
         quiet=True,
     )
     return replace(base, **overrides)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for servers the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

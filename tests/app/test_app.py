@@ -15,16 +15,11 @@ import pytest
 
 from agents.uploads import inside, safe_name, store_uploads
 from tests.agents.conftest import make_tiny_model_dir
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = REPO / "runs" / "test-artifacts" / "app.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +27,7 @@ def app_server(tmp_path_factory):
     """`python app.py` in its own process, on a free loopback port, with a tiny model and an empty runs dir."""
     root = tmp_path_factory.mktemp("app")
     tiny = make_tiny_model_dir(root / "tiny")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "LONGPILOT_UPLOAD_LIMIT_BYTES": "2000"}
     log = open(root / "app.log", "wb")
     cmd = [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(root / "runs"), "--base-model", str(tiny)]

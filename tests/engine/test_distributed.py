@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +14,11 @@ import torch
 from engine.launch import launcher_command
 from engine.lora import load_adapter
 from engine.train import TrainConfig, train
-from tests.conftest import make_workspace, train_config
+from tests.conftest import free_port, make_workspace, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_DIR = ROOT / "engine" / "deepspeed"
 pytest.importorskip("deepspeed")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def test_two_process_deepspeed_matches_single_process(single_run, stage):
     }
     cfg_path = ws / f"{stage}.json"
     cfg_path.write_text(json.dumps(cfg))
-    cmd = launcher_command(str(cfg_path), nproc=2, launcher="torchrun", master_port=_free_port())
+    cmd = launcher_command(str(cfg_path), nproc=2, launcher="torchrun", master_port=free_port())
     cmd[0] = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -23,7 +23,7 @@ from typing import Any
 
 from langgraph.types import Command
 
-from agents.workflow import PROGRESS_FILE, RUN_FILE, Roles, build_graph, open_checkpointer, write_run_file
+from agents.workflow import RUN_FILE, Roles, build_graph, open_checkpointer, read_events, write_run_file
 from sop.loader import DEFAULT_SOP, load_sop
 from sop.manifest import Manifest
 from sop.schemas import Spec
@@ -155,9 +155,7 @@ class Assistant:
             raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no {RUN_FILE})")
         run = json.loads((run_dir / RUN_FILE).read_text())
         manifest = Manifest(run_dir)
-        events = []
-        if (run_dir / PROGRESS_FILE).is_file():
-            events = [json.loads(x) for x in (run_dir / PROGRESS_FILE).read_text().splitlines()[-last:] if x]
+        events = read_events(run_dir)[-last:]
         return RunStatus(run_dir.name, run_dir, run.get("status", "unknown"), run.get("stage"), run.get("failure"),
                          manifest.stages, manifest.artifacts, events)  # fmt: skip
 

@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.workflow import read_events
+
 
 @dataclass
 class RunView:
@@ -19,19 +21,6 @@ class RunView:
     report_md: str | None
     plots: list[str] = field(default_factory=list)
     downloads: list[str] = field(default_factory=list)
-
-
-def _events(run_dir: Path) -> list[dict]:
-    path = run_dir / "progress.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().split("\n")[:-1]:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _line(event: dict) -> str | None:
@@ -87,7 +76,7 @@ def _without_images(report: Path) -> str:
 
 
 def view_run(run_dir: Path, log_lines: int = 15) -> RunView:
-    events = _events(run_dir)
+    events = read_events(run_dir)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     losses = [(e["step"], e["loss"]) for e in events if e.get("event") == "train_step" and e.get("loss") is not None]
     lines = [text for text in map(_line, events) if text]

@@ -59,6 +59,20 @@ def emit(run_dir: Path, event: dict[str, Any]) -> None:
     writer(event)
 
 
+def read_events(run_dir: Path) -> list[dict]:
+    """Every complete event in progress.jsonl (a line still being written by another process is left out)."""
+    path = run_dir / PROGRESS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().split("\n")[:-1]:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
 def write_run_file(run_dir: Path, **fields: Any) -> None:
     path = run_dir / RUN_FILE
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -141,6 +155,13 @@ def _verify_artifacts(stage: StageSpec, run_dir: Path, manifest: Manifest, error
     return results
 
 
+def _stage_verified(manifest: Manifest, stage: StageSpec) -> bool:
+    """The stage passed its gate and every artifact it produced still matches its recorded hash."""
+    return manifest.stages.get(stage.name, {}).get("status") == "passed" and all(
+        manifest.is_verified(a.name) for a in stage.produces
+    )
+
+
 def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
     """Compile the SOP into a langgraph graph (see the module docstring for its shape)."""
     graph = StateGraph(RunState)
@@ -158,11 +179,10 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
             except TamperedArtifactError as err:
                 errors[stage.name] = f"TAMPERED: {err}"
                 return {"errors": errors}
-            status = manifest.stages.get(stage.name, {}).get("status")
-            if status == "passed" and all(manifest.is_verified(a.name) for a in stage.produces):
+            if _stage_verified(manifest, stage):
                 emit(run_dir, {"event": "stage_reused", "stage": stage.name})
                 return {"errors": errors}
-            resumed = status == "running"  # the process died inside this stage: same attempt, continued
+            resumed = manifest.stages.get(stage.name, {}).get("status") == "running"  # died inside: same attempt
             manifest.set_stage(stage.name, "running", new_attempt=not resumed)
             write_run_file(run_dir, status="running", stage=stage.name)
             feedback = state.get("feedback", {}).get(stage.name)
@@ -188,11 +208,7 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
             error = state.get("errors", {}).get(stage.name)
             gates = dict(state.get("gates", {}))
             emit(run_dir, {"event": "verifying", "stage": stage.name})
-            if (
-                error is None
-                and manifest.stages.get(stage.name, {}).get("status") == "passed"
-                and all(manifest.is_verified(a.name) for a in stage.produces)
-            ):
+            if error is None and _stage_verified(manifest, stage):
                 gates[stage.name] = "passed"
                 return {"gates": gates}
             results = _verify_artifacts(stage, run_dir, manifest, error)

@@ -198,10 +198,7 @@ def _finite(value: Any) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """Fallback for values json cannot encode (paths and the like): their text."""
     return str(value)
 
 

@@ -313,8 +313,12 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
 
 
 def _eval_native(run: _Run, model: LoadedModel, native: int, done: dict) -> dict:
-    """Passkey and RULER at the native length (reused when that length was already evaluated)."""
+    """Passkey, RULER and (when PPL is a task) perplexity at the native length, reused when already evaluated."""
     out: dict[str, Any] = {"length": native}
+    if "perplexity" in run.cfg.tasks:
+        rows = {r["length"]: r for r in done.get("perplexity", {}).get("by_length", [])}
+        row = rows.get(native) or _eval_perplexity(run, model, [native])["by_length"][0]
+        out["ppl"] = row["ppl"]
     if "passkey" in done and str(native) in done["passkey"]["by_length"]:
         out["passkey"] = done["passkey"]["by_length"][str(native)]
     else:
@@ -379,6 +383,12 @@ def _compare(cfg: EvalConfig, models: dict[str, dict], native: int) -> dict:
             "passkey": round(100 * (ref_native["passkey"]["value"] - cand_native["passkey"]["value"]), 2),
             "ruler": round(100 * (ref_native["ruler_average"] - cand_native["ruler_average"]), 2),
         }
+        if ref_native.get("ppl") and cand_native.get("ppl"):  # a ratio, not points: informational, no gate of its own
+            out["regression_ppl"] = {
+                "reference": ref_native["ppl"],
+                "candidate": cand_native["ppl"],
+                "ratio": round(cand_native["ppl"] / ref_native["ppl"], 4),
+            }
     return out
 
 

@@ -31,13 +31,16 @@ def summary_table(report: dict) -> str:
             r = m["regression"]
             lines.append(
                 f"{name:<12} at native {r['length']}: passkey {_fmt(r['passkey']['value'])}, "
-                f"RULER {_fmt(r['ruler_average'])}"
+                f"RULER {_fmt(r['ruler_average'])}" + (f", PPL {_fmt(r['ppl'])}" if r.get("ppl") else "")
             )
     comparison = report.get("comparison") or {}
     if "regression_points" in comparison:
         lines.append(
             f"regression {comparison['reference']} -> {comparison['candidate']}: {comparison['regression_points']}"
         )
+    if "regression_ppl" in comparison:
+        r = comparison["regression_ppl"]
+        lines.append(f"PPL at native: {_fmt(r['reference'])} -> {_fmt(r['candidate'])} (x{r['ratio']:.3f})")
     if "effective_length" in comparison:
         lines.append(f"effective length (RULER >= threshold): {comparison['effective_length']}")
     gate = report.get("gate")

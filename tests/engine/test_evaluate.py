@@ -351,6 +351,14 @@ def test_real_models_from_disk_base_rope_only_and_adapter(tmp_path):
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
     assert [g["output"] for g in rope["passkey"]["items"]] == [g["output"] for g in adapted["passkey"]["items"]]
     assert (tmp_path / "eval" / "ppl_vs_length.png").stat().st_size > 5000
+    # the regression at the native length (512) reuses each model's PPL there and compares reference -> candidate
+    native_ppl = {name: m["perplexity"]["by_length"][0]["ppl"] for name, m in report["models"].items()}
+    assert {name: m["regression"]["ppl"] for name, m in report["models"].items()} == native_ppl
+    assert report["comparison"]["regression_ppl"] == {
+        "reference": native_ppl["base"],
+        "candidate": native_ppl["adapter"],
+        "ratio": round(native_ppl["adapter"] / native_ppl["base"], 4),
+    }
 
 
 def test_lengths_beyond_the_context_are_refused_before_any_work(tmp_path):
@@ -404,3 +412,17 @@ def test_cli_eval_exit_codes(tmp_path, capsys):
     assert err.startswith("longpilot: error: unknown tasks ['vibes']") and "\n" not in err
     assert main([*common[:-2], "--out", str(tmp_path / "long"), "--lengths", "4096"]) == 2
     assert "supports 1024 tokens" in capsys.readouterr().err
+
+
+def test_regression_measures_ppl_at_the_native_length_when_the_grid_skips_it(tmp_path):
+    base_dir = _tiny_model_dir(tmp_path / "base", context=512)
+    cfg = EvalConfig(
+        output_dir=str(tmp_path / "eval"), lengths=(1024,), native_length=512, depths=(0.5,), seeds=(0,),
+        tasks=("perplexity", "regression"), ruler_tasks=("niah_single_numbers",), max_new_tokens_cap=4,
+        data_dir=str(make_eval_data(tmp_path / "data")), ppl_stride=256, progress=False,
+        models=(ModelUnderTest("rope", str(base_dir), rope_target=1024),),
+    )  # fmt: skip
+    model = evaluate(cfg)["models"]["rope"]
+    assert [r["length"] for r in model["perplexity"]["by_length"]] == [1024]  # the grid itself is unchanged
+    ppl_native = model["regression"]["ppl"]
+    assert math.isfinite(ppl_native) and ppl_native != model["perplexity"]["by_length"][0]["ppl"]

@@ -20,18 +20,32 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from agents.chat import AssistantChat, ChatState  # noqa: E402
+from agents.chat import AssistantChat, ChatState, first_line  # noqa: E402
 from agents.model_chat import ModelChat  # noqa: E402
-from agents.run_view import list_runs, view_run  # noqa: E402
-from agents.uploads import inside  # noqa: E402
+from agents.run_view import list_runs, view_run, zip_atomic  # noqa: E402
+from agents.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR, inside  # noqa: E402
 
 STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
 
 
-def build_app(runs_dir: Path, *, llm=None, base_model: str = "smollm2-135m", upload_limit: int | None = None):
+def _files_signature(status: str, paths: list[str]) -> tuple:
+    """What the page last received of a run's files: unchanged files are not re-sent (Gradio hashes each one)."""
+    return (status, *((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths if Path(p).is_file()))
+
+
+def build_app(
+    runs_dir: Path,
+    *,
+    llm=None,
+    base_model: str = "smollm2-135m",
+    upload_limit: int | None = None,
+    allowed_paths: tuple[Path, ...] = (),
+):
+    """The Blocks app. Paths named in chat must lie in `runs_dir`, `allowed_paths` or the base model's own folder."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit)
+    model_roots = (Path(base_model),) if Path(base_model).exists() else ()
+    chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit, allowed_paths=(*allowed_paths, *model_roots))
     model_chat = ModelChat(runs_dir, base_model)
 
     def send(text, files, history, state):
@@ -39,32 +53,38 @@ def build_app(runs_dir: Path, *, llm=None, base_model: str = "smollm2-135m", upl
         try:
             reply, state = chat.message(text, files, state)
         except Exception as err:  # never a stack trace in the chat
-            reply = f"Something went wrong: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
         history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
-        return "", None, history, state, state.run_id or ""
+        return "", None, history, state, state.run_id or gr.skip()  # a question keeps the run being watched
 
-    def decide(approved: bool, history, state):
-        reply = chat.approve(state) if approved else chat.reject(state)
+    def decide(approved: bool, history, state, run_id):
+        try:
+            reply = chat.approve(state, run_id) if approved else chat.reject(state, run_id)
+        except Exception as err:
+            reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
         return list(history or []) + [{"role": "assistant", "content": reply}], state
 
-    def poll(run_id):
+    def poll(run_id, seen=None):
         empty = (pd.DataFrame(columns=STAGE_COLUMNS), pd.DataFrame({"step": [], "loss": []}), "", "", [], [], "")
         if not run_id:
-            return empty
+            return (*empty, None)
         try:
             run_dir = inside(run_id.strip(), runs_dir)
         except ValueError as err:
-            return (*empty[:-1], str(err))
+            return (*empty[:-1], first_line(err), None)
         if not (run_dir / "run.json").is_file():
-            return (*empty[:-1], f"no run `{run_id}` in {runs_dir}")
+            return (*empty[:-1], f"no run `{run_id}` in {runs_dir}", None)
         view = view_run(run_dir)
         losses = pd.DataFrame(view.losses, columns=["step", "loss"])
+        signature = _files_signature(view.status, view.plots + view.downloads)
+        plots, downloads = (gr.skip(), gr.skip()) if signature == seen else (view.plots, view.downloads)
         return (pd.DataFrame(view.stages, columns=STAGE_COLUMNS), losses, view.log, view.report_md or "",
-                view.plots, view.downloads, f"run `{view.run_id}`: **{view.status}**")  # fmt: skip
+                plots, downloads, f"run `{view.run_id}`: **{view.status}**", signature)  # fmt: skip
 
     with gr.Blocks(title="LongPilot", analytics_enabled=False) as app:
         gr.Markdown("# LongPilot: extend an LLM's context window with LongLoRA")
         state = gr.State(ChatState())
+        files_seen = gr.State(None)  # per page: what poll last sent of the watched run's plots and downloads
         with gr.Tab("Assistant"):
             chatbot = gr.Chatbot(label="Assistant", height=320)
             with gr.Row():
@@ -105,31 +125,45 @@ def build_app(runs_dir: Path, *, llm=None, base_model: str = "smollm2-135m", upl
                 tokens = gr.Markdown()
             answer = gr.Textbox(label="answer", lines=6)
 
-        outputs = [stages, loss, log, report, plots, downloads, status_md]
+        outputs = [stages, loss, log, report, plots, downloads, status_md, files_seen]
         send_btn.click(send, [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box],
                        api_name="chat")  # fmt: skip
         message.submit(send, [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box])
-        approve_btn.click(lambda h, s: decide(True, h, s), [chatbot, state], [chatbot, state], api_name="approve")
-        reject_btn.click(lambda h, s: decide(False, h, s), [chatbot, state], [chatbot, state], api_name="reject")
-        gr.Timer(2.0).tick(poll, run_box, outputs)
-        run_box.change(poll, run_box, outputs, api_name="poll")
+        decide_inputs = [chatbot, state, run_box]
+        approve_btn.click(lambda h, s, r: decide(True, h, s, r), decide_inputs, [chatbot, state], api_name="approve")
+        reject_btn.click(lambda h, s, r: decide(False, h, s, r), decide_inputs, [chatbot, state], api_name="reject")
+        gr.Timer(2.0).tick(poll, [run_box, files_seen], outputs)
+        run_box.change(lambda r: poll(r), run_box, outputs, api_name="poll")  # a new run: send everything
 
         def export(run_id):
             from agents import Assistant
 
-            run_dir = inside(run_id.strip(), runs_dir)
-            out = Assistant(runs_dir).export(run_dir, run_dir / "downloads" / "merged")
-            import shutil
-
-            shutil.make_archive(str(out), "zip", out)
+            try:
+                run_dir = inside((run_id or "").strip(), runs_dir)
+                merged = run_dir / "downloads" / "merged"
+                if not merged.is_dir():
+                    Assistant(runs_dir).export(run_dir, merged)
+                zip_atomic(merged, run_dir / "downloads" / "merged.zip")
+            except Exception as err:
+                return (*poll(run_id)[:-2], f"export failed: {first_line(err)}", None)
             return poll(run_id)
 
         export_btn.click(export, run_box, outputs)
         refresh_runs.click(lambda: list_runs(runs_dir), None, runs_table)
         app.load(lambda: list_runs(runs_dir), None, runs_table)
         open_btn.click(lambda r: r, open_id, run_box)
-        resume_btn.click(lambda r: chat.resume(r.strip()) if r.strip() else "Give a run id.", open_id, runs_msg)
+
+        def resume(run_id):
+            if not (run_id or "").strip():
+                return "Give a run id."
+            try:
+                return chat.resume(run_id.strip())
+            except Exception as err:
+                return f"Cannot resume: {first_line(err)}"
+
+        resume_btn.click(resume, open_id, runs_msg)
         refresh_models.click(lambda: gr.Dropdown(choices=model_chat.choices()), None, choice)
+        app.load(lambda: gr.Dropdown(choices=model_chat.choices()), None, choice)  # runs finished since start-up
 
         def load_doc(path):
             if not path:
@@ -139,8 +173,21 @@ def build_app(runs_dir: Path, *, llm=None, base_model: str = "smollm2-135m", upl
             return Path(path).read_text(errors="replace")
 
         doc_file.change(load_doc, doc_file, document)
-        ask.click(model_chat.count, [choice, document, question], tokens, api_name="count")
-        ask.click(model_chat.answer, [choice, document, question], answer, api_name="ask")
+
+        def count(choice_, document_, question_):
+            try:
+                return model_chat.count(choice_, document_, question_)
+            except Exception as err:
+                return f"cannot load {choice_}: {first_line(err)}"
+
+        def ask_model(choice_, document_, question_):
+            try:
+                yield from model_chat.answer(choice_, document_, question_)
+            except Exception as err:
+                yield f"Could not answer: {type(err).__name__}: {first_line(err)}"
+
+        ask.click(count, [choice, document, question], tokens, api_name="count")
+        ask.click(ask_model, [choice, document, question], answer, api_name="ask")
     return app
 
 
@@ -151,19 +198,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--auth", default=os.environ.get("LONGPILOT_APP_AUTH"), help="user:password (or env)")
     parser.add_argument("--base-model", default="smollm2-135m", help="model offered in the Model chat tab")
+    parser.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                        help="a folder whose files chat requests may name (models, docs); repeatable")  # fmt: skip
     args = parser.parse_args(argv)
     auth = None
     if args.auth:
-        if ":" not in args.auth:
-            print("longpilot app: error: --auth must be user:password", file=sys.stderr)
+        user, _, password = args.auth.partition(":")
+        if not user or not password:
+            print("longpilot app: error: --auth must be user:password, both non-empty", file=sys.stderr)
             return 2
-        auth = tuple(args.auth.split(":", 1))
+        auth = (user, password)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"longpilot app: warning: serving on {args.host} without --auth: anyone who can reach it can start "
+              "training runs", file=sys.stderr)  # fmt: skip
+    allowed = tuple(Path(p).resolve() for p in args.allow_path)
+    if missing := [str(p) for p in allowed if not p.is_dir()]:
+        print(f"longpilot app: error: --allow-path {missing[0]} is not a directory", file=sys.stderr)
+        return 2
     runs = Path(args.runs_dir).resolve()
-    limit = int(os.environ.get("LONGPILOT_UPLOAD_LIMIT_BYTES", 50 * 2**20))
-    build_app(runs, base_model=args.base_model, upload_limit=limit).queue().launch(
-        server_name=args.host, server_port=args.port, auth=auth, share=False, allowed_paths=[str(runs)],
-        max_file_size="50mb",
-    )  # fmt: skip
+    limit = int(os.environ.get("LONGPILOT_UPLOAD_LIMIT_BYTES", MAX_UPLOAD_BYTES))
+    app = build_app(runs, base_model=args.base_model, upload_limit=limit, allowed_paths=allowed)
+    # Gradio's own cap sits well above ours, so an oversized file reaches the chat and gets a sentence, not a popup.
+    app.queue().launch(server_name=args.host, server_port=args.port, auth=auth, share=False,
+                       allowed_paths=[str(runs)], max_file_size=UPLOAD_TRANSPORT_FACTOR * limit)  # fmt: skip
     return 0
 
 

@@ -12,7 +12,6 @@ continue it. `resume(run_dir)` continues a killed run without redoing verified s
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 import uuid
@@ -23,7 +22,16 @@ from typing import Any
 
 from langgraph.types import Command
 
-from agents.workflow import RUN_FILE, Roles, build_graph, open_checkpointer, read_events, write_run_file
+from agents.run_lock import driving
+from agents.workflow import (
+    RUN_FILE,
+    Roles,
+    build_graph,
+    open_checkpointer,
+    read_events,
+    read_run_file,
+    write_run_file,
+)
 from sop.loader import DEFAULT_SOP, load_sop
 from sop.manifest import Manifest
 from sop.schemas import Spec
@@ -69,7 +77,7 @@ class RunStatus:
                 "last_events": self.last_events}  # fmt: skip
 
 
-def _new_run_id(spec: Spec) -> str:
+def new_run_id(spec: Spec) -> str:
     name = Path(spec.base_model).name.replace("/", "-") or "model"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{spec.target_context // 1024}k-{uuid.uuid4().hex[:4]}"  # unique
 
@@ -111,7 +119,7 @@ class Assistant:
         from agents.planner import make_plan_document
 
         spec = spec or Spec(**fields)
-        run_dir = Path(run_dir) if run_dir else self.runs_dir / _new_run_id(spec)
+        run_dir = Path(run_dir) if run_dir else self.runs_dir / new_run_id(spec)
         make_plan_document(spec, run_dir)  # bad input (unknown model, target <= native) fails here, before any file
         if (run_dir / "manifest.json").exists():
             raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
@@ -153,7 +161,7 @@ class Assistant:
         run_dir = Path(run_dir)
         if not (run_dir / RUN_FILE).is_file():
             raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no {RUN_FILE})")
-        run = json.loads((run_dir / RUN_FILE).read_text())
+        run = read_run_file(run_dir)
         manifest = Manifest(run_dir)
         events = read_events(run_dir)[-last:]
         return RunStatus(run_dir.name, run_dir, run.get("status", "unknown"), run.get("stage"), run.get("failure"),
@@ -178,11 +186,13 @@ class Assistant:
         return graph, {"configurable": {"thread_id": run_dir.name, "run_dir": str(run_dir.resolve())}}
 
     def _drive(self, run_dir: Path, payload: Any, on_event: Callable[[dict], None] | None) -> RunResult:
-        graph, config = self._graph(run_dir)
-        for mode, chunk in graph.stream(payload, config, stream_mode=["custom", "updates"], durability="sync"):
-            if mode == "custom" and on_event is not None:
-                on_event(chunk)
-        return self._result(run_dir, graph, config)
+        """Advance the graph while holding the run's lock: a second live driver is refused (RunBusyError)."""
+        with driving(run_dir):
+            graph, config = self._graph(run_dir)
+            for mode, chunk in graph.stream(payload, config, stream_mode=["custom", "updates"], durability="sync"):
+                if mode == "custom" and on_event is not None:
+                    on_event(chunk)
+            return self._result(run_dir, graph, config)
 
     def _result(self, run_dir: Path, graph, config) -> RunResult:
         snapshot = graph.get_state(config)

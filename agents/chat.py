@@ -4,16 +4,20 @@ requests get a sentence, never a stack trace."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydantic
 
-from agents.api import Assistant
+from agents.api import Assistant, new_run_id
 from agents.background import BackgroundRuns
 from agents.request import describe_spec, parse_request
+from agents.run_lock import RunBusyError, driving, is_driven
 from agents.uploads import inside, store_uploads
+from agents.workflow import read_run_file, write_run_file
+from sop.schemas import Spec
 
 
 class SpecDraft(pydantic.BaseModel):
@@ -33,13 +37,27 @@ class ChatState:
     run_id: str | None = None
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line for a chat reply (an empty message falls back to the exception's type)."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 class AssistantChat:
-    def __init__(self, runs_dir: Path, llm=None, upload_limit: int | None = None) -> None:
+    """The assistant tab's logic, independent of Gradio (so it is tested directly and through the app).
+
+    Paths named in chat text must lie inside the runs directory or one of `allowed_paths`; uploads are staged under
+    `runs/uploads/` and moved into the run's own directory when a plan is made from them.
+    """
+
+    def __init__(
+        self, runs_dir: Path, llm=None, upload_limit: int | None = None, allowed_paths: tuple[Path, ...] = ()
+    ) -> None:
         self.runs_dir = Path(runs_dir)
         self.assistant = Assistant(self.runs_dir, llm=llm)
         self.llm = llm
         self.workers = BackgroundRuns()
         self.upload_limit = upload_limit
+        self.allowed_roots = (self.runs_dir, *map(Path, allowed_paths))
 
     def _llm_fields(self, text: str) -> dict[str, Any]:
         if self.llm is None:
@@ -61,40 +79,92 @@ class AssistantChat:
         try:
             defaults.update(self._llm_fields(text))
         except Exception as err:  # an LLM that is down must not break the deterministic path
-            problems.append(f"(the LLM could not help: {str(err).splitlines()[0]})")
-        parsed = parse_request(text or "", defaults)
+            problems.append(f"(the LLM could not help: {first_line(err)})")
+        parsed = parse_request(text or "", defaults, allowed_roots=self.allowed_roots)
         state.fields = {k: v for k, v in parsed.fields.items() if k != "request_text"}
         problems += parsed.problems
         if problems and parsed.spec is None:
             return "I can't plan that yet: " + "; ".join(problems), state
         if parsed.spec is None:
             return parsed.question or "What should I extend, and to how many tokens?", state
+        run_dir = self.runs_dir / new_run_id(parsed.spec)
+        spec, moved = self._adopt_uploads(parsed.spec, run_dir)
         try:
-            result = self.assistant.run(parsed.spec, approve=None)
+            result = self.assistant.run(spec, run_dir=run_dir, approve=None)
         except (ValueError, RuntimeError) as err:
-            return f"I can't plan that: {str(err).splitlines()[0]}", state
+            for staged, adopted in moved:  # give the uploads back to the conversation, nothing lost
+                adopted.rename(staged)
+            return f"I can't plan that: {first_line(err)}", state
+        if result.status != "awaiting_approval":  # the plan failed its checks: keep the request so it can be fixed
+            state.fields = {**state.fields, "corpus": spec.corpus} if spec.corpus else state.fields
+            reason = result.failure or result.status
+            return f"I can't plan that: {reason} (run `{result.run_id}` is kept for reference)", state
         state.run_id, state.fields = result.run_id, {}
         note = ("\n\n" + "; ".join(problems)) if problems else ""
-        return (f"{describe_spec(parsed.spec)}\n\n```\n{result.plan_card}\n```\nRun `{result.run_id}` waits for your "
+        return (f"{describe_spec(spec)}\n\n```\n{result.plan_card}\n```\nRun `{result.run_id}` waits for your "
                 f"approval: press **Approve** or **Reject**.{note}"), state  # fmt: skip
 
-    def approve(self, state: ChatState) -> str:
-        if not state.run_id:
-            return "There is no plan waiting for approval."
-        run_dir = inside(state.run_id, self.runs_dir)
-        self.workers.start(run_dir)
-        return f"Approved. Run `{state.run_id}` continues in the background; its stages update below."
+    def _adopt_uploads(self, spec: Spec, run_dir: Path) -> tuple[Spec, list[tuple[Path, Path]]]:
+        """Move this conversation's staged upload folders into `run_dir/uploads/` and point the Spec at them."""
+        staging, moved, corpus = (self.runs_dir / "uploads").resolve(), [], []
+        for ref in spec.corpus:
+            path = Path(ref).resolve()
+            if path.parent == staging and path.is_dir():
+                target = run_dir / "uploads" / path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(target)
+                moved.append((path, target))
+                ref = str(target)
+            corpus.append(ref)
+        return (spec.model_copy(update={"corpus": corpus}) if moved else spec), moved
 
-    def reject(self, state: ChatState) -> str:
-        if not state.run_id:
-            return "There is no plan waiting for approval."
-        self.assistant.reject(inside(state.run_id, self.runs_dir), "rejected in the app")
-        run_id, state.run_id = state.run_id, None
-        return f"Rejected run `{run_id}`. Tell me what to change."
+    def _claim_waiting(self, run_id: str | None, decision: str) -> tuple[Path | None, str]:
+        """Mark a plan that waits for approval as decided (under the run's lock, so two clicks cannot both win).
+
+        Returns the run directory, or None and a sentence saying why the run cannot be decided now."""
+        if not run_id:
+            return None, "There is no plan waiting for approval."
+        try:
+            run_dir = inside(run_id, self.runs_dir)
+            with driving(run_dir) if run_dir.is_dir() else nullcontext():
+                status = read_run_file(run_dir).get("status")
+                if status is None:
+                    return None, f"No run called `{run_id}`."
+                if status != "awaiting_approval":
+                    return None, f"Run `{run_id}` is not waiting for approval (it is {status})."
+                write_run_file(run_dir, status=decision)
+        except (ValueError, RunBusyError) as err:
+            return None, first_line(err)
+        return run_dir, ""
+
+    def approve(self, state: ChatState, run_id: str | None = None) -> str:
+        """Approve this session's plan, or a waiting run named by id (a reloaded page re-attaches that way)."""
+        run_dir, why = self._claim_waiting(state.run_id or (run_id or "").strip(), "approved")
+        if run_dir is None:
+            return why
+        self.workers.start(run_dir)  # the worker's `resume --yes` carries the approval into the graph
+        state.run_id = None
+        return f"Approved. Run `{run_dir.name}` continues in the background; its stages update below."
+
+    def reject(self, state: ChatState, run_id: str | None = None) -> str:
+        run_dir, why = self._claim_waiting(state.run_id or (run_id or "").strip(), "rejecting")
+        if run_dir is None:
+            return why
+        self.assistant.reject(run_dir, "rejected in the app")
+        state.run_id = None
+        return f"Rejected run `{run_dir.name}`. Tell me what to change."
 
     def resume(self, run_id: str) -> str:
+        """Continue a stopped run in the background; a plan awaiting approval is approved only by Approve."""
         run_dir = inside(run_id, self.runs_dir)
         if not (run_dir / "manifest.json").is_file():
             return f"No run called `{run_id}`."
+        status = read_run_file(run_dir).get("status")
+        if status == "awaiting_approval":
+            return f"Run `{run_id}` waits for approval: open it in the Assistant tab, read the plan, press Approve."
+        if status in ("passed", "rejected", "rejecting"):
+            return f"Run `{run_id}` has ended ({status}); there is nothing to resume."
+        if is_driven(run_dir) or self.workers.running(run_dir):
+            return f"Run `{run_id}` is running already."
         self.workers.start(run_dir)
         return f"Run `{run_id}` resumes in the background."

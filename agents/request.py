@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,12 +122,27 @@ def _native_of(ref: str, problems: list[str]) -> int | None:
         return None
 
 
-def _paths(text: str, problems: list[str]) -> tuple[str, list[tuple[str, int | None]], list[str]]:
+def _within(token: str, roots: Sequence[Path]) -> bool:
+    """Whether a path named in chat text resolves inside one of `roots` (symlinks and `..` resolved first)."""
+    try:
+        resolved = Path(token).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return any(root == resolved or root in resolved.parents for root in roots)
+
+
+def _paths(
+    text: str, problems: list[str], allowed_roots: Sequence[Path] | None = None
+) -> tuple[str, list[tuple[str, int | None]], list[str]]:
     """Quoted or path-like tokens (a slash, a document extension): model dirs, hub ids and corpus paths.
+
+    With `allowed_roots` (the app), a path outside them is refused with one fixed sentence before the disk is looked
+    at, so chat text can neither read nor probe the rest of the file system; hub ids are then never looked up on disk.
 
     Returns the text with every claimed path blanked, the models as (base_model, native context or None), the corpus.
     """
     models, corpus = [], []
+    roots = [Path(r).resolve() for r in allowed_roots] if allowed_roots is not None else None
     for pattern in (_QUOTED, re.compile(r"\S+")):  # quoted first: a quoted path may contain spaces
         for m in pattern.finditer(text):
             start, end = m.span(0 if pattern is not _QUOTED else 1 if m.group(1) else 2)
@@ -135,7 +151,19 @@ def _paths(text: str, problems: list[str]) -> tuple[str, list[tuple[str, int | N
                 token = token[:-1]
             start = text.index(token, start) if token else start
             explicit = token.startswith(("/", "./", "../", "~")) or bool(_DOC_EXT.search(token))
-            if not token or "://" in token or not (explicit or "/" in token or pattern is _QUOTED and _exists(token)):
+            if not token or "://" in token:
+                continue
+            if roots is not None and not _within(token, roots):
+                if _HUB_ID.match(token) and not explicit:
+                    ref = BASE_MODEL_REFS.get(_HUB_ALIASES.get(token.lower(), ""), token)
+                    models.append((ref, _native_of(ref, problems)))
+                elif explicit:
+                    problems.append(f"{token!r}: the app reads only uploaded files and files in its allowed folders")
+                else:
+                    continue
+                text = _blank(text, start, start + len(token))
+                continue
+            if not (explicit or "/" in token or pattern is _QUOTED and _exists(token)):
                 continue
             if _exists(token, "config.json") or (token.endswith(".gguf") and _exists(token)):
                 models.append((token, _native_of(token, problems)))
@@ -228,13 +256,16 @@ def _target(rest: str, fields: dict, models: list, problems: list[str]) -> None:
             problems.append(f"target {_short(tokens)} is not longer than {name}'s native {_short(native)} context")
 
 
-def parse_request(text: str, defaults: dict | None = None) -> ParsedRequest:
+def parse_request(
+    text: str, defaults: dict | None = None, allowed_roots: Sequence[Path] | None = None
+) -> ParsedRequest:
     """Read a chat request into Spec fields. Never raises on user input: problems are data, as in sop/ checks.
 
     Args:
         text: what the user typed.
         defaults: Spec fields from elsewhere (uploaded files as `corpus`, LLM settings). The text overrides them,
             except `corpus`: uploads are kept and paths named in the text are added.
+        allowed_roots: when given (the app), the only folders whose files a path in the text may name.
 
     Returns:
         ParsedRequest: the fields found, the required ones missing, one-line problems, the Spec when complete and
@@ -250,7 +281,7 @@ def parse_request(text: str, defaults: dict | None = None) -> ParsedRequest:
         text = ""
     elif text.strip():
         fields["request_text"] = text.strip()
-    rest, models, corpus = _paths(text, problems)
+    rest, models, corpus = _paths(text, problems, allowed_roots)
     rest = _builtin_models(rest.lower(), models, problems)
     if models:
         fields["base_model"] = models[0][0]

@@ -4,11 +4,12 @@ stage statuses, the loss curve, a log tail, the report, plots and downloadable f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.workflow import read_events
+from agents.workflow import read_events, read_run_file
 
 
 @dataclass
@@ -61,13 +62,21 @@ def _downloads(run_dir: Path) -> list[str]:
     if (run_dir / "report.md").is_file() and adapter.is_dir():
         archive = run_dir / "downloads" / "adapter.zip"
         if not archive.is_file():
-            archive.parent.mkdir(exist_ok=True)
-            shutil.make_archive(str(archive.with_suffix("")), "zip", adapter)
+            zip_atomic(adapter, archive)
         files.append(archive)
     merged = run_dir / "downloads" / "merged.zip"
     if merged.is_file():
         files.append(merged)
     return [str(f) for f in files if f.is_file()]
+
+
+def zip_atomic(folder: Path, archive: Path) -> Path:
+    """Zip `folder` to `archive` under a temporary name first, so a crash never leaves a truncated zip to serve."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(f".{archive.stem}.{os.getpid()}.partial")
+    built = Path(shutil.make_archive(str(partial), "zip", folder))
+    os.replace(built, archive)
+    return archive
 
 
 def _without_images(report: Path) -> str:
@@ -77,7 +86,7 @@ def _without_images(report: Path) -> str:
 
 def view_run(run_dir: Path, log_lines: int = 15) -> RunView:
     events = read_events(run_dir)
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    run = read_run_file(run_dir)
     losses = [(e["step"], e["loss"]) for e in events if e.get("event") == "train_step" and e.get("loss") is not None]
     lines = [text for text in map(_line, events) if text]
     report = run_dir / "report.md"
@@ -94,6 +103,6 @@ def list_runs(runs_dir: Path) -> list[list[str]]:
     """[run id, status, stage, updated] for every run directory, newest first."""
     rows = []
     for run_json in runs_dir.glob("*/run.json"):
-        info = json.loads(run_json.read_text())
+        info = read_run_file(run_json.parent)
         rows.append([run_json.parent.name, info.get("status", "?"), info.get("stage") or "", info.get("updated", "")])
     return sorted(rows, key=lambda r: r[3], reverse=True)

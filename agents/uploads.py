@@ -9,14 +9,19 @@ import uuid
 from pathlib import Path
 
 MAX_UPLOAD_BYTES = 50 * 2**20
+UPLOAD_TRANSPORT_FACTOR = 4  # the web server accepts files up to 4x the limit, so ours is the check users see
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_name(name: str) -> str:
-    """A file name with no directory parts, no leading dots and only [A-Za-z0-9._-] (at most 100 characters)."""
+    """A file name with no directory parts, no leading dots and only [A-Za-z0-9._-]; at most 100 characters, the
+    extension kept (the corpus reader picks files by it)."""
     base = re.split(r"[\\/]", name)[-1]
-    cleaned = _SAFE.sub("_", base).lstrip("._")[:100]
-    return cleaned or "upload.txt"
+    cleaned = _SAFE.sub("_", base).lstrip("._")
+    suffix = Path(cleaned).suffix[:16]
+    if len(cleaned) > 100:
+        cleaned = cleaned[: 100 - len(suffix)] + suffix
+    return cleaned if cleaned and cleaned != suffix else "upload" + (suffix or ".txt")
 
 
 def store_uploads(paths: list[str], runs_dir: Path, limit: int = MAX_UPLOAD_BYTES) -> tuple[Path | None, list[str]]:
@@ -25,15 +30,20 @@ def store_uploads(paths: list[str], runs_dir: Path, limit: int = MAX_UPLOAD_BYTE
     if not paths:
         return None, []
     folder = runs_dir / "uploads" / uuid.uuid4().hex[:12]
-    problems, kept = [], 0
+    problems, kept, total = [], 0, 0
     for raw in paths:
         src = Path(raw)
         name = safe_name(src.name)
+        size = src.stat().st_size if src.is_file() else 0
         if not src.is_file():
             problems.append(f"{name}: not a readable file")
-        elif src.stat().st_size > limit:
-            problems.append(f"{name}: {src.stat().st_size / 2**20:.1f} MiB is over the {limit / 2**20:.0f} MiB limit")
+        elif size > limit:
+            problems.append(f"{name}: {size / 2**20:.1f} MiB is over the {limit / 2**20:.0f} MiB limit")
+        elif total + size > UPLOAD_TRANSPORT_FACTOR * limit:
+            cap = UPLOAD_TRANSPORT_FACTOR * limit / 2**20
+            problems.append(f"{name}: skipped, this message's files would pass {cap:.0f} MiB in all")
         else:
+            total += size
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / name
             while target.exists():

@@ -25,7 +25,7 @@ from langgraph.types import interrupt
 from agents import data_engineer, evaluator, planner, trainer
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec
-from sop.manifest import Manifest, TamperedArtifactError
+from sop.manifest import Manifest, TamperedArtifactError, write_text_atomic
 from sop.schemas import SCHEMAS, Spec
 
 CHECKPOINT_DB = "checkpoints.sqlite"
@@ -73,11 +73,21 @@ def read_events(run_dir: Path) -> list[dict]:
     return events
 
 
-def write_run_file(run_dir: Path, **fields: Any) -> None:
+def read_run_file(run_dir: Path) -> dict[str, Any]:
+    """run.json as a dict: {} when absent, {"status": "unreadable"} when damaged (a page must still render)."""
     path = run_dir / RUN_FILE
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {"status": "unreadable"}
+
+
+def write_run_file(run_dir: Path, **fields: Any) -> None:
+    data = read_run_file(run_dir)
     data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(data, indent=2) + "\n")
 
 
 def run_dir_of(config: dict) -> Path:

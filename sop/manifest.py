@@ -50,6 +50,13 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a reader in another process never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class Manifest:
     """Read-modify-write access to one run's manifest.json (atomic replace on every save)."""
 
@@ -62,9 +69,7 @@ class Manifest:
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
     @property
     def artifacts(self) -> dict[str, dict]:

@@ -83,7 +83,7 @@ def test_chat_plan_approve_run_report_through_gradio_client(app_server):
     _, _, history, run_id = client.predict(f"extend {app_server['tiny']} to 2k", None, [], api_name="/chat")
     reply = _text(history[-1])
     assert "RoPE linear x2" in reply and "waits for your approval" in reply and run_id
-    history = client.predict(history, api_name="/approve")
+    history = client.predict(history, run_id, api_name="/approve")
     assert "continues in the background" in _text(history[-1])
     stages, losses, log, report, plots, downloads, status = _wait_for_report(client, run_id)
     assert "passed" in status, (status, log)
@@ -102,7 +102,7 @@ def test_two_sessions_run_two_runs_and_another_browser_reattaches(app_server):
         client = Client(app_server["url"], verbose=False)
         _, _, history, run_id = client.predict(f"extend {app_server['tiny']} to {target}", None, [],
                                                api_name="/chat")  # fmt: skip
-        client.predict(history, api_name="/approve")  # approves this session's plan, not the other one's
+        client.predict(history, "", api_name="/approve")  # approves this session's plan, not the other one's
         return run_id, _wait_for_report(client, run_id)[-1]
 
     with ThreadPoolExecutor(2) as pool:
@@ -128,7 +128,8 @@ def test_bad_requests_get_a_clear_message(app_server, text, expected):
     client = Client(app_server["url"], verbose=False)
     _, _, history, run_id = client.predict(text.format(tiny=app_server["tiny"]), None, [], api_name="/chat")
     reply = _text(history[-1])
-    assert expected in reply and "Traceback" not in reply and not run_id
+    assert expected in reply and "Traceback" not in reply
+    assert run_id == {"__type__": "update"}  # no new run: the watched run id is left as it was (gr.skip)
 
 
 def test_uploads_are_sanitised_and_size_limited(app_server, tmp_path):

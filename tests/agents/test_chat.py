@@ -1,0 +1,141 @@
+"""The app's assistant logic without a browser: who may decide a plan and when, paths in chat text, uploads moving
+into the run, damaged run files, and the one-driver-per-run lock."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agents.chat import AssistantChat, ChatState, first_line
+from agents.run_lock import RunBusyError, driving, is_driven
+from agents.run_view import list_runs, view_run
+from agents.uploads import safe_name
+
+
+class RecordingWorkers:
+    """Stands in for the worker processes: records which runs were started (the real ones are tested in the app)."""
+
+    def __init__(self) -> None:
+        self.started: list[Path] = []
+
+    def start(self, run_dir: Path) -> None:
+        self.started.append(run_dir)
+
+    def running(self, run_dir: Path) -> bool:
+        return False
+
+
+@pytest.fixture
+def chat(tmp_path, tiny_model_dir) -> AssistantChat:
+    assistant_chat = AssistantChat(tmp_path / "runs", allowed_paths=(tiny_model_dir,))
+    assistant_chat.workers = RecordingWorkers()
+    return assistant_chat
+
+
+def _plan(chat: AssistantChat, tiny_model_dir: Path, state: ChatState) -> str:
+    reply, state = chat.message(f"extend {tiny_model_dir} to 2k", None, state)
+    assert "waits for your approval" in reply, reply
+    return state.run_id
+
+
+def _status(chat: AssistantChat, run_id: str) -> str:
+    return json.loads((chat.runs_dir / run_id / "run.json").read_text())["status"]
+
+
+def test_a_decided_plan_cannot_be_decided_again(chat, tiny_model_dir):
+    state = ChatState()
+    run_id = _plan(chat, tiny_model_dir, state)
+    assert "continues in the background" in chat.approve(state, run_id)
+    assert chat.workers.started == [chat.runs_dir.resolve() / run_id] and _status(chat, run_id) == "approved"
+    # Reject after Approve (same page, or another page naming the run) must not drive the run a second time
+    assert "not waiting for approval (it is approved)" in chat.reject(state, run_id)
+    assert "not waiting for approval" in chat.approve(ChatState(), run_id)
+    assert len(chat.workers.started) == 1 and _status(chat, run_id) == "approved"
+
+
+def test_a_reloaded_page_approves_by_run_id_and_resume_never_approves(chat, tiny_model_dir):
+    run_id = _plan(chat, tiny_model_dir, ChatState())
+    assert "waits for approval" in chat.resume(run_id)  # Runs tab: no approval behind the user's back
+    assert chat.workers.started == []
+    assert "There is no plan" in chat.approve(ChatState(), "")
+    assert "continues in the background" in chat.approve(ChatState(), run_id)  # a fresh page, the id pasted
+    assert "resumes in the background" in chat.resume(run_id)  # approved but its worker died: resume is fine
+
+
+def test_reject_records_the_rejection(chat, tiny_model_dir):
+    state = ChatState()
+    run_id = _plan(chat, tiny_model_dir, state)
+    assert "Rejected run" in chat.reject(state)
+    assert _status(chat, run_id) == "rejected" and state.run_id is None
+    assert "has ended (rejected)" in chat.resume(run_id)
+
+
+def test_a_run_driven_elsewhere_is_not_resumed_or_decided(chat, tiny_model_dir):
+    run_id = _plan(chat, tiny_model_dir, ChatState())
+    run_dir = chat.runs_dir / run_id
+    with driving(run_dir):  # e.g. `longpilot resume` in a terminal
+        assert is_driven(run_dir)
+        assert "already being driven by pid" in chat.approve(ChatState(), run_id)
+        with pytest.raises(RunBusyError):
+            chat.assistant.resume(run_dir, approve=True)
+    assert not is_driven(run_dir) and _status(chat, run_id) == "awaiting_approval"
+
+
+def test_a_plan_that_fails_its_checks_is_not_offered_for_approval(chat):
+    state = ChatState()
+    reply, state = chat.message("extend llama-2-7b to 32k", None, state)  # a 7B model on the CPU profile
+    assert reply.startswith("I can't plan that: ") and "plan_memory_fits" in reply and "approval" not in reply
+    assert state.run_id is None and "Llama-2-7b" in state.fields["base_model"]  # kept, so the user can fix it
+
+
+def test_paths_in_chat_text_must_lie_inside_the_allowed_folders(chat, tmp_path):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "notes.txt").write_text("private")
+    for text in [f"extend smollm2-135m to 16k using {secret}", "extend smollm2-135m to 16k using /nonexistent/x.txt",
+                 f"extend smollm2-135m to 16k using {chat.runs_dir}/../secret/notes.txt"]:  # fmt: skip
+        reply, state = chat.message(text, None, ChatState())
+        assert "the app reads only uploaded files" in reply and state.run_id is None, reply
+        assert "does not exist" not in reply  # the same sentence whether or not the path exists
+    assert not list(chat.runs_dir.glob("*/run.json"))
+
+
+def test_uploads_move_into_the_run_directory(chat, tmp_path):
+    upload = tmp_path / "guide.md"
+    upload.write_text("# Guide\n\nSome text about the project.\n")
+    state = ChatState()
+    reply, state = chat.message("extend smollm2-135m using these", [str(upload)], state)
+    assert reply.startswith("How long should the context become"), reply  # a question; the uploads stay staged
+    reply, state = chat.message("16k", None, state)
+    assert "waits for your approval" in reply, reply
+    spec = json.loads((chat.runs_dir / state.run_id / "spec.json").read_text())
+    corpus = [Path(p) for p in spec["corpus"]]
+    assert len(corpus) == 1 and corpus[0].parent == chat.runs_dir / state.run_id / "uploads"
+    assert (corpus[0] / "guide.md").read_text().startswith("# Guide")
+    assert not any((chat.runs_dir / "uploads").iterdir())  # nothing left behind in the staging area
+
+
+def test_an_llm_failing_with_an_empty_message_falls_back_to_the_parser(tmp_path):
+    class SilentTimeout:
+        def structured(self, messages, schema):
+            raise TimeoutError()
+
+    chat = AssistantChat(tmp_path / "runs", llm=SilentTimeout())
+    reply, state = chat.message("extend smollm2-135m to 16k", None, ChatState())
+    assert "waits for your approval" in reply and "the LLM could not help: TimeoutError" in reply
+    assert first_line(ValueError("a\nb")) == "a"
+
+
+def test_damaged_run_file_still_lists_and_renders(chat, tiny_model_dir):
+    run_id = _plan(chat, tiny_model_dir, ChatState())
+    (chat.runs_dir / run_id / "run.json").write_text('{"status": "runn')  # a writer killed mid-write
+    assert [row[:2] for row in list_runs(chat.runs_dir)] == [[run_id, "unreadable"]]
+    assert view_run(chat.runs_dir / run_id).status == "unreadable"
+
+
+def test_long_upload_names_keep_their_extension():
+    name = safe_name("x" * 300 + ".txt")
+    assert len(name) == 100 and name.endswith(".txt")
+    assert safe_name("a b.md") == "a_b.md" and safe_name("...") == "upload.txt"

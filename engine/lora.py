@@ -178,17 +178,10 @@ def _check_same_base(adapter_config: PretrainedConfig, base_config: PretrainedCo
         )
 
 
-def load_adapter(
-    adapter_dir: str | Path,
-    *,
-    base_ref: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-    is_trainable: bool = False,
-) -> PeftModel:
-    """Rebuild base (with the saved, RoPE-extended config) + adapter, exactly as plain transformers + peft would."""
-    from engine.models import load_config, load_model, resolve_model
+def check_adapter_base(adapter_dir: str | Path, base_ref: str | None = None) -> tuple[str, PretrainedConfig]:
+    """The adapter's base reference and saved config, after checking from configs alone (no weights) that the base
+    has the shapes the adapter was trained on. One-line ValueError otherwise."""
+    from engine.models import load_config, resolve_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -200,6 +193,23 @@ def load_adapter(
         base_ref = json.loads(meta_file.read_text())["base_ref"]
     config = AutoConfig.from_pretrained(adapter_dir, local_files_only=True)
     _check_same_base(config, load_config(resolve_model(base_ref)), adapter_dir, base_ref)
+    return base_ref, config
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    *,
+    base_ref: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Rebuild base (with the saved, RoPE-extended config) + adapter, exactly as plain transformers + peft would."""
+    from engine.models import load_model
+
+    adapter_dir = Path(adapter_dir)
+    base_ref, config = check_adapter_base(adapter_dir, base_ref)
     base, _ = load_model(
         base_ref, device=device, dtype=dtype, attn_implementation=attn_implementation, config=config,
         with_tokenizer=False,

@@ -38,6 +38,9 @@ def chunked_lm_nll(
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), d)
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     n_valid = (targets != IGNORE_INDEX).sum()
+    if not (torch.is_grad_enabled() and hidden.requires_grad):  # scoring: project only the labelled positions
+        keep = targets != IGNORE_INDEX
+        hidden, targets = hidden[keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, y = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]

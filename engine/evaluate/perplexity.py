@@ -85,4 +85,4 @@ def sliding_window_perplexity(
     assert count == len(token_ids) - 1, f"scored {count} of {len(token_ids) - 1} tokens"
     mean = total / count
     ppl = math.exp(mean) if mean < 700 else math.inf  # a diverged model must not crash the report
-    return PerplexityResult(window, stride, ppl, mean, count, len(spans))
+    return PerplexityResult(window, min(stride, window - 1), ppl, mean, count, len(spans))  # the stride used

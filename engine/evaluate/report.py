@@ -45,6 +45,7 @@ GATES = {
     "longqa_min_f1": "candidate long-QA token F1 is at least this",
 }
 REPORT_FILE = "eval_report.json"
+LONGQA_MAX_NEW_TOKENS = 64  # answer budget: a QA record is used only when its prompt plus this fits the context
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class EvalConfig:
             problems.append("at least one seed is needed")
         if self.ppl_stride < 1 or self.batch_size < 1:
             problems.append(f"ppl_stride and batch_size must be positive, got {self.ppl_stride}, {self.batch_size}")
+        if self.target_length is not None and self.target_length not in self.lengths:
+            problems.append(f"target_length {self.target_length} must be one of lengths {list(self.lengths)}")
         for task, subset in self.task_lengths.items():
             if task not in ("perplexity", "passkey", "ruler") or not set(subset) <= set(self.lengths) or not subset:
                 problems.append(f"task_lengths[{task!r}] must be a non-empty subset of lengths for a length task")
@@ -219,8 +222,9 @@ def _by_length(logs: list[dict], lengths: list[int], key: str = "score") -> dict
 
 
 def _eval_perplexity(run: _Run, model: LoadedModel, lengths: list[int]) -> dict:
+    """PPL at `lengths`, every length scored on the same held-out tokens (the native-length regression included)."""
     cfg = run.cfg
-    n_tokens = cfg.ppl_tokens or 2 * max(lengths)
+    n_tokens = cfg.ppl_tokens or 2 * max([*cfg.lengths_for("perplexity"), *lengths])
     stream = heldout_token_stream(model.tokenizer, data_dir=cfg.data_dir, files=cfg.ppl_files, max_tokens=n_tokens)
     if len(stream) < max(lengths):
         raise ValueError(f"held-out text has {len(stream)} tokens, fewer than the longest length {max(lengths)}")
@@ -291,10 +295,10 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
     rows = longqa_rows(load_eval_split(cfg.data_dir))
     limit = model.context if not model.allow_beyond_context else float("inf")
     limit = min(limit, cfg.longqa_max_tokens or limit)
-    usable = [r for r in rows if r["num_tokens"] <= limit][: cfg.longqa_max_items]
+    usable = [r for r in rows if r["num_tokens"] + LONGQA_MAX_NEW_TOKENS <= limit][: cfg.longqa_max_items]
     if not usable:
         raise ValueError(f"the eval split has no QA records that fit the {limit}-token limit for {model.name!r}")
-    logs = run_longqa(model, usable, run.progress(len(usable), f"{model.name}: longqa"))
+    logs = run_longqa(model, usable, run.progress(len(usable), f"{model.name}: longqa"), LONGQA_MAX_NEW_TOKENS)
     f1 = [g["f1"] for g in logs]
     kinds = sorted({g["kind"] for g in logs})
     return {
@@ -307,7 +311,7 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
             }
             for k in kinds
         },  # fmt: skip
-        "skipped_too_long": len([r for r in rows if r["num_tokens"] > limit]),
+        "skipped_too_long": len(rows) - len([r for r in rows if r["num_tokens"] + LONGQA_MAX_NEW_TOKENS <= limit]),
         "items": logs,
     }
 
@@ -372,6 +376,8 @@ def _compare(cfg: EvalConfig, models: dict[str, dict], native: int) -> dict:
     threshold = cfg.effective_threshold
     if threshold is None and ref_native is not None:
         threshold = ref_native["ruler_average"]
+    if threshold is None and (at_native := models[ref].get("ruler", {}).get("by_length", {}).get(str(native))):
+        threshold = at_native["average"]  # RULER ran at the native length without the regression task
     if "ruler" in cfg.tasks and threshold is not None:
         out["effective_length"] = {
             "threshold": threshold,
@@ -411,7 +417,7 @@ def _gate(cfg: EvalConfig, models: dict[str, dict], comparison: dict, native: in
             by = cand[task]["by_length"]
             key = "value" if task == "passkey" else "average"
             vals = {n: by[str(n)][key] for n in upto if str(n) in by}
-            missing = [n for n in cfg.lengths_for(task) if n <= target and str(n) not in by]
+            missing = [n for n in sorted({*cfg.lengths_for(task), target}) if n <= target and str(n) not in by]
             if not vals or missing:
                 check(name, None, False, f"{task} not measured at {missing or 'any length'} <= {target}")
                 continue
@@ -419,6 +425,8 @@ def _gate(cfg: EvalConfig, models: dict[str, dict], comparison: dict, native: in
             check(name, vals[worst], vals[worst] >= threshold, f"lowest at {worst} tokens; all: {vals}")
         elif name == "ppl_ratio_max":
             ppl = {r["length"]: r["ppl"] for r in cand.get("perplexity", {}).get("by_length", [])}
+            if native not in ppl and cand.get("regression", {}).get("ppl"):
+                ppl[native] = cand["regression"]["ppl"]  # measured on the same held-out tokens
             if target not in ppl or native not in ppl:
                 check(name, None, False, f"PPL not measured at both {native} and {target} tokens")
                 continue
@@ -452,6 +460,29 @@ def _plots(run: _Run, models: dict[str, dict], native: int) -> None:
         run.report["plots"]["passkey"] = path.name
 
 
+def _check_before_any_work(cfg: EvalConfig, loaded: dict[str, LoadedModel]) -> None:
+    """Every bad input that can be found from configs and the dataset alone, so hours of work on the first model
+    are never lost to a problem with the last one: lengths beyond a context, an adapter on the wrong base, a task
+    without its data, an empty eval split."""
+    from engine.lora import check_adapter_base
+
+    tasks = {t for spec in cfg.models for t in cfg.tasks if spec.tasks is None or t in spec.tasks}
+    for spec in cfg.models:
+        if spec.name in loaded:
+            continue
+        if (Path(spec.ref) / "adapter_config.json").is_file():
+            check_adapter_base(spec.ref, spec.base_ref)
+        _check_lengths(spec.name, cfg.sorted_lengths, planned_context(spec), spec.allow_beyond_context)
+    needs_split = "longqa" in tasks or ("perplexity" in tasks and not cfg.ppl_files)
+    if not needs_split:
+        return
+    if cfg.data_dir is None:
+        raise ValueError("long-QA and perplexity need the data engineer's dataset: set data_dir (or ppl_files)")
+    split = load_eval_split(cfg.data_dir)  # missing or empty: one-line ValueError
+    if "longqa" in tasks and not longqa_rows(split):
+        raise ValueError(f"the eval split of {cfg.data_dir!r} has no long-QA records")
+
+
 def evaluate(
     cfg: EvalConfig,
     *,
@@ -470,12 +501,9 @@ def evaluate(
             written so far stays on disk with `status: incomplete` and the error.
     """
     loaded = dict(loaded or {})
-    lengths = cfg.sorted_lengths
     if (Path(cfg.output_dir) / REPORT_FILE).exists():
         raise ValueError(f"{cfg.output_dir!r} already holds an evaluation ({REPORT_FILE}); choose a new directory")
-    for spec in cfg.models:  # fail before any work when a length cannot be evaluated
-        if spec.name not in loaded:
-            _check_lengths(spec.name, lengths, planned_context(spec), spec.allow_beyond_context)
+    _check_before_any_work(cfg, loaded)
     run = _Run(cfg, on_event)
     try:
         native = cfg.native_length

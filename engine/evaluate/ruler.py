@@ -150,11 +150,13 @@ class RulerBuilder:
         words = list(word_list())
         rng.shuffle(words)
         common, pool = words[:n_common], words[n_common:]
+        # ~2.3k documentation words run out near 32k tokens; two-word compounds keep long haystacks full of words
+        pool += [a + b for a in pool[:200] for b in pool[200:400] if a + b not in common]
         head, tail = self._frame(CWE_TEMPLATE, CWE_ANSWER_PREFIX)
         budget = length - len(head) - len(tail) - self._budget("common_words_extraction")
 
         def listing(freq_common: int, n_uncommon: int, freq_uncommon: int) -> list[int]:
-            entries = common * freq_common + (pool * freq_uncommon)[: n_uncommon * freq_uncommon]
+            entries = common * freq_common + pool[:n_uncommon] * freq_uncommon  # each uncommon word freq times
             random.Random(f"cwe/{seed}/{length}").shuffle(entries)
             return self._ids(" ".join(f"{i + 1}. {w}" for i, w in enumerate(entries)))
 

@@ -282,15 +282,30 @@ def test_gate_and_effective_length_hand_cases():
 
 
 def test_failure_mid_evaluation_keeps_partial_results_marked_incomplete(tmp_path):
-    empty = make_eval_data(tmp_path / "empty", empty_eval=True)
-    cfg = _generation_config(tmp_path, tasks=("passkey", "longqa"), data_dir=str(empty))
-    with pytest.raises(ValueError, match="is empty"):
-        evaluate(
-            cfg, loaded={"base": ScriptedModel("base", oracle_answer), "extended": ScriptedModel("e", oracle_answer)}
-        )
+    def broken(prompt: str) -> str:
+        raise RuntimeError("device lost")
+
+    cfg = _generation_config(tmp_path, tasks=("passkey",))
+    with pytest.raises(RuntimeError, match="device lost"):
+        evaluate(cfg, loaded={"base": ScriptedModel("base", oracle_answer), "extended": ScriptedModel("e", broken)})
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
-    assert report["status"] == "incomplete" and "is empty" in report["error"]
+    assert report["status"] == "incomplete" and "device lost" in report["error"]
     assert report["models"]["base"]["passkey"]["overall"]["value"] == 1.0  # kept, but the run is not complete
+
+
+def test_an_empty_eval_split_or_missing_data_is_refused_before_any_work(tmp_path):
+    empty = make_eval_data(tmp_path / "empty", empty_eval=True)
+    models = {"base": ScriptedModel("base", oracle_answer), "extended": ScriptedModel("e", oracle_answer)}
+    with pytest.raises(ValueError, match="is empty"):
+        evaluate(_generation_config(tmp_path, tasks=("passkey", "longqa"), data_dir=str(empty)), loaded=dict(models))
+    with pytest.raises(ValueError, match="need the data engineer's dataset"):
+        evaluate(_generation_config(tmp_path, tasks=("passkey", "longqa"), data_dir=None), loaded=dict(models))
+    assert not (tmp_path / "eval").exists()  # nothing evaluated, nothing written
+
+
+def test_a_gate_target_must_be_a_measured_length(tmp_path):
+    with pytest.raises(ValueError, match="target_length 16384 must be one of lengths"):
+        _generation_config(tmp_path, target_length=16384)
 
 
 @pytest.mark.parametrize(
@@ -426,3 +441,18 @@ def test_regression_measures_ppl_at_the_native_length_when_the_grid_skips_it(tmp
     assert [r["length"] for r in model["perplexity"]["by_length"]] == [1024]  # the grid itself is unchanged
     ppl_native = model["regression"]["ppl"]
     assert math.isfinite(ppl_native) and ppl_native != model["perplexity"]["by_length"][0]["ppl"]
+
+
+@pytest.mark.parametrize("length", [1024, 160_000])  # 160k bytes: more than the documentation words can fill
+def test_common_words_follow_ruler_frequencies_and_fill_long_lengths(length):
+    import collections
+    import re
+
+    item = ruler_items(byte_tokenizer(), ["common_words_extraction"], [length], [0], max_new_tokens_cap=16)[0]
+    listing = byte_tokenizer().decode(item.prompt_ids)
+    counts = collections.Counter(re.findall(r"\b\d+\. ([a-z]+)\b", listing))
+    common = {w: counts[w] for w in item.references}
+    uncommon = {w: c for w, c in counts.items() if w not in common}
+    assert len(set(common.values())) == 1 and min(common.values()) > max(uncommon.values())
+    assert set(uncommon.values()) == {min(3, min(common.values()) - 1)}  # every uncommon word repeats the same
+    assert len(item.prompt_ids) + item.max_new_tokens > 0.95 * length

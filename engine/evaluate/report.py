@@ -45,7 +45,7 @@ GATES = {
     "longqa_min_f1": "candidate long-QA token F1 is at least this",
 }
 REPORT_FILE = "eval_report.json"
-LONGQA_MAX_NEW_TOKENS = 64  # answer budget: a QA record is used only when its prompt plus this fits the context
+LONGQA_MAX_NEW_TOKENS = 64  # answer budget (records are kept when prompt + reference answer fit the context)
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
     rows = longqa_rows(load_eval_split(cfg.data_dir))
     limit = model.context if not model.allow_beyond_context else float("inf")
     limit = min(limit, cfg.longqa_max_tokens or limit)
-    usable = [r for r in rows if r["num_tokens"] + LONGQA_MAX_NEW_TOKENS <= limit][: cfg.longqa_max_items]
+    usable = [r for r in rows if r["num_tokens"] <= limit][: cfg.longqa_max_items]  # prompt + reference answer fit
     if not usable:
         raise ValueError(f"the eval split has no QA records that fit the {limit}-token limit for {model.name!r}")
     logs = run_longqa(model, usable, run.progress(len(usable), f"{model.name}: longqa"), LONGQA_MAX_NEW_TOKENS)
@@ -311,7 +311,7 @@ def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
             }
             for k in kinds
         },  # fmt: skip
-        "skipped_too_long": len(rows) - len([r for r in rows if r["num_tokens"] + LONGQA_MAX_NEW_TOKENS <= limit]),
+        "skipped_too_long": len([r for r in rows if r["num_tokens"] > limit]),
         "items": logs,
     }
 

@@ -82,6 +82,24 @@ def new_run_id(spec: Spec) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{spec.target_context // 1024}k-{uuid.uuid4().hex[:4]}"  # unique
 
 
+def _initial_state(run_dir: Path, approve: bool | None) -> dict[str, Any]:
+    return {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve), "status": "running"}
+
+
+def _check_runnable(spec: Spec) -> None:
+    """What a run needs beyond a plan, checked before its directory exists: weights on disk, the corpus, the device.
+    (Planning alone needs none of these, so `plan` stays possible for models not downloaded here.)"""
+    import torch
+
+    from engine.models import resolve_model
+
+    resolve_model(spec.base_model)  # alias, local directory or offline-cached hub id; one-line ValueError otherwise
+    if missing := [p for p in spec.corpus if not Path(p).expanduser().exists()]:
+        raise ValueError(f"corpus path {missing[0]!r} does not exist")
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this machine has no CUDA device (use auto or cpu)")
+
+
 class Assistant:
     """The four roles following the SOP, as one object. Thread-safe per run directory, not across one run."""
 
@@ -121,6 +139,7 @@ class Assistant:
         spec = spec or Spec(**fields)
         run_dir = Path(run_dir) if run_dir else self.runs_dir / new_run_id(spec)
         make_plan_document(spec, run_dir)  # bad input (unknown model, target <= native) fails here, before any file
+        _check_runnable(spec)
         if (run_dir / "manifest.json").exists():
             raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,8 +149,7 @@ class Assistant:
         manifest.record("spec", "spec.json", role="planner", schema="Spec", checks=[])
         write_run_file(run_dir, run_id=run_dir.name, status="running", stage=None, failure=None,
                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
-        state = {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve), "status": "running"}
-        return self._drive(run_dir, state, on_event)
+        return self._drive(run_dir, _initial_state(run_dir, approve), on_event)
 
     def resume(
         self, run_dir: str | Path, *, approve: bool | None = None, on_event: Callable[[dict], None] | None = None
@@ -142,6 +160,8 @@ class Assistant:
             raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
         graph, config = self._graph(run_dir)
         snapshot = graph.get_state(config)
+        if not snapshot.values:  # killed after the run's files but before the graph's first checkpoint: start it
+            return self._drive(run_dir, _initial_state(run_dir, approve), on_event)
         if not snapshot.next:
             return self._result(run_dir, graph, config)
         if any(task.interrupts for task in snapshot.tasks):
@@ -151,10 +171,22 @@ class Assistant:
         return self._drive(run_dir, None, on_event)
 
     def approve(self, run_dir: str | Path, *, on_event: Callable[[dict], None] | None = None) -> RunResult:
-        return self._drive(Path(run_dir), Command(resume={"approved": True, "by": "user"}), on_event)
+        run_dir = self._awaiting_approval(run_dir)
+        return self._drive(run_dir, Command(resume={"approved": True, "by": "user"}), on_event)
 
     def reject(self, run_dir: str | Path, reason: str = "rejected by the user") -> RunResult:
-        return self._drive(Path(run_dir), Command(resume={"approved": False, "reason": reason}), None)
+        run_dir = self._awaiting_approval(run_dir)
+        return self._drive(run_dir, Command(resume={"approved": False, "reason": reason}), None)
+
+    def _awaiting_approval(self, run_dir: str | Path) -> Path:
+        """`run_dir`, if it is a run whose plan waits for a decision (else a one-line ValueError, nothing written)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "manifest.json").is_file():
+            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
+        graph, config = self._graph(run_dir)
+        if not any(task.interrupts for task in graph.get_state(config).tasks):
+            raise ValueError(f"run {run_dir.name!r} is not waiting for approval")
+        return run_dir
 
     # -------------------------------------------------------------- reading
     def status(self, run_dir: str | Path, last: int = 10) -> RunStatus:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
+
+import pydantic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -101,10 +104,10 @@ def _spec_from_args(args: argparse.Namespace):
         fields.update(llm_base_url=args.llm, llm_model=args.llm_model)
     try:
         return Spec(**fields)
-    except Exception as err:  # pydantic: keep the first message, on one line
-        raise ValueError(
-            f"invalid request: {str(err).splitlines()[2].strip() if len(str(err).splitlines()) > 2 else err}"
-        )
+    except pydantic.ValidationError as err:  # the first problem, naming its field, on one line
+        first = err.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "request"
+        raise ValueError(f"invalid {field}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def _custom_hardware(text: str) -> dict:
@@ -114,7 +117,8 @@ def _custom_hardware(text: str) -> dict:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) not in (3, 4) or values[0] < 1 or values[0] != int(values[0]):
+    finite = all(math.isfinite(v) for v in values)
+    if len(values) not in (3, 4) or not finite or values[0] < 1 or values[0] != int(values[0]) or min(values) <= 0:
         raise ValueError(
             f"--hardware {text!r}: use custom:N_DEVICES,MEMORY_GIB,PEAK_TFLOPS[,MFU], e.g. custom:4,80,312"
         )

@@ -31,6 +31,7 @@ from sop.schemas import SCHEMAS, Spec
 CHECKPOINT_DB = "checkpoints.sqlite"
 PROGRESS_FILE = "progress.jsonl"
 RUN_FILE = "run.json"
+NOT_RETRYABLE = "BAD INPUT:"  # prefix of a stage error that a retry with changed settings cannot fix
 
 
 class RunState(TypedDict, total=False):
@@ -130,10 +131,13 @@ class Roles:
                 manifest.verify(name)
             narrative = None
             if self.llm is not None:
-                from agents.llm import narrate
+                from agents.llm import LLMError, narrate
 
                 figures = json.loads((run_dir / "eval" / "eval_report.json").read_text())["comparison"]
-                narrative = narrate(self.llm, figures)
+                try:
+                    narrative = narrate(self.llm, figures)
+                except LLMError as err:  # optional prose: the figures and the deterministic report still stand
+                    progress({"event": "narrative_skipped", "failure": str(err).splitlines()[0] if str(err) else ""})
             evaluator.write_report(spec, _plan(run_dir, manifest), run_dir, run_dir.name, narrative)
         else:
             raise ValueError(f"no role action for stage {stage.name!r}")
@@ -205,7 +209,11 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
                 roles(stage, run_dir, manifest, overrides)
             except TamperedArtifactError as err:
                 errors[stage.name] = f"TAMPERED: {err}"
-            except Exception as err:  # the gate reports it; a retry may fix it
+            except (ValueError, FileNotFoundError) as err:  # bad input or settings: the same again cannot help
+                errors[stage.name] = (
+                    f"{NOT_RETRYABLE} {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                )
+            except Exception as err:  # the gate reports it; a retry may fix it (divergence, a flaky device)
                 errors[stage.name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return {"errors": errors}
 
@@ -234,8 +242,8 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
                 return {"gates": gates, "artifacts": artifacts}
             failure = "; ".join(f"{r['name']}: {r['detail']}" for r in results if not r["passed"])
             attempts = manifest.stages[stage.name]["attempts"]
-            tampered = error is not None and error.startswith("TAMPERED")
-            if not tampered and attempts <= stage.retry.limit:
+            final = error is not None and error.startswith(("TAMPERED", NOT_RETRYABLE))
+            if not final and attempts <= stage.retry.limit:
                 overrides = {k: dict(v) for k, v in state.get("overrides", {}).items()}
                 stage_overrides = overrides.setdefault(stage.name, {})
                 stage_overrides.setdefault("planned_seed", json.loads((run_dir / "spec.json").read_text())["seed"])

@@ -65,6 +65,14 @@ def _looks_like_path(ref: str) -> bool:
     )
 
 
+BUILTIN_HUB_IDS = {  # the planner's built-in architectures; their weights come from the offline hub cache
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+}
+
+
 def resolve_model(ref: str, cache_dir: str | Path | None = None) -> ModelSource:
     """Turn an alias, a local directory or an offline-cached hub id into a `ModelSource`.
 
@@ -75,6 +83,7 @@ def resolve_model(ref: str, cache_dir: str | Path | None = None) -> ModelSource:
     """
     if ref in ALIASES:
         return ALIASES[ref]()
+    ref = BUILTIN_HUB_IDS.get(ref, ref)
     path = Path(ref).expanduser()
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
@@ -88,7 +97,8 @@ def resolve_model(ref: str, cache_dir: str | Path | None = None) -> ModelSource:
     if _looks_like_path(ref) or path.exists():
         raise ValueError(f"model path {ref!r} does not exist")
     if "/" not in ref:
-        raise ValueError(f"unknown model alias {ref!r}; known aliases: {', '.join(sorted(ALIASES))}")
+        known = ", ".join(sorted([*ALIASES, *BUILTIN_HUB_IDS]))
+        raise ValueError(f"unknown model alias {ref!r}; known aliases: {known}")
     from huggingface_hub import snapshot_download
 
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.launch import launcher_command
 from engine.lora import LoraPlusConfig, TrainableCounts
-from engine.models import S2_SUPPORTED_MODEL_TYPES
+from engine.models import BUILTIN_HUB_IDS, S2_SUPPORTED_MODEL_TYPES
 from engine.rope import ROPE_METHODS
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.train import TrainConfig
@@ -64,13 +64,7 @@ BUILTIN_ARCHS: dict[str, ArchConfig] = {
     )
 }
 # What `TrainConfig.base_model` names for each built-in (hub ids must already be in the local cache at train time).
-BASE_MODEL_REFS = {
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
-    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
-    "smollm2-135m": "smollm2-135m",
-}
+BASE_MODEL_REFS = {**BUILTIN_HUB_IDS, "smollm2-135m": "smollm2-135m"}  # what each built-in architecture trains from
 
 
 def arch_from_config_json(path: str | Path) -> ArchConfig:

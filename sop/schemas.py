@@ -35,7 +35,7 @@ class Spec(_Strict):
         None, description="for hardware=custom: n_devices (whole number), memory_gib, peak_tflops, mfu"
     )
     device: Device = Field("auto", description="where the engine runs: auto picks CUDA when available")
-    seed: int = Field(0, description="seed for data, training and evaluation")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for data, training and evaluation")
     max_steps: int | None = Field(None, gt=0, description="override the profile's number of optimizer steps")
     llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the key is never stored)")
     llm_model: str | None = Field(None, description="model name at that endpoint")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agents import Assistant
 from agents.cli import main
 from sop.checks import CHECKS, RETRY_CHANGES, check
 from sop.loader import DEFAULT_SOP
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"target_context": 2048, "profile": "smoke", "hardware": "cpu"}
@@ -108,6 +112,62 @@ def test_a_tampered_input_is_refused(tmp_path, tiny_model_dir):
     assert "artifact 'plan' (plan.json) changed since it was verified" in result.failure
     assert result.stages["prepare_data"] == {"status": "failed", "attempts": 0}  # refused before doing anything
     assert not (run_dir / "data").exists()
+
+
+def test_approve_and_reject_act_only_on_a_plan_that_waits(tmp_path, tiny_model_dir):
+    assistant = Assistant(tmp_path)
+    run_dir = tmp_path / "r"
+    assistant.run(base_model=str(tiny_model_dir), run_dir=run_dir, **TINY)
+    assert assistant.reject(run_dir, "no").status == "rejected"
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(ValueError, match="is not waiting for approval"):
+        assistant.approve(run_dir)  # a decided run is never restarted from its first stage
+    with pytest.raises(ValueError, match="no manifest.json"):
+        assistant.approve(tmp_path / "empty")
+    assert sorted(p.name for p in run_dir.iterdir()) == before and not (tmp_path / "empty").exists()
+
+
+def test_a_run_killed_before_its_first_graph_checkpoint_still_resumes(tmp_path, tiny_model_dir):
+    assistant = Assistant(tmp_path)
+    run_dir = tmp_path / "r"
+    assistant.run(base_model=str(tiny_model_dir), run_dir=run_dir, **TINY)
+    for db in run_dir.glob("checkpoints.sqlite*"):  # as if killed between writing spec.json and the first step
+        db.unlink()
+    assert assistant.resume(run_dir).status == "awaiting_approval"
+    assert [e["event"] for e in _events(run_dir)].count("stage_reused") == 1  # the verified plan is not redone
+
+
+def test_bad_input_fails_at_once_and_is_never_retried(tmp_path, tiny_model_dir, capsys):
+    args = ["run", "--model", str(tiny_model_dir), "--target-context", "2048", "--yes"]
+    for extra, message in [
+        (["--corpus", str(tmp_path / "missing.txt")], "corpus path .* does not exist"),
+        (["--seed", "-1"], "seed"),
+        (["--model", "llama-2-7b", "--target-context", "32768"], "not in the local Hugging Face cache"),
+    ]:
+        run_dir = tmp_path / f"bad{len(extra)}{extra[0]}"
+        assert main([*args, *extra, "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("longpilot: error:") and re.search(message, err), err
+        assert not run_dir.exists()
+    unusable = tmp_path / "docs"
+    unusable.mkdir()
+    (unusable / "blob.bin").write_bytes(b"\0" * 100)  # exists, but holds no text the data engineer can use
+    assistant = Assistant(tmp_path)
+    result = assistant.run(base_model=str(tiny_model_dir), corpus=[str(unusable)], run_dir=tmp_path / "r",
+                           approve=True, **TINY)  # fmt: skip
+    assert result.status == "failed" and "BAD INPUT" in result.failure
+    assert result.stages["prepare_data"] == {"status": "failed", "attempts": 1}  # no reseeded retry of bad input
+    assert not [e for e in _events(tmp_path / "r") if e["event"] == "retry"]
+
+
+def test_an_unreachable_llm_costs_the_narrative_not_the_run(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    llm = ["--llm", f"http://127.0.0.1:{free_port()}/v1", "--llm-model", "nobody"]  # nothing listens there
+    args = ["run", "--model", str(tiny_model_dir), "--target-context", "2048", "--max-steps", "2", "--yes", *llm,
+            "--run-dir", str(run_dir)]  # fmt: skip
+    assert main(args) == 0
+    assert (run_dir / "report.md").is_file() and "Narrative" not in (run_dir / "report.md").read_text()
+    assert [e["event"] for e in _events(run_dir)].count("narrative_skipped") == 1
 
 
 # ---------------------------------------------------------------- the CLI, end to end on the tiny model

@@ -23,6 +23,10 @@ class ProgressPrinter:
         if kind == "stage_started":
             note = f" (retry after: {escape(event['feedback'])})" if event.get("feedback") else ""
             say(f"[bold]>> {event['stage']}[/bold] ({event['role']}){note}")
+        elif kind == "stage_resumed":
+            say(f"[bold]>> {event['stage']}[/bold] ({event['role']}): resumed where it stopped")
+        elif kind == "narrative_skipped":
+            say(f"   [yellow]no LLM narrative: {escape(str(event.get('failure')))}[/yellow]")
         elif kind == "stage_reused":
             say(f">> {event['stage']}: already verified, reused")
         elif kind == "gate":

@@ -33,19 +33,30 @@ def _move_aside_if_other_run(out: Path, config_hash: str) -> None:
         move_aside(out)
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    """Complete metrics.jsonl lines (the last one may be half written by the trainer)."""
+    rows = []
+    for line in path.read_text().split("\n")[:-1] if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # not a metrics line; the file itself is what the gate checks
+    return rows
+
+
 def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Event) -> None:
-    """Forward each new metrics.jsonl line as a progress event until `stop` is set."""
-    seen = 0
+    """Forward each new step of metrics.jsonl as a progress event until `stop` is set.
+
+    Steps already in the file when a resumed run starts were reported before the kill; the engine recomputes the
+    ones after its checkpoint with identical losses (tested), so only steps beyond the last reported one are sent.
+    """
+    reported = max((row.get("step", 0) for row in _metric_rows(path)), default=0)
     while True:
         stopping = stop.wait(1.0)
-        if path.is_file():
-            lines = path.read_text().split("\n")[:-1]  # complete lines only: the last one may be half written
-            for line in lines[seen:]:
-                try:
-                    emit({"event": "train_step", **json.loads(line)})
-                except ValueError:
-                    pass  # not a metrics line; the file itself is what the gate checks
-            seen = len(lines)
+        for row in _metric_rows(path):
+            if row.get("step", 0) > reported:
+                emit({"event": "train_step", **row})
+                reported = row["step"]
         if stopping:  # one last read after training returned, so the final step is reported too
             return
 

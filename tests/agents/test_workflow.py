@@ -265,3 +265,6 @@ def test_resume_after_kill_during_training(tmp_path, tiny_model_dir):
     assert not list(run_dir.glob("data.attempt-*"))  # verified data reused, not rebuilt
     steps = [json.loads(x)["step"] for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, MAX_STEPS + 1))
+    reported = [e["step"] for e in _events(run_dir) if e["event"] == "train_step"]
+    assert reported == sorted(set(reported)) and reported[-1] == MAX_STEPS  # no step reported twice after resume
+    assert ">> train (trainer): resumed where it stopped" in resumed.stdout

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sop.schemas import SCHEMAS, Profile
 
 ROLES = ("planner", "data_engineer", "trainer", "evaluator")
+# The stage actions the roles implement (agents/workflow.py dispatches on the stage name), with the role owning each.
+STAGE_ROLES = {"plan": "planner", "prepare_data": "data_engineer", "train": "trainer", "evaluate": "evaluator",
+               "report": "evaluator"}  # fmt: skip
+APPROVAL_STAGES = ("plan",)  # the approval prompt shows a plan card
 SOP_DIR = Path(__file__).resolve().parent
 DEFAULT_SOP = SOP_DIR / "context_extension.yaml"
 
@@ -43,6 +47,8 @@ class ArtifactSpec(_Strict):
     @field_validator("checks", mode="before")
     @classmethod
     def _names_to_refs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(f"checks must be a list of check names, e.g. [{value}]")
         return [{"name": v} if isinstance(v, str) else v for v in value or []]
 
     @property
@@ -74,18 +80,31 @@ class Sop(_Strict):
         return next(s for s in self.stages if s.name == name)
 
 
-def _to_data(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> Any:
-    """Plain data from a YAML node, remembering the line of every value by its path."""
+def _to_data(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems: list[tuple[tuple, str]]) -> Any:
+    """Plain data from a YAML node, remembering the line of every value by its path. Duplicate or non-text keys and
+    unsafe tags are problems (YAML itself would let the last duplicate win silently)."""
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        out = {}
+        out: dict[str, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                lines[(*path, "?")] = key_node.start_mark.line + 1
+                problems.append(((*path, "?"), "keys must be plain text"))
+                continue
             key = key_node.value
-            out[key] = _to_data(value_node, (*path, key), lines)
+            if key in out:
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                problems.append(((*path, key), f"duplicate key {key!r}"))
+                continue
+            out[key] = _to_data(value_node, (*path, key), lines, problems)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_data(item, (*path, i), lines) for i, item in enumerate(node.value)]
-    return _scalar(node)
+        return [_to_data(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
+    try:
+        return _scalar(node)
+    except yaml.YAMLError as err:
+        problems.append((path, f"not a plain value ({getattr(err, 'problem', None) or err})"))
+        return None
 
 
 def _scalar(node: yaml.ScalarNode) -> Any:
@@ -111,6 +130,13 @@ def _semantic_problems(sop: Sop, lines: dict[tuple, int]) -> list[tuple[tuple, s
     for i, stage in enumerate(sop.stages):
         if names.count(stage.name) > 1:
             problems.append((("stages", i, "name"), f"duplicate stage name {stage.name!r}"))
+        if stage.name not in STAGE_ROLES:
+            problems.append((("stages", i, "name"), f"no role implements a stage {stage.name!r} (known: "
+                             f"{', '.join(STAGE_ROLES)})"))  # fmt: skip
+        elif stage.role != STAGE_ROLES[stage.name]:
+            problems.append((("stages", i, "role"), f"stage {stage.name!r} belongs to {STAGE_ROLES[stage.name]}"))
+        if stage.approval and stage.name not in APPROVAL_STAGES:
+            problems.append((("stages", i, "approval"), f"approval is supported on {', '.join(APPROVAL_STAGES)}"))
         for j, name in enumerate(stage.consumes):
             if name not in produced:
                 problems.append((("stages", i, "consumes", j), f"{name!r} is not produced by an earlier stage"))
@@ -143,7 +169,10 @@ def load_sop(path: str | Path = DEFAULT_SOP) -> Sop:
     if node is None:
         raise SopError(f"{path.name}: empty SOP file")
     lines: dict[tuple, int] = {}
-    data = _to_data(node, (), lines)
+    structural: list[tuple[tuple, str]] = []
+    data = _to_data(node, (), lines, structural)
+    if structural:
+        raise SopError(_format(path, structural, lines))
     try:
         sop = Sop.model_validate(data)
     except ValidationError as err:

@@ -47,6 +47,21 @@ def _line_of(path: Path, needle: str) -> int:
         ("consumes: [plan, dataset]", "consumes: [plan, dataset, vibes]", "vibes", "'vibes' is not produced"),
         ("retry: {limit: 1, change: halve", "retry: {limit: -1, change: halve", "limit: -1", "greater than or equal"),
         ("    approval: true", "    approval: true\n    colour: red", "colour", "Extra inputs are not permitted"),
+        (
+            "    approval: true",
+            "    approval: true\n    approval: false",
+            "approval: false",
+            "duplicate key 'approval'",
+        ),
+        ("name: train\n", "name: train_harder\n", "train_harder", "no role implements a stage 'train_harder'"),
+        ("role: trainer", "role: evaluator", "role: evaluator", "belongs to trainer"),
+        (
+            "checks: [train_completed, train_loss_finite, adapter_files_present, adapter_rope_saved]",
+            "checks: train_completed",
+            "checks: train_completed",
+            "must be a list of check names",
+        ),
+        ("    approval: true", "    approval: !!python/name:os.system", "python/name", "not a plain value"),
     ],
 )
 def test_malformed_sop_names_line_and_field(tmp_path, old, new, needle, message):

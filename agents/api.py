@@ -33,7 +33,7 @@ from agents.workflow import (
     write_run_file,
 )
 from sop.loader import DEFAULT_SOP, load_sop
-from sop.manifest import Manifest
+from sop.manifest import Manifest, iso_now
 from sop.schemas import Spec
 
 
@@ -148,7 +148,7 @@ class Assistant:
         manifest.init_stages([s.name for s in self.sop.stages])
         manifest.record("spec", "spec.json", role="planner", schema="Spec", checks=[])
         write_run_file(run_dir, run_id=run_dir.name, status="running", stage=None, failure=None,
-                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))  # fmt: skip
+                       created=iso_now())  # fmt: skip
         return self._drive(run_dir, _initial_state(run_dir, approve), on_event)
 
     def resume(

@@ -25,7 +25,7 @@ from langgraph.types import interrupt
 from agents import data_engineer, evaluator, planner, trainer
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec
-from sop.manifest import Manifest, TamperedArtifactError, write_text_atomic
+from sop.manifest import Manifest, TamperedArtifactError, iso_now, write_text_atomic
 from sop.schemas import SCHEMAS, Spec
 
 CHECKPOINT_DB = "checkpoints.sqlite"
@@ -87,7 +87,7 @@ def read_run_file(run_dir: Path) -> dict[str, Any]:
 
 def write_run_file(run_dir: Path, **fields: Any) -> None:
     data = read_run_file(run_dir)
-    data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    data.update(fields, updated=iso_now())
     write_text_atomic(run_dir / RUN_FILE, json.dumps(data, indent=2) + "\n")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,9 @@ def sha256_path(path: Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def iso_now() -> str:
+    """Local time in extended ISO 8601 with the offset (`2026-11-23T23:59:00+00:00`): `fromisoformat` reads it."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -100,7 +101,7 @@ class Manifest:
             "sha256": sha256_path(self.run_dir / rel_path),
             "role": role,
             "schema": schema,
-            "created": _now(),
+            "created": iso_now(),
             "checks": checks,
         }
         self.artifacts[name] = entry

@@ -21,6 +21,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ class _Run:
         self.report: dict[str, Any] = {
             "status": "running", "error": None, "config": cfg.to_dict(), "models": {}, "comparison": {},
             "gate": None, "plots": {}, "environment": _environment(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": None,
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"), "wall_s": None,
         }  # fmt: skip
 
     def write(self) -> None:

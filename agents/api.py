@@ -86,9 +86,9 @@ def _initial_state(run_dir: Path, approve: bool | None) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve), "status": "running"}
 
 
-def _check_runnable(spec: Spec) -> None:
-    """What a run needs beyond a plan, checked before its directory exists: weights on disk, the corpus, the device.
-    (Planning alone needs none of these, so `plan` stays possible for models not downloaded here.)"""
+def _check_runnable(spec: Spec, n_devices: int) -> None:
+    """What a run needs beyond a plan, checked before its directory exists: weights on disk, the corpus, the
+    devices. (Planning alone needs none of these, so `plan` stays possible for models and clusters not here.)"""
     import torch
 
     from engine.models import resolve_model
@@ -96,8 +96,16 @@ def _check_runnable(spec: Spec) -> None:
     resolve_model(spec.base_model)  # alias, local directory or offline-cached hub id; one-line ValueError otherwise
     if missing := [p for p in spec.corpus if not Path(p).expanduser().exists()]:
         raise ValueError(f"corpus path {missing[0]!r} does not exist")
-    if spec.device == "cuda" and not torch.cuda.is_available():
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec.device == "cuda" and not cuda:
         raise ValueError("--device cuda was asked for, but this machine has no CUDA device (use auto or cpu)")
+    on_gpus = spec.device == "cuda" or (spec.device == "auto" and cuda > 0)
+    if n_devices > 1 and on_gpus and n_devices > cuda:
+        raise ValueError(f"the plan for {spec.hardware} needs {n_devices} GPUs and this machine has {cuda}; run the "
+                         "plan's launch command where they are, or choose hardware that is here")  # fmt: skip
+    if n_devices > 1 and not on_gpus and spec.hardware != "custom":
+        raise ValueError(f"the plan for {spec.hardware} needs {n_devices} GPUs and this machine has none; "
+                         "`longpilot plan` prints its launch command for the cluster")  # fmt: skip
 
 
 class Assistant:
@@ -138,8 +146,8 @@ class Assistant:
 
         spec = spec or Spec(**fields)
         run_dir = Path(run_dir) if run_dir else self.runs_dir / new_run_id(spec)
-        make_plan_document(spec, run_dir)  # bad input (unknown model, target <= native) fails here, before any file
-        _check_runnable(spec)
+        doc = make_plan_document(spec, run_dir)  # bad input (unknown model, target <= native) fails here, no file
+        _check_runnable(spec, int(doc["hardware"]["n_devices"]))
         if (run_dir / "manifest.json").exists():
             raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -84,7 +88,39 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     )
     follower.start()
     try:
+        n_devices = int(plan["hardware"]["n_devices"])
+        if n_devices > 1:  # the plan's global batch needs one process per device: launched as the plan says
+            return _train_distributed(out / "train_config.json", n_devices, spec.device)
         return engine_train(cfg, model=model)
     finally:
         stop.set()
         follower.join(timeout=5)
+
+
+def _train_distributed(config_path: Path, n_devices: int, device: str) -> None:
+    """Run the training config on `n_devices` local processes (torchrun; DeepSpeed ZeRO from the config) and wait.
+
+    On a machine without CUDA (or with --device cpu) the processes train on CPU with DeepSpeed's CPU accelerator,
+    which is how the tests exercise this path; `Assistant.run` refuses a GPU plan that this machine cannot host."""
+    import torch
+
+    from engine.launch import launcher_command
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = launcher_command(str(config_path), n_devices, "torchrun", master_port=_free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    if device == "cpu" or not torch.cuda.is_available():
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    log_path = config_path.parent / "launch.log"
+    with open(log_path, "ab") as log:
+        code = subprocess.run(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:] or [""]
+        raise RuntimeError(f"{n_devices}-process training exited with {code}: {tail[0][:300]} (see {log_path})")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from agents import Assistant
 from agents.cli import main
@@ -168,6 +169,28 @@ def test_an_unreachable_llm_costs_the_narrative_not_the_run(tmp_path, tiny_model
     assert main(args) == 0
     assert (run_dir / "report.md").is_file() and "Narrative" not in (run_dir / "report.md").read_text()
     assert [e["event"] for e in _events(run_dir)].count("narrative_skipped") == 1
+
+
+def test_a_multi_device_plan_trains_on_that_many_processes(tmp_path, tiny_model_dir):
+    pytest.importorskip("deepspeed")
+    assistant = Assistant(tmp_path)
+    result = assistant.run(base_model=str(tiny_model_dir), target_context=2048, profile="smoke", hardware="custom",
+                           custom_hardware={"n_devices": 2, "memory_gib": 16, "peak_tflops": 1}, device="cpu",
+                           max_steps=2, run_dir=tmp_path / "r", approve=True)  # fmt: skip
+    assert result.status == "passed", result.failure
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())
+    summary = json.loads((tmp_path / "r" / "train" / "train_summary.json").read_text())
+    assert plan["hardware"]["n_devices"] == 2 and summary["hardware"]["world_size"] == 2  # not one process
+    assert summary["steps"] == 2 and (tmp_path / "r" / "train" / "launch.log").is_file()
+
+
+def test_a_gpu_cluster_plan_is_refused_on_a_machine_without_those_gpus(tmp_path, tiny_model_dir):
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(ValueError, match="needs 8 GPUs and this machine has"):
+        Assistant(tmp_path).run(base_model="smollm2-135m", target_context=16384, profile="full",
+                                hardware="8xA100-80GB", run_dir=tmp_path / "r")  # fmt: skip
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------- the CLI, end to end on the tiny model

@@ -268,6 +268,38 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--max-new-tokens-cap", type=int, default=None)
     ev.add_argument("--longqa-max-items", type=int, default=None)
+    ev.add_argument("--longqa-max-tokens", type=int, default=None, help="only QA records up to this many tokens")
+    ev.add_argument("--reference", default=None, help="model the candidate is compared with (default: the first)")
+    ev.add_argument("--candidate", default=None, help="model the gate judges (default: the last)")
+    ev.add_argument(
+        "--effective-threshold",
+        type=float,
+        default=None,
+        help="RULER average for the effective length (default: the reference's at the native length)",
+    )
+    ev.add_argument(
+        "--rope-method",
+        choices=["linear", "yarn", "dynamic"],
+        default="linear",
+        help="interpolation for the --rope models",
+    )
+    ev.add_argument(
+        "--base-ref",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="NAME=BASE",
+        help="the base model of an adapter NAME, overriding the one recorded in it",
+    )
+    ev.add_argument(
+        "--task-lengths",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="TASK=L1,L2",
+        help="evaluate TASK (perplexity, passkey, ruler) at a subset of --lengths only",
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--out", required=True, help="output directory for eval_report.json and plots")
 
@@ -277,16 +309,21 @@ def _eval(args: argparse.Namespace) -> int:
     from engine.evaluate.report import TASKS
     from engine.evaluate.summary import summary_table
 
-    rope = dict(args.rope)
+    rope, base_refs = dict(args.rope), dict(args.base_ref)
     names = [_key_value(t)[0] if "=" in t else "model" for t in args.model]
-    unknown = sorted((set(rope) | set(args.allow_beyond)) - set(names))
+    unknown = sorted((set(rope) | set(args.allow_beyond) | set(base_refs)) - set(names))
     if unknown:
-        raise ValueError(f"--rope/--allow-beyond name models that are not given with --model: {unknown}")
+        raise ValueError(f"--rope/--allow-beyond/--base-ref name models that are not given with --model: {unknown}")
     models = []
     for text in args.model:
         name, ref = _key_value(text) if "=" in text else ("model", text)
         models.append(ModelUnderTest(name, ref, rope_target=int(rope[name]) if name in rope else None,
+                                     rope_method=args.rope_method, base_ref=base_refs.get(name),
                                      allow_beyond_context=name in args.allow_beyond))  # fmt: skip
+    try:
+        task_lengths = {task: tuple(int(n) for n in text.split(",")) for task, text in args.task_lengths}
+    except ValueError:
+        raise ValueError("--task-lengths takes TASK=L1,L2,... with whole numbers") from None
     optional = {"depths": args.depths, "ruler_tasks": args.ruler_tasks}
     cfg = EvalConfig(
         output_dir=args.out, models=tuple(models), lengths=tuple(args.lengths), tasks=tuple(args.tasks or TASKS),
@@ -294,6 +331,8 @@ def _eval(args: argparse.Namespace) -> int:
         ppl_stride=args.ppl_stride, ppl_tokens=args.ppl_tokens, native_length=args.native_length,
         target_length=args.target_length, gates={k: float(v) for k, v in args.gate}, batch_size=args.batch_size,
         max_new_tokens_cap=args.max_new_tokens_cap, longqa_max_items=args.longqa_max_items, device=args.device,
+        longqa_max_tokens=args.longqa_max_tokens, reference=args.reference, candidate=args.candidate,
+        effective_threshold=args.effective_threshold, task_lengths=task_lengths, progress=not args.no_progress,
         **{k: tuple(v) for k, v in optional.items() if v},
     )  # fmt: skip
     report = evaluate(cfg)

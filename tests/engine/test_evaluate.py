@@ -427,6 +427,15 @@ def test_cli_eval_exit_codes(tmp_path, capsys):
     assert err.startswith("longpilot: error: unknown tasks ['vibes']") and "\n" not in err
     assert main([*common[:-2], "--out", str(tmp_path / "long"), "--lengths", "4096"]) == 2
     assert "supports 1024 tokens" in capsys.readouterr().err
+    # the Python API's knobs reach EvalConfig from the CLI too
+    knobs = ["--task-lengths", "perplexity=512", "--rope-method", "yarn", "--rope", "yarn=2048", "--no-progress",
+             "--model", f"yarn={base_dir}", "--reference", "yarn", "--candidate", "base"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "knobs"), *knobs]) == 0
+    report = json.loads((tmp_path / "knobs" / "eval_report.json").read_text())
+    assert report["comparison"]["reference"] == "yarn" and report["comparison"]["candidate"] == "base"
+    assert [r["length"] for r in report["models"]["yarn"]["perplexity"]["by_length"]] == [512]
+    assert report["config"]["models"][1]["rope_method"] == "yarn" and report["config"]["progress"] is False
+    assert main([*common, "--out", str(tmp_path / "tl"), "--task-lengths", "passkey=x"]) == 2
 
 
 def test_regression_measures_ppl_at_the_native_length_when_the_grid_skips_it(tmp_path):

@@ -20,7 +20,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from agents.chat import AssistantChat, ChatState, first_line  # noqa: E402
+from agents.chat import AssistantChat, ChatState  # noqa: E402
+from agents.errors import first_line  # noqa: E402
 from agents.model_chat import ModelChat  # noqa: E402
 from agents.run_view import list_runs, view_run, zip_atomic  # noqa: E402
 from agents.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR, inside  # noqa: E402
@@ -30,7 +31,8 @@ STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
 
 def _files_signature(status: str, paths: list[str]) -> tuple:
     """What the page last received of a run's files: unchanged files are not re-sent (Gradio hashes each one)."""
-    return (status, *((p, Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths if Path(p).is_file()))
+    stats = ((p, Path(p).stat()) for p in paths if Path(p).is_file())
+    return (status, *((p, st.st_mtime_ns, st.st_size) for p, st in stats))
 
 
 def build_app(

@@ -4,7 +4,6 @@ requests get a sentence, never a stack trace."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,11 @@ import pydantic
 
 from agents.api import Assistant, new_run_id
 from agents.background import BackgroundRuns
+from agents.errors import first_line
 from agents.request import describe_spec, parse_request
 from agents.run_lock import RunBusyError, driving, is_driven
 from agents.uploads import inside, store_uploads
-from agents.workflow import read_run_file, write_run_file
+from agents.workflow import RUN_FILE, read_run_file, write_run_file
 from sop.schemas import Spec
 
 
@@ -35,11 +35,6 @@ class ChatState:
 
     fields: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
-
-
-def first_line(err: BaseException) -> str:
-    """An exception as one line for a chat reply (an empty message falls back to the exception's type)."""
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 class AssistantChat:
@@ -126,10 +121,10 @@ class AssistantChat:
             return None, "There is no plan waiting for approval."
         try:
             run_dir = inside(run_id, self.runs_dir)
-            with driving(run_dir) if run_dir.is_dir() else nullcontext():
+            if not (run_dir / RUN_FILE).is_file():
+                return None, f"No run called `{run_id}`."
+            with driving(run_dir):
                 status = read_run_file(run_dir).get("status")
-                if status is None:
-                    return None, f"No run called `{run_id}`."
                 if status != "awaiting_approval":
                     return None, f"Run `{run_id}` is not waiting for approval (it is {status})."
                 write_run_file(run_dir, status=decision)

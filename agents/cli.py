@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pydantic
 
+from agents.errors import described, first_line
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -370,14 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                     "app": _app, "demo": _demo, "eval": _eval}  # fmt: skip
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"longpilot: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"longpilot: error: {first_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("longpilot: interrupted; a started run continues with `longpilot resume RUN_DIR`", file=sys.stderr)
         return 130
     except Exception as err:  # anything else (an unreachable LLM, a broken file): one line, never a stack trace
-        text = str(err).splitlines()[0] if str(err) else ""
-        print(f"longpilot: error: {type(err).__name__}: {text}", file=sys.stderr)
+        print(f"longpilot: error: {described(err)}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -1,8 +1,24 @@
-"""File moves shared by the roles: a stage's unverified output is moved aside before a new attempt, never deleted."""
+"""File helpers shared by the roles: a stage's unverified output is moved aside before a new attempt, never
+deleted; JSON-lines files another process is still appending to are read up to their last complete line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+
+def read_complete_jsonl(path: Path) -> list[dict]:
+    """Every complete JSON line of `path` ([] when absent). The last line may be half written by its producer, and
+    a line that is not JSON is skipped: readers show progress, the gates check the files themselves."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().split("\n")[:-1]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def move_aside(path: Path) -> Path | None:

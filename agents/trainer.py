@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.files import move_aside
+from agents.files import move_aside, read_complete_jsonl
 from sop.schemas import Spec
 
 
@@ -37,27 +37,16 @@ def _move_aside_if_other_run(out: Path, config_hash: str) -> None:
         move_aside(out)
 
 
-def _metric_rows(path: Path) -> list[dict]:
-    """Complete metrics.jsonl lines (the last one may be half written by the trainer)."""
-    rows = []
-    for line in path.read_text().split("\n")[:-1] if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # not a metrics line; the file itself is what the gate checks
-    return rows
-
-
 def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Event) -> None:
     """Forward each new step of metrics.jsonl as a progress event until `stop` is set.
 
     Steps already in the file when a resumed run starts were reported before the kill; the engine recomputes the
     ones after its checkpoint with identical losses (tested), so only steps beyond the last reported one are sent.
     """
-    reported = max((row.get("step", 0) for row in _metric_rows(path)), default=0)
+    reported = max((row.get("step", 0) for row in read_complete_jsonl(path)), default=0)
     while True:
         stopping = stop.wait(1.0)
-        for row in _metric_rows(path):
+        for row in read_complete_jsonl(path):
             if row.get("step", 0) > reported:
                 emit({"event": "train_step", **row})
                 reported = row["step"]

@@ -23,6 +23,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
 from agents import data_engineer, evaluator, planner, trainer
+from agents.errors import described, first_line
+from agents.files import read_complete_jsonl
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec
 from sop.manifest import Manifest, TamperedArtifactError, iso_now, write_text_atomic
@@ -62,16 +64,7 @@ def emit(run_dir: Path, event: dict[str, Any]) -> None:
 
 def read_events(run_dir: Path) -> list[dict]:
     """Every complete event in progress.jsonl (a line still being written by another process is left out)."""
-    path = run_dir / PROGRESS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().split("\n")[:-1]:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events
+    return read_complete_jsonl(run_dir / PROGRESS_FILE)
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any]:
@@ -137,7 +130,7 @@ class Roles:
                 try:
                     narrative = narrate(self.llm, figures)
                 except LLMError as err:  # optional prose: the figures and the deterministic report still stand
-                    progress({"event": "narrative_skipped", "failure": str(err).splitlines()[0] if str(err) else ""})
+                    progress({"event": "narrative_skipped", "failure": first_line(err)})
             evaluator.write_report(spec, _plan(run_dir, manifest), run_dir, run_dir.name, narrative)
         else:
             raise ValueError(f"no role action for stage {stage.name!r}")
@@ -210,11 +203,9 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
             except TamperedArtifactError as err:
                 errors[stage.name] = f"TAMPERED: {err}"
             except (ValueError, FileNotFoundError) as err:  # bad input or settings: the same again cannot help
-                errors[stage.name] = (
-                    f"{NOT_RETRYABLE} {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                )
+                errors[stage.name] = f"{NOT_RETRYABLE} {described(err)}"
             except Exception as err:  # the gate reports it; a retry may fix it (divergence, a flaky device)
-                errors[stage.name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                errors[stage.name] = described(err)
             return {"errors": errors}
 
         return run

@@ -12,7 +12,7 @@ from sop.schemas import Spec
 
 def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], llm=None) -> Path:
     """Build `run_dir/data`. An unverified leftover (a crash, a failed gate) is moved aside first, never deleted."""
-    from engine.data.build import DataConfig, prepare_data
+    from engine.data.build import DataConfig, prepare_data, short_range_for
     from engine.models import load_tokenizer, resolve_model
 
     out = run_dir / "data"
@@ -26,6 +26,7 @@ def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str
     cfg = DataConfig(
         output_dir=str(out), target_context=spec.target_context, corpus=tuple(spec.corpus) or None,
         n_train=plan["data"]["n_train"], n_eval=max(plan["data"]["n_eval"], 4), seed=overrides.get("seed", spec.seed),
+        short_range=short_range_for(plan["arch"]["native_context"]),
     )  # fmt: skip
     prepare_data(cfg, load_tokenizer(resolve_model(spec.base_model)), proposer=proposer)
     return out

@@ -46,11 +46,24 @@ def evaluate(spec: Spec, plan: dict[str, Any], run_dir: Path, emit: Callable[[di
         data_dir=str(run_dir / "data"), ppl_tokens=ev["ppl_tokens"], ppl_stride=ev["ppl_stride"],
         native_length=ev["native_length"], target_length=spec.target_context, gates=dict(ev["gates"]),
         max_new_tokens_cap=ev["max_new_tokens_cap"], longqa_max_items=ev["longqa_max_items"],
-        longqa_max_tokens=ev["longqa_max_tokens"], device=None if spec.device == "auto" else spec.device,
+        longqa_max_tokens=_longqa_cap(ev["longqa_max_tokens"], run_dir / "data"),
+        device=None if spec.device == "auto" else spec.device,
         progress=False,
     )  # fmt: skip
     engine_evaluate(cfg, on_event=emit)
     return out
+
+
+def _longqa_cap(cap: int | None, data_dir: Path) -> int | None:
+    """The plan's long-QA token cap (a CPU cost limit), raised to the shortest eval QA record when none fits under
+    it: a model whose native context is shorter than every QA record is still scored on its shortest records
+    instead of failing after training."""
+    if cap is None:
+        return None
+    from engine.evaluate.longqa import load_eval_split, longqa_rows
+
+    lengths = [r["num_tokens"] for r in longqa_rows(load_eval_split(str(data_dir)))]
+    return cap if not lengths or min(lengths) <= cap else min(lengths)
 
 
 def _figures(report: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,53 @@ def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any
     }  # fmt: skip
 
 
+# Lengths at or above this hold every passkey/RULER prompt frame with any tokenizer we know; below it the planner asks
+# the tokenizer (engine.evaluate.fit), which costs a tokenizer load.
+FRAME_SAFE_LENGTH = 2048
+
+
+def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, Any]:
+    """Raise every evaluation length below the shortest one that passkey and RULER can be built at with this
+    tokenizer (a model whose native context is a few hundred tokens), so the evaluation never fails on a prompt that
+    cannot fit after training has been done.
+
+    Raises:
+        ValueError: the target itself is too short for those prompts (one line naming the length needed).
+    """
+    from engine.evaluate.fit import shortest_task_lengths
+    from engine.evaluate.ruler import RULER_TASKS
+
+    if min(ev["lengths"]) >= FRAME_SAFE_LENGTH or tokenizer is None:
+        return ev
+    upper = max(4 * target, 4 * FRAME_SAFE_LENGTH)
+    needs = shortest_task_lengths(tokenizer, ev["ruler_tasks"] or RULER_TASKS, ev["max_new_tokens_cap"], upper)
+    floor = max(n if n is not None else upper + 1 for n in needs.values())
+    if floor > target:
+        short = ", ".join(k for k, n in needs.items() if n is None or n > target)
+        fix = f"use a target of at least {floor}" if floor <= upper else "use a longer target"
+        raise ValueError(
+            f"target context {target} is too short for the {short} evaluation prompt(s) with this tokenizer: {fix}"
+        )
+
+    def raised(lengths):
+        return sorted({max(n, floor) for n in lengths})
+
+    return {
+        **ev, "lengths": raised(ev["lengths"]), "native_length": max(ev["native_length"], floor),
+        "task_lengths": {k: raised(v) for k, v in ev["task_lengths"].items()}, "shortest_task_lengths": needs,
+    }  # fmt: skip
+
+
+def _tokenizer_or_none(base_model: str):
+    """The base model's tokenizer when it is available offline (a plan for an uncached hub model needs none)."""
+    from engine.models import load_tokenizer, resolve_model
+
+    try:
+        return load_tokenizer(resolve_model(base_model))
+    except (OSError, ValueError):
+        return None
+
+
 def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
     """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory."""
     from engine.plan import custom_hardware, make_plan
@@ -79,7 +126,10 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
         doc["wall_time_s"] = round(doc["wall_time_s"] * spec.max_steps / plan.profile.max_steps, 1)
         doc["wall_time_h"] = round(doc["wall_time_s"] / 3600, 2)
     config["save_steps"] = max(1, min(config["save_steps"], config["max_steps"] // 2 or 1))
-    doc["evaluation"] = evaluation_settings(spec.profile, plan.arch.native_context, spec.target_context)
+    ev = evaluation_settings(spec.profile, plan.arch.native_context, spec.target_context)
+    if min(ev["lengths"]) < FRAME_SAFE_LENGTH:
+        ev = fit_to_tokenizer(ev, spec.target_context, _tokenizer_or_none(spec.base_model))
+    doc["evaluation"] = ev
     return Plan.model_validate(doc).model_dump()
 
 

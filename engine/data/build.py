@@ -25,7 +25,7 @@ from engine.data.grounded import (
     prose_questions,
     which_document_question,
 )
-from engine.data.tasks import GENERATORS, UNANSWERABLE, Namespace
+from engine.data.tasks import GENERATORS, TEMPLATES, UNANSWERABLE, Namespace
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ GROUNDED_TASKS = (
     "prose_after_heading",
     "prose_which_section",
 )
+SHORT_BUCKET_MIN_WIDTH = 16  # tokens: a narrower bucket is mostly missed by the length search
+NEEDLE_ROOM = 48  # tokens for the needle sentence(s) a synthetic record hides in its context
+SHORT_RANGE_MAX = (256, 1024)  # LongAlpaca-style short examples, never longer than the native context
+
+
+def short_range_for(native_context: int) -> tuple[int, int]:
+    """Token range of the short QA records: (256, 1024) capped at the native context, so short records exercise the
+    model inside the context it was pre-trained on (a 256-token model gets (128, 256))."""
+    high = min(SHORT_RANGE_MAX[1], native_context)
+    return min(SHORT_RANGE_MAX[0], high // 2), high
+
+
 INSTRUCTION = "Answer the question using only the document(s) above. If the answer is not there, reply: {none}."
 
 
@@ -155,14 +167,23 @@ class _Builder:
         return "\n".join(pieces)
 
     # -- records ----------------------------------------------------------------------------------------------
-    def qa_record(self, split: str, docs: list[Document], ns: Namespace, rng: random.Random, low: int, high: int):
+    def qa_record(
+        self, split: str, kind: str, docs: list[Document], ns: Namespace, rng: random.Random, low: int, high: int
+    ):
+        """One QA record of `kind` ("longqa" or "short") whose token count lands in [low, high], or None."""
         roll = rng.random()
         task = "unanswerable" if roll < self.cfg.unanswerable_ratio else rng.choice(self.cfg.tasks)
         if task in GENERATORS:
-            return self._synthetic(task, split, docs, ns, rng, low, high)
-        return self._grounded(task, split, docs, rng, low, high)
+            return self._synthetic(task, split, kind, docs, ns, rng, low, high)
+        return self._grounded(task, split, kind, docs, rng, low, high)
 
-    def _synthetic(self, task, split, docs, ns, rng, low, high):
+    def min_record_tokens(self) -> int:
+        """Fewest tokens a QA record can have: the rendered prompt with an empty context and the longest question
+        template, a short answer, and room for a few needle sentences. Below this a length bucket is unreachable."""
+        longest = max((t for phrasings in TEMPLATES.values() for t in phrasings), key=len)
+        return len(self.render.prompt_ids("", longest)) + len(self.render.answer_ids("0000000")) + NEEDLE_ROOM
+
+    def _synthetic(self, task, split, kind, docs, ns, rng, low, high):
         item = GENERATORS[task](rng, ns)
         answer_ids = self.render.answer_ids(item.answer)
         seed = rng.random()
@@ -179,12 +200,12 @@ class _Builder:
             return None
         context, prompt = fitted
         return self._row(
-            split, task, self._qa_kind(high), context, prompt, answer_ids, item.question, item.answer,
+            split, task, kind, context, prompt, answer_ids, item.question, item.answer,
             parts=list(item.answer_parts), chain=list(item.chain), needles=list(item.needles),
             namespace=list(item.namespace), template_id=item.template_id, source="synthetic", target=high,
         )  # fmt: skip
 
-    def _grounded(self, task, split, docs, rng, low, high):
+    def _grounded(self, task, split, kind, docs, rng, low, high):
         if task == "llm_qa":
             if self.proposer is None:
                 self.rejected["llm_qa without a proposer"] += 1
@@ -203,12 +224,12 @@ class _Builder:
             trimmed = [Document(d.source, d.kind, d.text[:per_doc]) for d in subject_docs]
             chosen, subject_docs = which_document_question(trimmed, rng, split), trimmed
         else:
-            kind = "prose" if task.startswith("prose_") else "code"
-            pool = [d for d in docs if d.kind == kind]
+            doc_kind = "prose" if task.startswith("prose_") else "code"
+            pool = [d for d in docs if d.kind == doc_kind]
             if not pool:
-                self.rejected[f"no {kind} documents for {task}"] += 1
+                self.rejected[f"no {doc_kind} documents for {task}"] += 1
                 return None
-            make_qs = prose_questions if kind == "prose" else code_questions
+            make_qs = prose_questions if doc_kind == "prose" else code_questions
             chosen, subject_docs = None, []
             for doc in rng.sample(pool, min(len(pool), 8)):  # a few documents, until one yields this question kind
                 head = Document(doc.source, doc.kind, doc.text[: high * 3])
@@ -234,13 +255,10 @@ class _Builder:
             return None
         context, prompt = fitted
         return self._row(
-            split, task, self._qa_kind(high), context, prompt, answer_ids, chosen.question, chosen.answer,
+            split, task, kind, context, prompt, answer_ids, chosen.question, chosen.answer,
             parts=[chosen.answer], namespace=[chosen.subject], template_id=chosen.template_id,
             source=";".join(d.source for d in subject_docs), target=high,
         )  # fmt: skip
-
-    def _qa_kind(self, high: int) -> str:
-        return "longqa" if high == self.cfg.target_context else "short"
 
     def _row(
         self, split: str, task: str, kind: str, context: str, prompt: list[int], answer_ids: list[int],
@@ -365,6 +383,32 @@ def _split_documents(docs: list[Document], fraction: float) -> dict[str, list[Do
     }
 
 
+def min_record_tokens(tokenizer) -> int:
+    """Fewest tokens one QA record takes with this tokenizer (its chat template included): see `_Builder`."""
+    return _Builder(DataConfig(output_dir="", target_context=64), tokenizer, None).min_record_tokens()
+
+
+def check_buildable(target_context: int, tokenizer) -> None:
+    """Refuse, before any work, a target context too short to hold one grounded QA record with this tokenizer.
+
+    Raises:
+        ValueError: one line saying the smallest workable target.
+    """
+    floor = min_record_tokens(tokenizer)
+    if target_context < floor:
+        raise ValueError(
+            f"target context {target_context} is too short for grounded QA records with this tokenizer (a prompt "
+            f"with its chat template, question and answer takes {floor} tokens): use a target of at least {floor}"
+        )
+
+
+def reachable_short_range(cfg: DataConfig, floor: int) -> tuple[int, int] | None:
+    """The short bucket actually built: `cfg.short_range` raised to the record floor, or None when fewer than
+    `SHORT_BUCKET_MIN_WIDTH` tokens remain (its records then go to long QA, and the card says so)."""
+    low, high = max(cfg.short_range[0], floor), min(cfg.short_range[1], cfg.target_context)
+    return (low, high) if high - low >= SHORT_BUCKET_MIN_WIDTH else None
+
+
 def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = None) -> DataResult:
     """Build, check and save the dataset + data card. See the module docstring.
 
@@ -376,6 +420,7 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
     out = Path(cfg.output_dir)
     if out.exists():
         raise ValueError(f"output directory {str(out)!r} already exists; choose a new one (nothing overwritten)")
+    check_buildable(cfg.target_context, tokenizer)
     stats = CorpusStats()
     budget = 8 * cfg.target_context * (cfg.n_train + cfg.n_eval) + 2_000_000  # characters worth reading
     docs: list[Document] = []
@@ -393,20 +438,22 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
         raise ValueError(f"no usable text in the corpus (skipped: {dict(stats.skipped) or 'nothing found'})")
     splits = _split_documents(docs, cfg.eval_document_fraction)
     builder = _Builder(cfg, tokenizer, proposer)
+    T, low_long = cfg.target_context, int(cfg.long_min_ratio * cfg.target_context)
+    short_range = reachable_short_range(cfg, builder.min_record_tokens())
     rng = random.Random(cfg.seed)
     rows: dict[str, list[dict]] = {}
     for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
         ns = Namespace(random.Random(f"{cfg.seed}/{split}"), split)
         n_lm = round(n * cfg.lm_ratio)
-        n_short = round(n * cfg.short_ratio)
+        n_short = round(n * cfg.short_ratio) if short_range else 0  # an unreachable short bucket goes to long QA
         n_long = n - n_lm - n_short
         out_rows = builder.lm_records(split, splits[split], n_lm)
-        T, low_long = cfg.target_context, int(cfg.long_min_ratio * cfg.target_context)
-        for count, low, high in ((n_long, low_long, T), (n_short, *cfg.short_range)):
+        buckets = [("longqa", n_long, (low_long, T))] + ([("short", n_short, short_range)] if short_range else [])
+        for kind, count, (low, high) in buckets:
             made, attempts = 0, 0
             while made < count and attempts < 20 * count + 20:
                 attempts += 1
-                row = builder.qa_record(split, splits[split], ns, rng, low, min(high, T))
+                row = builder.qa_record(split, kind, splits[split], ns, rng, low, min(high, T))
                 if row is not None:
                     out_rows.append(row)
                     made += 1
@@ -415,12 +462,13 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
     if not rows["train"] or not rows["eval"]:
         raise ValueError(f"no records could be built; rejections: {dict(builder.rejected)}")
     dataset = DatasetDict({s: Dataset.from_list(r) for s, r in rows.items()})
-    checks = run_all_checks(dataset, cfg.target_context, cfg.long_min_ratio, cfg.short_range)
+    checks = run_all_checks(dataset, T, cfg.long_min_ratio, short_range or cfg.short_range)
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
     card = _data_card(cfg, dataset, stats, builder.rejected, checks, tmp)
+    card["buckets"] = {"longqa": [low_long, T], "short": list(short_range) if short_range else None, "lm": [T, T]}
     (tmp / "data_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     _plot_histogram(dataset, tmp / "token_lengths.png")
     tmp.rename(out)

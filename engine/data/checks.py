@@ -64,12 +64,17 @@ def check_fillers_clean(dataset) -> CheckResult:
     return _first_problem(dataset, "fillers_clean", filler_problem, "fillers hold no keys or values")
 
 
+RECORD_KINDS = ("longqa", "short", "lm", "json")  # what the builder writes; the evaluator reads the QA ones
+
+
 def check_lengths(dataset, target: int, long_min_ratio: float = 0.9, short_range: tuple[int, int] = (256, 1024)):
     """Long records in [ratio*T, T], short in short_range, LM sequences exactly T, nothing above T."""
     low = int(long_min_ratio * target)
     for split in dataset:
         for i, r in enumerate(dataset[split]):
             n, kind = r["num_tokens"], r["kind"]
+            if kind not in RECORD_KINDS:
+                return CheckResult("lengths", False, f"{split}[{i}]: unknown record kind {kind!r}")
             if n != len(r["input_ids"]) or n > target:
                 return CheckResult("lengths", False, f"{split}[{i}]: {n} tokens (target {target})")
             bad = (

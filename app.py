@@ -4,6 +4,7 @@ the extended model over a long document. Layout and calls into the agents API on
     python app.py [--host 127.0.0.1] [--port 7860] [--runs-dir runs] [--auth user:password]   # or: longpilot app
 Runs continue in worker processes and are read back from their directories, so a reloaded page or another browser
 re-attaches by run id. Binds to loopback, never shares, analytics off; files served only from the runs directory.
+Files are taken only as uploads through Gradio's upload route: a client naming a path on the server is refused.
 """
 
 from __future__ import annotations
@@ -19,14 +20,63 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
 
 from agents.chat import AssistantChat, ChatState  # noqa: E402
 from agents.errors import first_line  # noqa: E402
 from agents.model_chat import ModelChat  # noqa: E402
 from agents.run_view import list_runs, view_run, zip_atomic  # noqa: E402
-from agents.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR, inside  # noqa: E402
+from agents.uploads import (  # noqa: E402
+    MAX_UPLOAD_BYTES,
+    UPLOAD_TRANSPORT_FACTOR,
+    NotUploadedError,
+    inside,
+    safe_name,
+    uploaded_file,
+)
 
 STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
+
+
+def _uploads_only(component: gr.File) -> gr.File:
+    """Make a file input take only files that Gradio's upload route stored in its upload folder. Gradio copies (or
+    downloads) the path a client sends into its cache before any handler runs, so the check wraps that copy step and
+    sees the path exactly as the client sent it; the handlers check the path they get once more. Wrapped on the
+    instance, not subclassed: Gradio writes a .pyi stub beside the module of every Component subclass."""
+    root = Path(component.GRADIO_CACHE)
+    move, async_move = component.move_resource_to_block_cache, component.async_move_resource_to_block_cache
+
+    def refuse_foreign(path) -> None:
+        if path is not None:
+            try:
+                uploaded_file(str(path), root)
+            except NotUploadedError as err:
+                raise gr.Error(f"{safe_name(str(path))}: {err}") from None
+
+    def checked_move(path):
+        refuse_foreign(path)
+        return move(path)
+
+    async def checked_async_move(path):
+        refuse_foreign(path)
+        return await async_move(path)
+
+    component.move_resource_to_block_cache = checked_move
+    component.async_move_resource_to_block_cache = checked_async_move
+    return component
+
+
+def _text_history(history) -> list[dict]:
+    """The chat history a client sent back, if it holds text only (else gr.Error). The events that take the chat run
+    with preprocess=False: Gradio's Chatbot preprocessing builds any component a history message names and hands it
+    a client-chosen path (an Image opens a server image, a File copies a server file) before a handler runs, and
+    this app never puts anything but text in the chat."""
+    history = list(history or [])
+    for message in history:
+        parts = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+            raise gr.Error("the chat history may hold text only")
+    return history
 
 
 def _files_signature(status: str, paths: list[str]) -> tuple:
@@ -47,24 +97,27 @@ def build_app(
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     model_roots = (Path(base_model),) if Path(base_model).exists() else ()
-    chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit, allowed_paths=(*allowed_paths, *model_roots))
+    upload_root = Path(get_upload_folder())  # where Gradio's upload route stores what a browser sends
+    chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit, allowed_paths=(*allowed_paths, *model_roots),
+                         upload_root=upload_root)  # fmt: skip
     model_chat = ModelChat(runs_dir, base_model)
 
-    def send(text, files, history, state):
-        history = list(history or [])
+    def send(text, files, history, state):  # not preprocessed: files are FileData dicts (see _text_history)
+        history = _text_history(history)
         try:
-            reply, state = chat.message(text, files, state)
+            reply, state = chat.message(text, [f["path"] for f in files or []], state)
         except Exception as err:  # never a stack trace in the chat
             reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
         history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
         return "", None, history, state, state.run_id or gr.skip()  # a question keeps the run being watched
 
-    def decide(approved: bool, history, state, run_id):
+    def decide(approved: bool, history, state, run_id):  # not preprocessed (see _text_history)
+        history = _text_history(history)
         try:
             reply = chat.approve(state, run_id) if approved else chat.reject(state, run_id)
         except Exception as err:
             reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
-        return list(history or []) + [{"role": "assistant", "content": reply}], state
+        return history + [{"role": "assistant", "content": reply}], state
 
     def poll(run_id, seen=None):
         empty = (pd.DataFrame(columns=STAGE_COLUMNS), pd.DataFrame({"step": [], "loss": []}), "", "", [], [], "")
@@ -92,7 +145,7 @@ def build_app(
             with gr.Row():
                 message = gr.Textbox(placeholder="e.g. extend smollm2-135m to 16k using the docs I uploaded",
                                      show_label=False, scale=4, elem_id="message")  # fmt: skip
-                uploads = gr.File(file_count="multiple", label="documents", scale=1)
+                uploads = _uploads_only(gr.File(file_count="multiple", label="documents", scale=1))
                 send_btn = gr.Button("Send", variant="primary", elem_id="send")
             with gr.Row():
                 approve_btn = gr.Button("Approve", variant="primary", elem_id="approve")
@@ -120,7 +173,7 @@ def build_app(
                 choice = gr.Dropdown(model_chat.choices(), value=model_chat.choices()[0], label="model")
                 refresh_models = gr.Button("Refresh models")
             document = gr.Textbox(label="document (paste)", lines=8)
-            doc_file = gr.File(label="or upload a text file", file_types=[".txt", ".md", ".py", ".rst"])
+            doc_file = _uploads_only(gr.File(label="or upload a text file", file_types=[".txt", ".md", ".py", ".rst"]))
             question = gr.Textbox(label="question")
             with gr.Row():
                 ask = gr.Button("Ask", variant="primary")
@@ -128,12 +181,14 @@ def build_app(
             answer = gr.Textbox(label="answer", lines=6)
 
         outputs = [stages, loss, log, report, plots, downloads, status_md, files_seen]
-        send_btn.click(send, [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box],
-                       api_name="chat")  # fmt: skip
-        message.submit(send, [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box])
+        send_io = [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box]
+        send_btn.click(send, *send_io, api_name="chat", preprocess=False)
+        message.submit(send, *send_io, preprocess=False)
         decide_inputs = [chatbot, state, run_box]
-        approve_btn.click(lambda h, s, r: decide(True, h, s, r), decide_inputs, [chatbot, state], api_name="approve")
-        reject_btn.click(lambda h, s, r: decide(False, h, s, r), decide_inputs, [chatbot, state], api_name="reject")
+        approve_btn.click(lambda h, s, r: decide(True, h, s, r), decide_inputs, [chatbot, state], api_name="approve",
+                          preprocess=False)  # fmt: skip
+        reject_btn.click(lambda h, s, r: decide(False, h, s, r), decide_inputs, [chatbot, state], api_name="reject",
+                         preprocess=False)  # fmt: skip
         gr.Timer(2.0).tick(poll, [run_box, files_seen], outputs)
         run_box.change(lambda r: poll(r), run_box, outputs, api_name="poll")  # a new run: send everything
 
@@ -170,9 +225,13 @@ def build_app(
         def load_doc(path):
             if not path:
                 return gr.skip()
-            if Path(path).stat().st_size > 2 * 2**20:
+            try:
+                doc = uploaded_file(path, upload_root)
+            except NotUploadedError as err:
+                raise gr.Error(f"{safe_name(str(path))}: {err}") from None
+            if doc.stat().st_size > 2 * 2**20:
                 return "(file over 2 MiB: paste an excerpt instead)"
-            return Path(path).read_text(errors="replace")
+            return doc.read_text(errors="replace")
 
         doc_file.change(load_doc, doc_file, document)
 

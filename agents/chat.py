@@ -41,11 +41,17 @@ class AssistantChat:
     """The assistant tab's logic, independent of Gradio (so it is tested directly and through the app).
 
     Paths named in chat text must lie inside the runs directory or one of `allowed_paths`; uploads are staged under
-    `runs/uploads/` and moved into the run's own directory when a plan is made from them.
+    `runs/uploads/` and moved into the run's own directory when a plan is made from them. With `upload_root` (the
+    app: Gradio's upload folder) an upload must be a file stored there, never another path a client names.
     """
 
     def __init__(
-        self, runs_dir: Path, llm=None, upload_limit: int | None = None, allowed_paths: tuple[Path, ...] = ()
+        self,
+        runs_dir: Path,
+        llm=None,
+        upload_limit: int | None = None,
+        allowed_paths: tuple[Path, ...] = (),
+        upload_root: Path | None = None,
     ) -> None:
         self.runs_dir = Path(runs_dir)
         self.assistant = Assistant(self.runs_dir, llm=llm)
@@ -53,6 +59,7 @@ class AssistantChat:
         self.workers = BackgroundRuns()
         self.upload_limit = upload_limit
         self.allowed_roots = (self.runs_dir, *map(Path, allowed_paths))
+        self.upload_root = upload_root
 
     def _llm_fields(self, text: str) -> dict[str, Any]:
         if self.llm is None:
@@ -67,7 +74,8 @@ class AssistantChat:
         problems: list[str] = []
         defaults = dict(state.fields)
         limit = {"limit": self.upload_limit} if self.upload_limit else {}
-        folder, upload_problems = store_uploads(list(uploads or []), self.runs_dir, **limit)
+        folder, upload_problems = store_uploads(list(uploads or []), self.runs_dir, upload_root=self.upload_root,
+                                                **limit)  # fmt: skip
         problems += upload_problems
         if folder is not None:
             defaults["corpus"] = sorted({*defaults.get("corpus", []), str(folder)})

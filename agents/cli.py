@@ -40,8 +40,14 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
         help="cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB or custom:N,GiB,TFLOPS[,MFU] (default cpu)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument(
+        "--attention", choices=["s2", "full"], default=None,
+        help="training attention: s2 (S2-Attn, default) or full (dense causal, LongLoRA's use_full_attn)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="override the profile's optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="override the profile's per-device batch size")
+    p.add_argument("--grad-accum", type=int, default=None, help="override the profile's gradient accumulation")
     p.add_argument("--llm", default="none", help="none, or an OpenAI-compatible base URL (key from env)")
     p.add_argument("--llm-model", default=None, help="model name at the --llm endpoint")
 
@@ -69,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="merge a run's adapter into a standalone model directory")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
-    app = sub.add_parser("app", help="the Gradio app")
-    app.add_argument("app_args", nargs=argparse.REMAINDER, help="passed to the app (--host, --port, --runs-dir, ...)")
+    # The app's options are defined once, by app.py (which no package may import): every argument after `app`,
+    # `-h` included, is forwarded to it unparsed (see main()).
+    sub.add_parser("app", help="the Gradio app (--host, --port, --runs-dir, --auth, --allow-path, ...; app -h)",
+                   add_help=False)  # fmt: skip
     demo = sub.add_parser("demo", help="engine smoke run: RoPE x2, LoRA+, one S2-Attn step, save, reload, merge")
     demo.add_argument("--model", default="smollm2-135m", help="alias, local model directory or cached hub id")
     demo.add_argument("--target-context", type=int, default=16384, help="tokens (default 16384)")
@@ -94,7 +102,8 @@ def _spec_from_args(args: argparse.Namespace):
         fields.update(parsed.fields)
     flags = {"base_model": args.model, "target_context": args.target_context, "corpus": args.corpus,
              "profile": args.profile, "hardware": args.hardware, "device": args.device, "seed": args.seed,
-             "max_steps": args.max_steps}  # fmt: skip
+             "max_steps": args.max_steps, "attention": args.attention, "batch_size": args.batch_size,
+             "grad_accum": args.grad_accum}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     if str(fields.get("hardware", "")).startswith("custom:"):
         fields["hardware"], fields["custom_hardware"] = "custom", _custom_hardware(fields["hardware"])
@@ -206,6 +215,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from agents import Assistant
+    from sop.manifest import Manifest, TamperedArtifactError
 
     status = Assistant(runs_dir=Path(args.run_dir).parent).status(args.run_dir)
     if args.json:
@@ -216,9 +226,14 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  failure: {status.failure}")
     for name, stage in status.stages.items():
         print(f"  {name:<13} {stage['status']:<8} attempts {stage['attempts']}")
+    manifest = Manifest(status.run_dir)  # each artifact is hashed again: one changed on disk is never shown as ok
     for name, art in status.artifacts.items():
-        ok = all(c["passed"] for c in art["checks"])
-        print(f"  artifact {name:<12} {art['path']:<22} {art['sha256'][:12]} checks {'ok' if ok else 'FAILED'}")
+        verdict = "checks ok" if all(c["passed"] for c in art["checks"]) else "checks FAILED"
+        try:
+            manifest.verify(name)
+        except TamperedArtifactError:
+            verdict = "CHANGED since recorded" if (status.run_dir / art["path"]).exists() else "MISSING"
+        print(f"  artifact {name:<12} {art['path']:<22} {art['sha256'][:12]} {verdict}")
     return EXIT_OK
 
 
@@ -358,7 +373,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "app":
+        args.app_args = unknown  # app.py parses (and refuses) them
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 0

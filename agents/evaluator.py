@@ -80,6 +80,7 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, narrative: str | None = None) -> Path:
     """report.md (tables, plots, what the profile proves) and final_report.json (the facts, schema-checked)."""
+    from agents.planner import attention_phrase
     from engine.evaluate.summary import summary_table
 
     report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
@@ -109,8 +110,9 @@ def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, n
         "## Training",
         "",
         f"{summary.get('steps')} steps, loss {summary.get('initial_loss')} -> {summary.get('final_loss')}, "
-        f"{summary.get('wall_seconds', 0):.0f} s; RoPE {plan['rope_method']} x{plan['rope_factor']:g}, S2-Attn group "
-        f"{plan['group_size']}, {plan['trainable']['trainable']:,} trainable parameters.",
+        f"{summary.get('wall_seconds', 0):.0f} s; RoPE {plan['rope_method']} x{plan['rope_factor']:g}, "
+        f"{attention_phrase(plan)} (trained with `{summary.get('attention')}`), "
+        f"{plan['trainable']['trainable']:,} trainable parameters.",
         "",
         "## Evaluation (Perplexity, Passkey, RULER-lite, long-QA)",
         "",

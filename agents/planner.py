@@ -4,6 +4,7 @@ role picks the architecture from the spec, adds the evaluation settings of the p
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,15 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
             raise ValueError("hardware 'custom' needs n_devices, memory_gib and peak_tflops (e.g. custom:4,80,312)")
         hw = dict(spec.custom_hardware)
         hardware = custom_hardware(int(hw.pop("n_devices")), **hw)
+    from engine.plan import PROFILES
+
+    profile = PROFILES[spec.profile]
+    schedule = {"per_device_batch_size": spec.batch_size, "gradient_accumulation_steps": spec.grad_accum}
+    profile = replace(profile, **{k: v for k, v in schedule.items() if v is not None})
     plan = make_plan(
-        arch_reference(spec.base_model), spec.target_context, spec.profile, hardware,
+        arch_reference(spec.base_model), spec.target_context, profile, hardware,
         output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), base_model_ref=spec.base_model,
+        attention=spec.attention,
     )  # fmt: skip
     doc = plan.to_dict()
     config = doc["train_config"]
@@ -139,6 +146,13 @@ def write_plan(spec: Spec, run_dir: str | Path) -> Path:
     return path
 
 
+def attention_phrase(plan: dict[str, Any]) -> str:
+    """How the plan trains attention, in words (plan card and report)."""
+    if plan.get("attention", "s2") == "full":
+        return "full causal attention in training (no S2-Attn)"
+    return f"S2-Attn group {plan['group_size']} (ratio {plan['group_size_ratio']:g})"
+
+
 def plan_card(plan: dict[str, Any]) -> str:
     """A readable summary of a plan (CLI, chat)."""
     mem = plan["memory"]
@@ -146,8 +160,8 @@ def plan_card(plan: dict[str, Any]) -> str:
     lines = [
         f"Plan: {plan['arch']['name']} {plan['arch']['native_context']} -> {plan['target_context']} tokens "
         f"({plan['profile']['name']} profile on {plan['hardware']['name']})",
-        f"  RoPE {plan['rope_method']} x{plan['rope_factor']:g}; S2-Attn group {plan['group_size']} "
-        f"(ratio {plan['group_size_ratio']:g}); LoRA r={plan['lora']['r']} on "
+        f"  RoPE {plan['rope_method']} x{plan['rope_factor']:g}; {attention_phrase(plan)}; "
+        f"LoRA r={plan['lora']['r']} on "
         f"{', '.join(plan['lora']['target_modules'])}"
         f" + embeddings + norms: {t['trainable']:,} trainable of {t['total_params']:,}",
         f"  {plan['train_config']['max_steps']} steps x {plan['tokens_per_step']:,} tokens, lr "

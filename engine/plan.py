@@ -31,6 +31,7 @@ CHECKPOINT_RECOMPUTE = 4 / 3
 # and the gradient w.r.t. the logits (4 + 4 + 4 bytes per logit) are alive together at the start of backward.
 LOSS_BYTES_PER_LOGIT = 12
 ZERO_STAGES = ("zero2", "zero3", "zero3_offload")  # engine/deepspeed/<stage>.json, cheapest first
+ATTENTION_MODES = ("s2", "full")  # training attention: S2-Attn (LongLoRA) or dense causal (its use_full_attn)
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -74,7 +75,12 @@ def arch_from_config_json(path: str | Path) -> ArchConfig:
         ValueError: another model type, sliding-window attention, or a missing key.
     """
     path = Path(path)
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: say which file
+        raise ValueError(f"{str(path)!r} is not a valid JSON config: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object")
     model_type = cfg.get("model_type")
     if model_type not in S2_SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{str(path)!r}: model_type {model_type!r} is not one of {sorted(S2_SUPPORTED_MODEL_TYPES)}")
@@ -265,12 +271,12 @@ def trainable_state_bytes(counts: TrainableCounts, weight_bytes: int, zero: str,
 
     DeepSpeed (mixed precision, ZeRO paper sec. 3): 2 (bf16 param) + 2 (grad) + 12 (fp32 master, m, v) = 16 B/param;
     ZeRO-2 shards all but the bf16 param (w + (16 - w) / n), ZeRO-3 shards all (16 / n), offload keeps none on GPU.
-    Without DeepSpeed torch AdamW keeps param, grad, m, v in the param's dtype: 4 * w for the embed/norm copies, 16
-    for LoRA (peft upcasts adapters to fp32).
+    Without DeepSpeed every trainable parameter is an fp32 master whatever the base dtype (peft upcasts LoRA,
+    engine.precision the embed/norm copies), and torch AdamW keeps grad, m, v in its dtype: 4 * 4 = 16 B/param.
     """
     n = counts.trainable
     if zero == "none":
-        return 16 * counts.lora + 4 * weight_bytes * (n - counts.lora)
+        return 16 * n
     if zero == "zero2":
         return n * (weight_bytes + (16 - weight_bytes) / n_devices)
     return 16 * n / n_devices if zero == "zero3" else 0.0
@@ -303,8 +309,9 @@ def memory_per_device(
     T = batch * seq_len; loss = 12 * V * T bytes unchunked, 12 * V * min(T, chunk) for engine.loss's chunked loss.
     Calibration (plain HF + peft + SDPA, unchunked, Llama-2-7B LoRA+ r=8 qkvo, bf16, batch 1, one H100): measured
     23.7 / 33.9 / 54.4 / 76.0 GiB at 16k / 32k / 64k / 100k, a slope of 671.6 KB/token; this model gives 670,720
-    B/token (kept 286,720 + loss 384,000) and 25.4 / 35.6 / 56.1 / 77.6 GiB (+7 / +5 / +3 / +2 %, the 1.5 GiB
-    overhead being outside max_memory_allocated). Chunked, Llama-2-7B needs 566,272 B/token.
+    B/token (kept 286,720 + loss 384,000) and 26.4 / 36.6 / 57.1 / 78.6 GiB (+11 / +8 / +5 / +3 %, the 1.5 GiB
+    overhead being outside max_memory_allocated, and 1.0 GiB the fp32 masters of the embed/norm copies that the
+    engine holds and plain peft on a bf16 model does not). Chunked, Llama-2-7B needs 566,272 B/token.
     """
     if zero not in ("none", *ZERO_STAGES):
         raise ValueError(f"unknown ZeRO stage {zero!r}: use none, {', '.join(ZERO_STAGES)}")
@@ -364,6 +371,7 @@ class Plan:
     rope_factor: float
     group_size_ratio: float
     group_size: int
+    attention: str  # s2 (S2-Attn in training) | full (dense causal attention, LongLoRA's use_full_attn)
     lora: LoraPlusConfig
     trainable: TrainableCounts
     deepspeed_stage: str  # none | zero2 | zero3 | zero3_offload
@@ -394,6 +402,7 @@ def make_plan(
     lora: LoraPlusConfig = LoraPlusConfig(),
     rope_method: str = "linear",
     group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
+    attention: str = "s2",
     output_dir: str | None = None,
     dataset_dir: str | None = None,
     base_model_ref: str | None = None,
@@ -417,6 +426,8 @@ def make_plan(
         raise ValueError(f"target context {target_context} must exceed {a.name}'s native {a.native_context}")
     if rope_method not in ROPE_METHODS:
         raise ValueError(f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_METHODS)}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(ATTENTION_MODES)}")
     group = group_size(target_context, group_size_ratio)  # raises on a ratio outside (0, 1]
 
     if not hw.gpu:
@@ -430,7 +441,7 @@ def make_plan(
         if memory.total_gib <= hw.memory_gib:
             break
 
-    fpt = flops_per_token(a, target_context, group_size_ratio)
+    fpt = flops_per_token(a, target_context, group_size_ratio if attention == "s2" else None)
     tokens_per_step = n * batch * accum * target_context
     tokens_per_s = n * hw.peak_tflops * 1e12 * hw.mfu / (fpt * CHECKPOINT_RECOMPUTE)
     size = f"{target_context // 1024}k" if target_context % 1024 == 0 else f"{round(target_context / 1000)}k"
@@ -441,7 +452,8 @@ def make_plan(
     cfg = TrainConfig(
         output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data",
         base_model=base_model_ref or BASE_MODEL_REFS.get(a.name, a.name), target_context=target_context,
-        rope_method=rope_method, s2_group_size_ratio=group_size_ratio, lora=lora, gradient_checkpointing=True,
+        rope_method=rope_method, s2_group_size_ratio=group_size_ratio, use_s2_attention=attention == "s2", lora=lora,
+        gradient_checkpointing=True,
         deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **schedule,
     )  # fmt: skip
     config_path = f"{out_dir}/train_config.json"
@@ -450,6 +462,8 @@ def make_plan(
     else:
         command = launcher_command(config_path, n, "torchrun" if stage == "none" else "deepspeed")
     notes = ["wall time includes x4/3 for gradient checkpointing (each layer's forward runs twice)"]
+    if attention == "full":
+        notes.append("full attention in training (no S2-Attn): attention FLOPs x1/ratio, LongLoRA's use_full_attn")
     if stage == "zero3_offload":
         notes.append("ZeRO-3 offload: CPU<->GPU transfers are not in the wall-time estimate; expect slower")
     return Plan(
@@ -461,6 +475,7 @@ def make_plan(
         rope_factor=target_context / a.native_context,
         group_size_ratio=group_size_ratio,
         group_size=group,
+        attention=attention,
         lora=lora,
         trainable=trainable_params(a, lora),
         deepspeed_stage=stage,
@@ -470,7 +485,10 @@ def make_plan(
         flops_per_token=fpt,
         tokens_per_s=round(tokens_per_s, 1),
         wall_time_s=round(profile.max_steps * tokens_per_step / tokens_per_s, 1),
-        data={"n_train": profile.n_train or profile.max_steps * n * batch * accum, "n_eval": profile.n_eval},
+        data={  # at least one optimizer step's worth of distinct records
+            "n_train": max(profile.n_train or profile.max_steps * n * batch * accum, n * batch * accum),
+            "n_eval": profile.n_eval,
+        },
         train_config=cfg.to_dict(),
         launch_command=shlex.join(command),
         notes=tuple(notes),

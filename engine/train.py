@@ -1,8 +1,10 @@
 """LongLoRA training (Chen et al., 2023): RoPE interpolation + S2-Attn + LoRA+ through the transformers Trainer.
 
 Reads top to bottom: validate -> claim the output directory -> load data -> load model -> extend RoPE -> select
-S2-Attn -> LoRA+ -> Trainer (optional DeepSpeed JSON) -> resume from the latest complete checkpoint -> train ->
-save ONE standard PEFT directory (+ extended config) -> train_summary.json. Deterministic for a given seed.
+S2-Attn -> LoRA+ (bf16 without DeepSpeed: fp32 masters of what trains, engine.precision) -> Trainer (optional
+DeepSpeed JSON) -> resume from the latest complete checkpoint -> train -> save ONE standard PEFT directory (+ extended
+config) -> train_summary.json. Deterministic for a given seed. The loss is token-weighted over each accumulated batch
+(see LongLoraTrainer).
 
 Outputs in `output_dir`:
     run_config.json     the TrainConfig and its hash (a different run may not reuse the directory)
@@ -25,14 +27,15 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from hashlib import sha256
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from engine.lora import LoraPlusConfig, apply_lora_plus, count_trainable, describe, write_adapter_sidecars
-from engine.loss import FinalHiddenCapture, chunked_lm_loss
+from engine.loss import FinalHiddenCapture, chunked_lm_nll
 from engine.models import DEFAULT_MODEL, default_device, load_model, resolve_model
+from engine.precision import MasterWeights, dtype_summary
 from engine.rope import apply_rope_extension, current_context
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, S2_ATTENTION
 
@@ -215,13 +218,22 @@ class PadCollator:
 
 
 class LongLoraTrainer(Trainer):
-    """Trainer whose loss is `chunked_lm_loss` on the final hidden states (no full-vocabulary logits)."""
+    """Trainer whose loss is `chunked_lm_nll` on the final hidden states (no full-vocabulary logits), token-weighted
+    over the whole accumulated batch.
+
+    With `model_accepts_loss_kwargs` True the Trainer counts `num_items_in_batch` before each optimizer step: the
+    labels != -100 of all its micro-batches, over `labels[..., 1:]` for a causal LM (exactly the positions
+    `chunked_lm_nll` scores), summed over ranks when `average_tokens_across_devices` (the default). Each micro-batch
+    returns its summed NLL / that count, so every labelled token weighs the same wherever it sits: a 10-token answer
+    in a long record no longer outweighs packed text token for token, and accumulation 4 x batch 1 equals batch 4.
+    The Trainer then treats the loss as already scaled for accumulation (no division by the steps), and the logged
+    loss, the sum of the micro-batch losses averaged over ranks, is the per-token mean of the accumulated batch.
+    """
 
     def __init__(self, *args, loss_chunk_tokens: int = 4096, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_chunk_tokens = loss_chunk_tokens
-        # Our loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch (we take no loss kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         causal_lm = self.accelerator.unwrap_model(model)
@@ -230,9 +242,21 @@ class LongLoraTrainer(Trainer):
         capture = FinalHiddenCapture(causal_lm.get_decoder().norm)
         try:
             outputs = model(**inputs, logits_to_keep=1, use_cache=False)
-            loss = chunked_lm_loss(capture.pop(), labels, causal_lm.get_output_embeddings(), self.loss_chunk_tokens)
+            # accelerate autocasts only model.forward; the lm_head matmuls here belong to the same bf16 forward.
+            with self.accelerator.autocast():
+                total, count = chunked_lm_nll(
+                    capture.pop(), labels, causal_lm.get_output_embeddings(), self.loss_chunk_tokens
+                )
         finally:
             capture.remove()
+        if num_items_in_batch is None:  # the Trainer did not count (e.g. evaluation): this micro-batch's mean
+            loss = total / count.clamp(min=1)
+        else:
+            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                # The count is global but DDP and DeepSpeed average gradients over ranks: undo that mean, as the
+                # Trainer's own compute_loss does.
+                loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
 
@@ -373,7 +397,14 @@ def _write_summary(out: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None, dataset=None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    dataset=None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
     """Run (or resume) one LongLoRA training job. See the module docstring for what it writes.
 
     Args:
@@ -381,6 +412,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         model: an already-loaded base causal LM (not yet LoRA-wrapped); default: `load_model(cfg.base_model)`.
         tokenizer: saved with the adapter when given (default: the base model's).
         dataset: an in-memory HF dataset (or DatasetDict with `train`); default: `load_from_disk(cfg.dataset_dir)`.
+        callbacks: extra TrainerCallbacks (progress reporting, tests that look at weights and gradients).
 
     Raises:
         ValueError: bad configuration, dataset or output directory (one line; nothing overwritten).
@@ -439,10 +471,13 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         model.set_attn_implementation(attn)
         model.to(dtype)
     model.config.s2_group_size_ratio = cfg.s2_group_size_ratio
+    model.config.s2_group_size = int(cfg.target_context * cfg.s2_group_size_ratio)  # G_t for every batch length
     model.config.use_cache = False
     if cfg.target_context > current_context(model.config):
         apply_rope_extension(model, cfg.target_context, cfg.rope_method)
     peft_model = apply_lora_plus(model, cfg.lora)
+    # bf16 without DeepSpeed: fp32 masters for everything that trains (DeepSpeed keeps its own; see engine.precision)
+    masters = None if cfg.deepspeed else MasterWeights.apply(peft_model)
     log.info("%s; attention %s", describe(count_trainable(peft_model)), attn)
 
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -452,7 +487,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         args=args,
         train_dataset=train_data,
         data_collator=PadCollator(pad_id),
-        callbacks=[MetricsWriter(metrics_path), CompleteMarker()],
+        callbacks=[MetricsWriter(metrics_path), CompleteMarker(), *callbacks],
         loss_chunk_tokens=cfg.loss_chunk_tokens,
     )
     if cfg.quiet:
@@ -473,6 +508,7 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
         "precision": precision,
         "attention": attn,
         "trainable": asdict(count_trainable(peft_model)),
+        "param_dtypes": dtype_summary(peft_model),  # as trained: fp32 masters, frozen base in the load dtype
     }
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -501,7 +537,11 @@ def train(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=N
 
     adapter_dir = out / "adapter"
     model.config.use_cache = True  # training turned the KV cache off; the saved model is for inference
-    trainer.save_model(str(adapter_dir))  # gathers ZeRO-3 shards into full tensors
+    trainer.save_model(str(adapter_dir))  # gathers ZeRO-3 shards into full tensors; fp32 masters saved as fp32
+    if masters is not None:
+        masters.release()  # the returned model is what the adapter loaded into a bf16 base gives
+    # accelerate wrapped the forward in autocast for bf16/fp16 training; return the plain model (unwrapped in place)
+    trainer.accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
     if _is_main_process():
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none
         tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(cfg.base_model)

@@ -35,8 +35,15 @@ class Spec(_Strict):
         None, description="for hardware=custom: n_devices (whole number), memory_gib, peak_tflops, mfu"
     )
     device: Device = Field("auto", description="where the engine runs: auto picks CUDA when available")
+    attention: Literal["s2", "full"] = Field(
+        "s2", description="training attention: s2 (S2-Attn, LongLoRA) or full (dense causal, its use_full_attn)"
+    )
     seed: int = Field(0, ge=0, lt=2**32, description="seed for data, training and evaluation")
     max_steps: int | None = Field(None, gt=0, description="override the profile's number of optimizer steps")
+    batch_size: int | None = Field(None, gt=0, le=4096, description="override the profile's per-device batch size")
+    grad_accum: int | None = Field(
+        None, gt=0, le=4096, description="override the profile's gradient accumulation steps"
+    )
     llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the key is never stored)")
     llm_model: str | None = Field(None, description="model name at that endpoint")
     request_text: str | None = Field(None, description="the chat text this spec was parsed from, if any")
@@ -60,6 +67,7 @@ class Plan(_Strict):
     rope_factor: float = Field(gt=1.0)
     group_size_ratio: float = Field(gt=0, le=1)
     group_size: int
+    attention: Literal["s2", "full"] = "s2"
     lora: dict[str, Any]
     trainable: dict[str, int]
     deepspeed_stage: str

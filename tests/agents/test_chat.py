@@ -11,7 +11,7 @@ import pytest
 from agents.chat import AssistantChat, ChatState, first_line
 from agents.run_lock import RunBusyError, driving, is_driven
 from agents.run_view import list_runs, view_run
-from agents.uploads import safe_name
+from agents.uploads import NotUploadedError, safe_name, store_uploads, uploaded_file
 
 
 class RecordingWorkers:
@@ -139,3 +139,92 @@ def test_long_upload_names_keep_their_extension():
     name = safe_name("x" * 300 + ".txt")
     assert len(name) == 100 and name.endswith(".txt")
     assert safe_name("a b.md") == "a_b.md" and safe_name("...") == "upload.txt"
+
+
+@pytest.fixture
+def upload_root(tmp_path) -> Path:
+    """A stand-in for Gradio's upload folder, holding one real upload and a secret next to it."""
+    root = tmp_path / "gradio"
+    (root / "abc123").mkdir(parents=True)
+    (root / "abc123" / "doc.txt").write_text("uploaded text")
+    (tmp_path / "secret.txt").write_text("SECRET")
+    return root
+
+
+def test_only_files_inside_the_upload_folder_are_accepted(upload_root, tmp_path):
+    good = upload_root / "abc123" / "doc.txt"
+    assert uploaded_file(str(good), upload_root) == good.resolve()
+    (upload_root / "abc123" / "sub").mkdir()
+    (upload_root / "abc123" / "sub" / "dir-link").symlink_to(upload_root / "abc123")
+    (upload_root / "abc123" / "to-secret").symlink_to(tmp_path / "secret.txt")
+    (upload_root / "abc123" / "to-doc").symlink_to(good)  # a link that stays inside is refused all the same
+    (tmp_path / "elsewhere").mkdir()
+    (upload_root / "linked-dir").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "x.txt").write_text("SECRET")
+    refused = {
+        "/etc/passwd": "not a file uploaded",
+        str(tmp_path / "secret.txt"): "not a file uploaded",  # beside the upload folder
+        str(Path(__file__).resolve()): "not a file uploaded",  # a file of the repo
+        "abc123/doc.txt": "not a file uploaded",  # relative
+        "doc.txt": "not a file uploaded",
+        f"{upload_root}/../secret.txt": "not a file uploaded",  # `..` out of the folder
+        f"{upload_root}/abc123/../abc123/doc.txt": "not a file uploaded",  # `..` even when it lands inside
+        str(upload_root): "not a file uploaded",  # the folder itself
+        f"{upload_root}-evil/abc123/doc.txt": "not a file uploaded",  # a sibling whose name starts the same
+        str(upload_root / "abc123" / "to-secret"): "symlink",
+        str(upload_root / "abc123" / "to-doc"): "symlink",
+        str(upload_root / "abc123" / "sub" / "dir-link" / "doc.txt"): "symlink",  # a link in the middle
+        str(upload_root / "linked-dir" / "x.txt"): "symlink",
+        str(upload_root / "abc123"): "not a readable file",  # a directory
+        str(upload_root / "abc123" / "missing.txt"): "not a readable file",
+        str(upload_root / "abc123" / "doc.txt\x00.png"): "not a readable file",
+        "https://example.com/doc.txt": "not a file uploaded",
+        "": "not a file uploaded",
+    }
+    for path, why in refused.items():
+        with pytest.raises(NotUploadedError, match=why):
+            uploaded_file(path, upload_root)
+
+
+def test_an_upload_folder_reached_through_a_link_still_accepts_its_files(upload_root, tmp_path):
+    """GRADIO_TEMP_DIR may itself sit behind a symlink (the admin's choice): only links below it are refused."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(upload_root)
+    for path in (alias / "abc123" / "doc.txt", upload_root / "abc123" / "doc.txt"):
+        assert uploaded_file(path, alias).read_text() == "uploaded text"
+    with pytest.raises(NotUploadedError):  # a link the configured folder does not name is a link like any other
+        uploaded_file(alias / "abc123" / "doc.txt", upload_root)
+
+
+def test_store_uploads_and_chat_refuse_files_from_outside_the_upload_folder(upload_root, tmp_path):
+    runs = tmp_path / "runs"
+    (upload_root / "abc123" / "link.txt").symlink_to(tmp_path / "secret.txt")
+    outside = ["/etc/passwd", str(tmp_path / "secret.txt"), str(upload_root / "abc123" / "link.txt")]
+    folder, problems = store_uploads(outside, runs, upload_root=upload_root)
+    assert folder is None and len(problems) == 3 and all("refused" in p for p in problems), problems
+    chat = AssistantChat(runs, upload_root=upload_root)
+    reply, state = chat.message("extend smollm2-135m using these", outside, ChatState())
+    assert reply.count("refused") == 3 and "passwd: refused, not a file uploaded through this app" in reply, reply
+    assert "corpus" not in state.fields and not list(runs.rglob("*.txt")) and not list(runs.rglob("passwd"))
+    reply, state = chat.message("extend smollm2-135m using these", [str(upload_root / "abc123" / "doc.txt")], state)
+    assert "refused" not in reply and [p.read_text() for p in runs.rglob("doc.txt")] == ["uploaded text"]
+
+
+def test_status_hashes_the_artifacts_again_and_shows_a_changed_one(tmp_path, capsys):
+    from agents.cli import main
+    from agents.workflow import write_run_file
+    from sop.manifest import Manifest
+
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    write_run_file(run_dir, status="passed")
+    for name in ("spec", "plan", "report"):
+        (run_dir / f"{name}.json").write_text(f'{{"{name}": 1}}\n')
+        Manifest(run_dir).record(name, f"{name}.json", role="test", schema="x", checks=[{"name": "c", "passed": True}])
+    (run_dir / "plan.json").write_text('{"plan": 2}\n')  # edited after it was verified
+    (run_dir / "report.json").unlink()
+    assert main(["status", str(run_dir)]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if "artifact" in line}
+    assert lines["spec"].endswith("checks ok")
+    assert lines["plan"].endswith("CHANGED since recorded") and "ok" not in lines["plan"].split()[-3:]
+    assert lines["report"].endswith("MISSING")

@@ -317,3 +317,14 @@ def test_cli_prints_the_plan_as_json(capsys):
         "group_size_valid",
         "steps_positive",
     ]
+
+
+def test_a_corrupt_config_json_is_named_in_one_line(tmp_path):
+    from engine.plan import resolve_arch
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama",\n')
+    with pytest.raises(ValueError, match=r"config.json' is not a valid JSON config"):
+        resolve_arch(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        resolve_arch(str(tmp_path))

@@ -1,0 +1,129 @@
+"""The whole SOP (plan -> data -> train -> evaluate -> report -> export) across the input space, through the CLI.
+
+Every combination of model family, native context, extension factor, tokenizer, batch/accumulation and training
+attention either passes every gate at the first attempt and exports a model that plain transformers reloads with
+the right RoPE factor, or is refused before any work (exit 2, one line, no run directory). A stage that fails after
+work was done is a bug, whatever its cause.
+
+Default: a pairwise-covering subset (tests/pairwise.py). `-m slow`: the full grid.
+Targets stay <= 16,384 tokens: above that one CPU evaluation of a full-attention model takes minutes per item.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+from agents.cli import main
+from tests.engine.evaluate_fakes import BYTE_VOCAB, byte_tokenizer
+from tests.pairwise import covers_all_pairs, full_grid, pairwise
+
+MAX_TARGET = 16384
+DIMS = {
+    "family": ("llama", "mistral"),
+    "native": (128, 256, 1024, 8192),
+    "factor": (2, 4, 8, 16),
+    "tokenizer": ("bpe", "byte"),  # bpe: the embedded SmolLM2 tokenizer with its chat template
+    "batch": ((1, 1), (2, 2), (1, 3)),  # (per-device batch, gradient accumulation)
+    "attention": ("s2", "full"),
+}
+
+
+def allowed(combo: dict) -> bool:
+    return combo["native"] * combo["factor"] <= MAX_TARGET
+
+
+DEFAULT = pairwise(DIMS, allowed)
+FULL = full_grid(DIMS, allowed)
+
+
+def _id(c: dict) -> str:
+    b, a = c["batch"]
+    return f"{c['family']}-n{c['native']}-x{c['factor']}-{c['tokenizer']}-b{b}a{a}-{c['attention']}"
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """The embedded model's tokenizer, extracted from its GGUF once per session."""
+    from engine.models import load_tokenizer, resolve_model
+
+    path = tmp_path_factory.mktemp("bpe")
+    load_tokenizer(resolve_model("smollm2-135m")).save_pretrained(path)
+    return path
+
+
+def _model_dir(root: Path, family: str, native: int, tokenizer: str, bpe_dir: Path) -> Path:
+    path = root / f"{family}-{native}-{tokenizer}"
+    if path.exists():
+        return path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bpe_dir) if tokenizer == "bpe" else byte_tokenizer()
+    vocab = len(tok) if tokenizer == "bpe" else BYTE_VOCAB
+    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=native, tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2)  # fmt: skip
+    config = LlamaConfig(**shape) if family == "llama" else MistralConfig(**shape, sliding_window=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _run_combo(combo: dict, tmp_path: Path, models_root: Path, bpe_dir: Path, capsys) -> None:
+    native, factor = combo["native"], combo["factor"]
+    target = native * factor
+    model = _model_dir(models_root, combo["family"], native, combo["tokenizer"], bpe_dir)
+    batch, accum = combo["batch"]
+    run_dir = tmp_path / "run"
+    args = ["run", "--model", str(model), "--target-context", str(target), "--profile", "smoke", "--device", "cpu",
+            "--batch-size", str(batch), "--grad-accum", str(accum), "--attention", combo["attention"], "--yes",
+            "--run-dir", str(run_dir)]  # fmt: skip
+    code = main(args)
+    out, err = capsys.readouterr()
+    if code == 2:  # refused: before any work, in one line that says what to change
+        lines = [line for line in err.strip().splitlines() if line.startswith("longpilot:")]
+        assert len(lines) == 1 and " use " in lines[0], err
+        assert not run_dir.exists(), f"a refused run left {run_dir}"
+        return
+    assert code == 0, f"{_id(combo)} failed inside a stage:\n{out[-3000:]}\n{err[-2000:]}"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(s == {"status": "passed", "attempts": 1} for s in manifest["stages"].values()), manifest["stages"]
+    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    assert summary["attention"] == ("s2_attention" if combo["attention"] == "s2" else "sdpa")
+    config = json.loads((run_dir / "train" / "train_config.json").read_text())
+    assert (config["per_device_batch_size"], config["gradient_accumulation_steps"]) == (batch, accum)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.model_type == combo["family"]
+    assert merged.config.rope_parameters["factor"] == pytest.approx(factor)
+    with torch.no_grad():
+        logits = merged(torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_the_default_subset_covers_every_pair():
+    assert covers_all_pairs(DEFAULT, DIMS, allowed)
+    assert len(DEFAULT) < len(FULL) / 4
+
+
+@pytest.mark.parametrize("combo", DEFAULT, ids=_id)
+def test_sop_pairwise(combo, tmp_path, models_root, bpe_tokenizer_dir, capsys):
+    _run_combo(combo, tmp_path, models_root, bpe_tokenizer_dir, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", [c for c in FULL if c not in DEFAULT], ids=_id)
+def test_sop_full_grid(combo, tmp_path, models_root, bpe_tokenizer_dir, capsys):
+    _run_combo(combo, tmp_path, models_root, bpe_tokenizer_dir, capsys)

@@ -18,6 +18,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from engine.lora import load_adapter
 from engine.models import default_device, default_dtype, load_model
 from engine.rope import RopeMethod, apply_rope_extension, current_context, original_context
+from engine.s2attn import S2_ATTENTION
+
+EVAL_ATTENTION = S2_ATTENTION  # full causal attention in eval mode, with bounded masks for padded batches
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,11 @@ def load_for_eval(
     dtype: torch.dtype | None = None,
     batch_size: int = 1,
 ) -> LoadedModel:
-    """Load `spec` for evaluation with full (SDPA) attention.
+    """Load `spec` for evaluation with full causal attention.
+
+    The attention function is `s2_attention`, which in eval mode is exactly full causal SDPA, and which handles a
+    padded batch (left-padded generation) in query blocks instead of the dense (B, 1, L, L) mask that transformers'
+    `sdpa` builds: about 1 GiB per row at 32k tokens.
 
     Raises:
         ValueError: unknown reference, unsupported architecture, adapter trained on a different base (one line).
@@ -123,10 +130,12 @@ def load_for_eval(
     dtype = dtype or default_dtype(device)
     path = Path(spec.ref)
     if (path / "adapter_config.json").is_file():
-        model = load_adapter(path, base_ref=spec.base_ref, device=device, dtype=dtype, attn_implementation="sdpa")
+        model = load_adapter(
+            path, base_ref=spec.base_ref, device=device, dtype=dtype, attn_implementation=EVAL_ATTENTION
+        )
         tokenizer, kind = _adapter_tokenizer(path), "adapter"
     else:
-        model, tokenizer = load_model(spec.ref, device=device, dtype=dtype, attn_implementation="sdpa")
+        model, tokenizer = load_model(spec.ref, device=device, dtype=dtype, attn_implementation=EVAL_ATTENTION)
         kind = "model_dir" if path.is_dir() else "base"
     if spec.rope_target:
         apply_rope_extension(model, spec.rope_target, spec.rope_method)

@@ -1,7 +1,9 @@
 """S2-Attn against a dense float64 reference written independently of engine/s2attn.py.
 
 The reference builds the full (B, H, L, L) permission matrix element by element from the issue's definition of the
-segments, then runs an explicit masked softmax; nothing is shared with the implementation under test.
+segments, then runs an explicit masked softmax; nothing is shared with the implementation under test. The group is
+the target's G_t (`config.s2_group_size`) when the config has one, else floor(L * r) (older configs); padded query
+rows output zeros.
 """
 
 from __future__ import annotations
@@ -11,19 +13,28 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from engine.s2attn import S2_ATTENTION, s2_attention_forward
-from tests.conftest import tiny_llama
+from engine import s2attn
+from engine.s2attn import MAX_MASK_ELEMENTS, S2_ATTENTION, s2_attention_forward
+from engine.train import train
+from tests.conftest import make_workspace, tiny_llama, train_config
 
 
 def reference_permission(
-    seq_len: int, num_heads: int, ratio: float, key_valid: torch.Tensor, s2: bool
+    seq_len: int, num_heads: int, ratio: float, key_valid: torch.Tensor, s2: bool, target_group: int | None = None
 ) -> torch.Tensor:
-    """(B, H, L, L) bool: may query i of head h attend key j. Loops on purpose: slow but obviously right."""
+    """(B, H, L, L) bool: may query i of head h attend key j. Loops on purpose: slow but obviously right.
+
+    The group is `target_group` when given (and L <= target_group means one group: plain causal), else floor(L*r).
+    A padded query (key_valid[i] false) attends to nothing, so its output is zeros.
+    """
     bsz = key_valid.shape[0]
-    group = int(seq_len * ratio)
+    group = int(seq_len * ratio) if target_group is None else target_group
+    if target_group is not None and seq_len <= target_group:
+        s2 = False
     allowed = torch.zeros(bsz, num_heads, seq_len, seq_len, dtype=torch.bool)
     for h in range(num_heads):
         shifted = h >= num_heads - num_heads // 2
@@ -38,17 +49,17 @@ def reference_permission(
                         seg_i, seg_j = i // group, j // group
                     if seg_i != seg_j:
                         continue
-                allowed[:, h, i, j] = key_valid[:, j]
+                allowed[:, h, i, j] = key_valid[:, j] & key_valid[:, i]
     return allowed
 
 
-def reference_attention(q, k, v, key_valid, ratio, s2):
+def reference_attention(q, k, v, key_valid, ratio, s2, target_group=None):
     """Dense masked attention in float64; rows with no permitted key give zeros. q (B,H,L,D), k/v (B,KV,L,D)."""
     bsz, heads, seq_len, dim = q.shape
     rep = heads // k.shape[1]
     k = torch.stack([k[:, h // rep] for h in range(heads)], dim=1)
     v = torch.stack([v[:, h // rep] for h in range(heads)], dim=1)
-    allowed = reference_permission(seq_len, heads, ratio, key_valid, s2)
+    allowed = reference_permission(seq_len, heads, ratio, key_valid, s2, target_group)
     scores = (q @ k.transpose(-1, -2)) / dim**0.5
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -56,8 +67,12 @@ def reference_attention(q, k, v, key_valid, ratio, s2):
     return out.transpose(1, 2)  # (B, L, H, D)
 
 
-def fake_module(ratio: float = 0.25, training: bool = True) -> types.SimpleNamespace:
-    return types.SimpleNamespace(config=types.SimpleNamespace(s2_group_size_ratio=ratio), training=training)
+def fake_module(ratio: float = 0.25, training: bool = True, group: int | None = None) -> types.SimpleNamespace:
+    """An attention layer stand-in; `group` plays `config.s2_group_size` (absent when None, as in old configs)."""
+    config = types.SimpleNamespace(s2_group_size_ratio=ratio)
+    if group is not None:
+        config.s2_group_size = group
+    return types.SimpleNamespace(config=config, training=training)
 
 
 def random_qkv(bsz, heads, kv_heads, seq_len, dim=8, seed=0):
@@ -234,3 +249,261 @@ def test_mistral_uses_the_same_attention_hook():
         eval_logits = s2.eval()(ids).logits
         torch.testing.assert_close(eval_logits, sdpa.eval()(ids).logits)
     assert not torch.allclose(train_logits, eval_logits)
+
+
+# ----------------------------------------------------------------------------- the target's group (issue 14, part 1)
+
+
+def check_against_reference(module, q, k, v, valid, ref_kwargs, rtol=1e-10, atol=1e-10):
+    """Forward and backward of `s2_attention_forward` against `reference_attention(**ref_kwargs)`."""
+    mask = None if bool(valid.all()) else valid.long()
+    out, _ = s2_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)
+    ref = reference_attention(q, k, v, valid, **ref_kwargs)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for g, rg in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, rg, rtol=1e-9, atol=1e-10)
+    return out
+
+
+TARGET_CASES = [
+    # (batch, heads, kv_heads, seq_len, target_group, pad_lengths)
+    (1, 9, 3, 24, 32, None),  # short record (L < G_t): one group, odd H, GQA 3:1
+    (2, 6, 2, 32, 32, [0, 5]),  # L == G_t: still one group, right padding
+    (2, 5, 5, 33, 32, [0, 9]),  # L = G_t + 1: unshifted [0,32) [32,33); shifted [0,16) [16,33)
+    (1, 9, 3, 77, 32, None),  # middle length: groups of 32, not floor(77/4) = 19
+    (2, 8, 4, 90, 32, [3, 40]),  # middle length, padding, two full groups and a tail
+    (2, 4, 2, 128, 32, [0, 17]),  # the target length itself
+    (1, 4, 4, 40, 1, None),  # G_t < 2: plain causal
+    (1, 1, 1, 50, 16, None),  # one head: nothing shifted
+]
+
+
+@pytest.mark.parametrize("bsz,heads,kv_heads,seq_len,target_group,pads", TARGET_CASES)
+def test_target_group_matches_dense_reference(bsz, heads, kv_heads, seq_len, target_group, pads):
+    q, k, v = random_qkv(bsz, heads, kv_heads, seq_len, seed=3)
+    valid = key_valid_for(bsz, seq_len, pads)
+    module = fake_module(0.25, group=target_group)
+    check_against_reference(module, q, k, v, valid, dict(ratio=0.25, s2=True, target_group=target_group))
+
+
+@pytest.mark.parametrize("pads", [None, [0, 4], [9, 0]])
+def test_short_sequence_gets_exactly_full_causal_attention(pads):
+    """A 24-token batch in a run whose target group is 64: plain causal attention, although floor(24/4) = 6."""
+    q, k, v = random_qkv(2, 9, 3, 24, seed=4)
+    valid = key_valid_for(2, 24, pads)
+    out = check_against_reference(fake_module(0.25, group=64), q, k, v, valid, dict(ratio=0.25, s2=False))
+    legacy, _ = s2_attention_forward(fake_module(0.25), q, k, v, None if pads is None else valid.long())
+    assert not torch.allclose(out, legacy)  # the old rule really used groups of 6 here
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.125])
+def test_at_the_target_length_the_target_group_is_the_ratio_rule(ratio):
+    """L = target_context: G_t = floor(L * r), so the output and gradients are bit-identical to the legacy rule."""
+    target = 128
+    q, k, v = random_qkv(2, 6, 2, target, seed=5)
+    mask = key_valid_for(2, target, [0, 30]).long()
+    outs, grads = [], []
+    for module in (fake_module(ratio, group=int(target * ratio)), fake_module(ratio)):
+        out, _ = s2_attention_forward(module, q, k, v, mask)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    assert torch.equal(outs[0], outs[1])
+    for g, legacy in zip(*grads):
+        assert torch.equal(g, legacy)
+
+
+def test_middle_length_uses_the_target_group_not_a_fraction_of_its_own_length():
+    q, k, v = random_qkv(1, 4, 2, 77, seed=6)
+    valid = torch.ones(1, 77, dtype=torch.bool)
+    out = check_against_reference(
+        fake_module(0.25, group=32), q, k, v, valid, dict(ratio=0.25, s2=True, target_group=32)
+    )
+    fraction = reference_attention(q, k, v, valid, 0.25, s2=True)  # G = floor(77 / 4) = 19
+    assert not torch.allclose(out, fraction)
+
+
+@pytest.mark.parametrize(
+    "group,ratio,message", [(-1, 0.25, "s2_group_size"), (16.0, 0.25, "s2_group_size"), (16, 1.5, "ratio")]
+)
+def test_rejects_bad_target_group_and_still_checks_the_ratio(group, ratio, message):
+    q, k, v = random_qkv(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=message):
+        s2_attention_forward(fake_module(ratio, group=group), q, k, v, None)
+
+
+def test_model_with_target_group_trains_short_batches_with_full_attention():
+    """Whole tiny Llama in train mode: a 30-token padded batch with G_t = 64 gives sdpa's logits; G_t = 8 does not."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, -6:] = 0
+    s2_model = tiny_llama(seed=1, attn=S2_ATTENTION, heads=6, kv_heads=2).double().train()
+    sdpa_model = tiny_llama(seed=1, attn="sdpa", heads=6, kv_heads=2).double().train()
+    valid_rows = mask.bool()
+    with torch.no_grad():
+        s2_model.config.s2_group_size = 64
+        torch.testing.assert_close(
+            s2_model(ids, attention_mask=mask).logits[valid_rows],
+            sdpa_model(ids, attention_mask=mask).logits[valid_rows],
+        )
+        s2_model.config.s2_group_size = 8
+        assert not torch.allclose(
+            s2_model(ids, attention_mask=mask).logits[valid_rows],
+            sdpa_model(ids, attention_mask=mask).logits[valid_rows],
+        )
+
+
+def test_train_stores_the_target_group_on_the_config(tmp_path):
+    ws = make_workspace(tmp_path)
+    model = tiny_llama(seed=0)
+    train(train_config(ws, max_steps=1, target_context=256, s2_group_size_ratio=0.25), model=model)
+    assert model.config.s2_group_size == 64
+
+
+# ----------------------------------------------------------------------------- padding without O(L^2) masks (part 2)
+
+
+def valid_from_pads(seq_len: int, rows: list[tuple[int, int]]) -> torch.Tensor:
+    """(B, L) bool from (left_pad, right_pad) per row."""
+    valid = torch.zeros(len(rows), seq_len, dtype=torch.bool)
+    for b, (left, right) in enumerate(rows):
+        valid[b, left : seq_len - right] = True
+    return valid
+
+
+PAD_ROWS = {
+    "left": [(0, 0), (7, 0), (20, 0)],
+    "right": [(0, 0), (0, 7), (0, 20)],
+    "mixed": [(5, 0), (0, 6), (3, 4)],
+    "whole_rows": [(41, 0), (0, 41), (2, 0)],  # a row that is all padding, either way
+}
+
+
+def with_hole(valid: torch.Tensor) -> torch.Tensor:
+    """Inner padding too (nothing produces it today, but the mask contract allows it)."""
+    valid = valid.clone()
+    valid[-1, 10:14] = False
+    return valid
+
+
+@pytest.mark.parametrize("kind", [*PAD_ROWS, "hole"])
+@pytest.mark.parametrize("mode", ["eval", "train_ratio", "train_target"])
+def test_padding_matches_dense_reference(kind, mode):
+    seq_len = 41
+    valid = (
+        with_hole(valid_from_pads(seq_len, PAD_ROWS["mixed"]))
+        if kind == "hole"
+        else valid_from_pads(seq_len, PAD_ROWS[kind])
+    )
+    q, k, v = random_qkv(valid.shape[0], 6, 3, seq_len, seed=7)
+    module, ref = {
+        "eval": (fake_module(0.25, training=False), dict(ratio=0.25, s2=False)),
+        "train_ratio": (fake_module(0.25), dict(ratio=0.25, s2=True)),
+        "train_target": (fake_module(0.25, group=16), dict(ratio=0.25, s2=True, target_group=16)),
+    }[mode]
+    check_against_reference(module, q, k, v, valid, ref)
+
+
+@pytest.mark.parametrize("budget", [1, 50, 300])
+@pytest.mark.parametrize("kind", ["left", "mixed"])
+def test_many_small_blocks_change_nothing(monkeypatch, budget, kind):
+    """Blocks of 1, a few and several query rows (budget in mask entries) in eval, S2 training and decode."""
+    monkeypatch.setattr(s2attn, "MAX_MASK_ELEMENTS", budget)
+    seq_len = 41
+    valid = valid_from_pads(seq_len, PAD_ROWS[kind])
+    q, k, v = random_qkv(3, 4, 2, seq_len, seed=8)
+    check_against_reference(fake_module(0.25, training=False), q, k, v, valid, dict(ratio=0.25, s2=False))
+    check_against_reference(fake_module(0.25, group=16), q, k, v, valid, dict(ratio=0.25, s2=True, target_group=16))
+    q_new = q.detach()[:, :, -5:]
+    out, _ = s2_attention_forward(fake_module(training=False), q_new, k, v, valid.long())
+    ref = reference_attention(q.detach(), k.detach(), v.detach(), valid, 0.25, s2=False)[:, -5:]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("kind", ["left", "right", "mixed", None])
+def test_kv_cache_decoding_with_padding_is_full_attention(new_tokens, training, kind):
+    """Queries for the last `new_tokens` positions against all cached keys, padded as generation pads them."""
+    seq_len = 30
+    rows = [(0, 0), (0, 0)] if kind is None else PAD_ROWS[kind][:2]
+    valid = valid_from_pads(seq_len, [(left, 0) for left, _ in rows] if kind == "right" else rows)
+    if kind == "right":  # right padding in the cache, then new valid tokens after it (what a cache would hold)
+        valid[1, 18 : seq_len - new_tokens] = False
+    q_full, k, v = random_qkv(2, 6, 2, seq_len, seed=9)
+    q = q_full[:, :, -new_tokens:]
+    mask = None if kind is None else valid.long()
+    out, _ = s2_attention_forward(fake_module(0.25, training=training, group=8), q, k, v, mask)
+    ref = reference_attention(q_full, k, v, valid, 0.25, s2=False)[:, -new_tokens:]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_right_padding_and_no_padding_keep_the_mask_free_kernel(monkeypatch):
+    """Training batches are right-padded (PadCollator): they must not pay for a mask; left padding does need one."""
+    calls: list[bool] = []
+    real = s2attn.F.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        calls.append(attn_mask is not None)
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(s2attn, "F", types.SimpleNamespace(scaled_dot_product_attention=recording))
+    q, k, v = random_qkv(3, 6, 2, 41, seed=10)
+    right = valid_from_pads(41, PAD_ROWS["right"])
+    right_and_empty = valid_from_pads(41, [(0, 41), (0, 0), (0, 3)])  # an all-padding row is right-padded too
+    for module in (fake_module(training=False), fake_module(), fake_module(group=16)):
+        for mask in (right.long(), right_and_empty.long(), None):
+            calls.clear()
+            s2_attention_forward(module, q, k, v, mask)
+            assert calls and not any(calls)
+        calls.clear()
+        s2_attention_forward(module, q, k, v, valid_from_pads(41, PAD_ROWS["left"]).long())
+        assert any(calls)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest storage (in elements) any aten op returns: a deterministic, allocator-free memory probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.elements = max(self.elements, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("mode,pad", [("eval", "left"), ("train", "left"), ("train", "right"), ("decode", "left")])
+def test_padding_never_allocates_a_quadratic_tensor(mode, pad):
+    """8k tokens, 100 padded (B=1, H=2, D=16, float32; training includes the backward): every allocation stays within
+    the block budget (2**24 entries), a quarter of L * L; the old dense path allocated a (1, 1, L, L) float bias
+    (2**26 entries, 256 MiB) for eval with left padding."""
+    seq_len, pad_len = 8192, 100
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, seq_len, 16, generator=gen, requires_grad=mode == "train") for _ in range(3))
+    padded = slice(0, pad_len) if pad == "left" else slice(seq_len - pad_len, seq_len)
+    valid = torch.ones(1, seq_len, dtype=torch.bool)
+    valid[:, padded] = False
+    queries = q[:, :, -1:] if mode == "decode" else q
+    module = fake_module(0.25, training=mode == "train", group=2048)
+    with LargestAllocation() as probe:
+        out, _ = s2_attention_forward(module, queries, k, v, valid.long())
+        if mode == "train":
+            out.square().sum().backward()
+    assert probe.elements <= MAX_MASK_ELEMENTS < seq_len * seq_len // 2
+    assert torch.isfinite(out).all()
+    if mode != "decode":
+        assert not out[0, padded].any()  # padded query rows are zeros
+    if mode == "eval":  # several blocks at this length: the last rows against a dense mask of only those rows
+        rows = torch.arange(seq_len - 64, seq_len)
+        allowed = valid[:, None, None, :] & (torch.arange(seq_len)[None, :] <= rows[:, None])  # (1, 1, 64, L)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=allowed)  # (1, H, 64, D)
+        torch.testing.assert_close(out[:, rows], ref.transpose(1, 2))

@@ -35,9 +35,12 @@ setup: $(STAMP)
 
 # The main job: the whole SOP (plan -> data -> train -> evaluate -> report) on the embedded SmolLM2-135M, 8k -> 16k,
 # smoke profile (CPU pipeline proof), plan approved by --yes. Output: runs/demo-<date>/ (report.md, manifest.json).
+# DEMO_MODEL/DEMO_TARGET let tests/test_readme_commands.py run this very target on a tiny model.
 DEMO_RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_MODEL   ?= smollm2-135m
+DEMO_TARGET  ?= 16384
 demo: setup
-	$(VENV)/bin/longpilot run --model smollm2-135m --target-context 16384 --profile smoke --yes --run-dir $(DEMO_RUN_DIR)
+	$(VENV)/bin/longpilot run --model $(DEMO_MODEL) --target-context $(DEMO_TARGET) --profile smoke --yes --run-dir $(DEMO_RUN_DIR)
 
 test: setup
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ continue it. `resume(run_dir)` continues a killed run without redoing verified s
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import uuid
@@ -86,16 +87,52 @@ def _initial_state(run_dir: Path, approve: bool | None) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve), "status": "running"}
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """The run directory can be made here and holds no run yet (a file in its place, or in the place of a folder
+    above it, is refused in one line instead of failing on mkdir)."""
+    for path in (run_dir, *run_dir.parents):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if not path.is_dir():
+            what = "is a file" if path.is_file() else "is not a directory"
+            where = f"{str(run_dir)!r} {what}" if path == run_dir else f"{str(path)!r}, above {str(run_dir)!r}, {what}"
+            raise ValueError(f"run directory {where}: choose another --run-dir (or --runs-dir)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write the run directory: {str(path)!r} is not writable; choose another "
+                             "--run-dir (or --runs-dir)")  # fmt: skip
+        break
+    if (run_dir / "manifest.json").exists():
+        raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
+
+
+def _check_fits(doc: dict[str, Any]) -> None:
+    """The plan's memory fits its hardware: else the plan gate would fail it after the run directory exists. (`plan`
+    still prints such a plan, marked DOES NOT FIT.) Same test as the SOP check plan_memory_fits."""
+    total, hw = doc["memory"]["total_gib"], doc["hardware"]
+    if total <= hw["memory_gib"]:
+        return
+    fixes = ["lower --target-context"]
+    if doc["profile"]["per_device_batch_size"] > 1:
+        fixes.append("use a smaller --batch-size")
+    raise ValueError(f"the plan does not fit its hardware (plan_memory_fits): predicted {total:,.1f} GiB per device "
+                     f"of {hw['memory_gib']:g} GiB on {hw['name']}: {', '.join(fixes)} or choose larger --hardware "
+                     "(more memory per device)")  # fmt: skip
+
+
 def _check_runnable(spec: Spec, n_devices: int) -> None:
-    """What a run needs beyond a plan, checked before its directory exists: weights on disk, the corpus, the
-    devices. (Planning alone needs none of these, so `plan` stays possible for models and clusters not here.)"""
+    """What a run needs beyond a plan, checked before its directory exists: weights on disk, the corpus (text in at
+    least two files), the devices. (Planning alone needs none of these, so `plan` stays possible for models,
+    corpora and clusters not here.)"""
     import torch
 
+    from engine.data.corpus import check_corpus
     from engine.models import resolve_model
 
     resolve_model(spec.base_model)  # alias, local directory or offline-cached hub id; one-line ValueError otherwise
     if missing := [p for p in spec.corpus if not Path(p).expanduser().exists()]:
         raise ValueError(f"corpus path {missing[0]!r} does not exist")
+    if spec.corpus:
+        check_corpus(spec.corpus)  # text in two files at least (binary/empty ones are not), up to a block per file
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec.device == "cuda" and not cuda:
         raise ValueError("--device cuda was asked for, but this machine has no CUDA device (use auto or cpu)")
@@ -141,15 +178,22 @@ class Assistant:
         on_event: Callable[[dict], None] | None = None,
         **fields: Any,
     ) -> RunResult:
-        """Start a new run. `approve=True` approves the plan without asking; None stops and waits for approval."""
+        """Start a new run. `approve=True` approves the plan without asking; None stops and waits for approval.
+
+        Raises:
+            ValueError: one line, before the run directory exists: bad input (unknown model, target <= native or
+                above engine.plan.MAX_TARGET_CONTEXT), a plan that does not fit its hardware, a corpus without text
+                in two files, devices not here, or a run directory that cannot be made (a file in its place).
+        """
         from agents.planner import make_plan_document
 
         spec = spec or Spec(**fields)
         run_dir = Path(run_dir) if run_dir else self.runs_dir / new_run_id(spec)
+        _check_run_dir(run_dir)
         doc = make_plan_document(spec, run_dir)  # bad input (unknown model, target <= native) fails here, no file
-        _check_runnable(spec, int(doc["hardware"]["n_devices"]))
-        if (run_dir / "manifest.json").exists():
-            raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
+        _check_runnable(spec, int(doc["hardware"]["n_devices"]))  # the model, corpus and devices are here
+        if any(ref.name == "plan_memory_fits" for s in self.sop.stages for a in s.produces for ref in a.checks):
+            _check_fits(doc)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
         manifest = Manifest(run_dir)

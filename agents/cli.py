@@ -246,10 +246,16 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _app(args: argparse.Namespace) -> int:
-    """The app is a top-level module that nothing imports: start it as its own process."""
+    """The app is a top-level module that nothing imports: it replaces this process (POSIX), so Ctrl-C and a
+    supervisor's SIGTERM reach the server itself (a child would outlive a terminated `longpilot`)."""
+    cmd = [sys.executable, "-m", "app", *args.app_args]
+    if os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, cmd)
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "app", *args.app_args])
+    return subprocess.call(cmd)
 
 
 def _key_value(text: str) -> tuple[str, str]:

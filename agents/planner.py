@@ -75,7 +75,7 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
 
     if min(ev["lengths"]) >= FRAME_SAFE_LENGTH or tokenizer is None:
         return ev
-    upper = max(4 * target, 4 * FRAME_SAFE_LENGTH)
+    upper = 16 * FRAME_SAFE_LENGTH  # fixed: the search's cost must not grow with the target
     needs = shortest_task_lengths(tokenizer, ev["ruler_tasks"] or RULER_TASKS, ev["max_new_tokens_cap"], upper)
     floor = max(n if n is not None else upper + 1 for n in needs.values())
     if floor > target:

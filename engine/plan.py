@@ -32,6 +32,10 @@ CHECKPOINT_RECOMPUTE = 4 / 3
 LOSS_BYTES_PER_LOGIT = 12
 ZERO_STAGES = ("zero2", "zero3", "zero3_offload")  # engine/deepspeed/<stage>.json, cheapest first
 ATTENTION_MODES = ("s2", "full")  # training attention: S2-Attn (LongLoRA) or dense causal (its use_full_attn)
+# The longest target planned (16,777,216 tokens): 16x the ~1M-token contexts that LongLoRA-style fine-tunes reach.
+# Already there a 135M model needs 1,172 GiB per H100; past it the numbers stop meaning anything (a custom profile
+# can claim any memory) and the data and evaluation would need billions of tokens of text.
+MAX_TARGET_CONTEXT = 2**24
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -413,7 +417,8 @@ def make_plan(
     where a plan may then not fit). Wall time = steps * tokens/step * FLOPs/token * 4/3 / (n * peak * mfu).
 
     Raises:
-        ValueError: unknown arch/profile/hardware/RoPE method, target <= native context, or a ratio outside (0, 1].
+        ValueError: unknown arch/profile/hardware/RoPE method, target <= native context or above MAX_TARGET_CONTEXT,
+            or a ratio outside (0, 1].
     """
     ref = arch if isinstance(arch, str) else None
     a = resolve_arch(arch) if isinstance(arch, str) else arch
@@ -424,6 +429,9 @@ def make_plan(
         profile = PROFILES[profile]
     if target_context <= a.native_context:
         raise ValueError(f"target context {target_context} must exceed {a.name}'s native {a.native_context}")
+    if target_context > MAX_TARGET_CONTEXT:
+        raise ValueError(f"target context {target_context:,} is beyond the {MAX_TARGET_CONTEXT:,} tokens LongPilot "
+                         f"plans for: choose a target of at most {MAX_TARGET_CONTEXT:,}")  # fmt: skip
     if rope_method not in ROPE_METHODS:
         raise ValueError(f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_METHODS)}")
     if attention not in ATTENTION_MODES:

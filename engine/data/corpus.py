@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -158,45 +159,111 @@ def read_corpus(paths: list[str | Path] | None, stats: CorpusStats) -> Iterator[
     """Documents (and JSON QA records) from `paths`, or from `default_corpus_paths()` when `paths` is None."""
     files = [Path(p) for p in paths] if paths is not None else default_corpus_paths()
     for path, key in _iter_files(files, stats):
-        suffix = path.suffix.lower()
-        if path.name == "topics.py" and path.parent.name == "pydoc_data":
-            stats.files += 1
-            stats.sources[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-            for doc in _pydoc_topics(path):
-                stats.documents += 1
-                yield doc
-            continue
-        if suffix == ".pdf":
-            text = _pdf_text(path)
-            if text is None:
-                stats.skipped["pdf without a PDF library"] += 1
-                continue
-            stats.files += 1
-            stats.sources[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-            yield from _documents_from_stream(path, key, "prose", iter([text]))
-            continue
-        kind = "code" if suffix in CODE_SUFFIXES else "prose" if suffix in PROSE_SUFFIXES | JSON_SUFFIXES else None
-        if kind is None:
-            stats.skipped["unsupported file type"] += 1
-            continue
-        try:
-            blocks = _stream_text(path, stats)
-        except OSError:
-            stats.skipped["unreadable"] += 1
-            continue
-        if blocks is None:
-            stats.skipped["binary"] += 1
-            continue
+        yield from _read_file(path, key, stats)
+
+
+def _read_file(path: Path, key: str, stats: CorpusStats) -> Iterator[Document | QARecord]:
+    """What one file gives: documents, JSON QA records, or nothing (the reason counted in `stats.skipped`)."""
+    suffix = path.suffix.lower()
+    if path.name == "topics.py" and path.parent.name == "pydoc_data":
         stats.files += 1
-        if suffix in JSON_SUFFIXES:
-            try:
-                records = list(_qa_from_json(path, "".join(blocks)))
-            except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
-                stats.skipped["malformed json"] += 1
-                continue
-            stats.qa_records += len(records)
-            yield from records
-            continue
-        for doc in _documents_from_stream(path, key, kind, blocks):
+        stats.sources[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for doc in _pydoc_topics(path):
             stats.documents += 1
             yield doc
+        return
+    if suffix == ".pdf":
+        text = _pdf_text(path)
+        if text is None:
+            stats.skipped["pdf without a PDF library"] += 1
+            return
+        stats.files += 1
+        stats.sources[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        yield from _documents_from_stream(path, key, "prose", iter([text]))
+        return
+    kind = "code" if suffix in CODE_SUFFIXES else "prose" if suffix in PROSE_SUFFIXES | JSON_SUFFIXES else None
+    if kind is None:
+        stats.skipped["unsupported file type"] += 1
+        return
+    try:
+        blocks = _stream_text(path, stats)
+    except OSError:
+        stats.skipped["unreadable"] += 1
+        return
+    if blocks is None:
+        stats.skipped["binary"] += 1
+        return
+    stats.files += 1
+    if suffix in JSON_SUFFIXES:
+        try:
+            records = list(_qa_from_json(path, "".join(blocks)))
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+            stats.skipped["malformed json"] += 1
+            return
+        stats.qa_records += len(records)
+        yield from records
+        return
+    for doc in _documents_from_stream(path, key, kind, blocks):
+        stats.documents += 1
+        yield doc
+
+
+MIN_DOCUMENT_FILES = 2  # engine.data.build splits whole files, by their key: at least one for eval, one for train
+
+
+def _walk_files(paths: list[Path], stats: CorpusStats) -> Iterator[tuple[Path, str]]:
+    """`_iter_files`' pairs, listing one directory at a time (sorted names, links to directories not followed, as
+    rglob): a scan that stops early never lists the rest of a large tree. Not rglob's order, so only for checks."""
+    for path in paths:
+        if not path.is_dir():
+            yield from _iter_files([path], stats)
+            continue
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for name in sorted(names):
+                if (file := Path(root) / name).is_file():
+                    yield file, str(file.relative_to(path))
+
+
+def check_corpus(paths: list[str | Path]) -> None:
+    """Refuse, cheaply and before any run, a corpus that `engine.data.build.prepare_data` would refuse: text in fewer
+    than MIN_DOCUMENT_FILES files (binary, empty, unsupported or only JSON QA files). Each file goes through
+    read_corpus's own readers but only up to its first document (a text file costs at most one 1 MiB block), and the
+    scan, listing directories as it goes, stops at the MIN_DOCUMENT_FILES-th file with text; JSON files are not read
+    (they give QA records, never documents).
+
+    Raises:
+        ValueError: one line saying what was found and what to change.
+    """
+    stats = CorpusStats()
+    found: dict[str, Path] = {}  # file key -> first file with text under that key
+    same_key = 0  # files whose key (their name, or path inside the directory given) an earlier file already had
+    for path, key in _walk_files([Path(p).expanduser() for p in paths], stats):
+        if path.suffix.lower() in JSON_SUFFIXES:
+            stats.skipped["JSON QA file (not a document)"] += 1
+            continue
+        if key in found:
+            same_key += 1
+            continue
+        skipped = sum(stats.skipped.values())
+        items = _read_file(path, key, stats)
+        try:
+            has_text = any(isinstance(item, Document) for item in items)
+        finally:
+            items.close()
+        if has_text:
+            found[key] = path
+            if len(found) >= MIN_DOCUMENT_FILES:
+                return
+        elif sum(stats.skipped.values()) == skipped:
+            stats.skipped["empty"] += 1
+    seen = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.skipped.items()))
+    if same_key:
+        seen += f"{', ' if seen else ''}{same_key} with the name of another (counted once)"
+    if not found:
+        raise ValueError(f"no usable text in the corpus ({f'skipped: {seen}' if seen else 'no files found'}): give "
+                         "the corpus (--corpus) text or code files (.txt, .md, .rst, .py, ...), or leave it out for "
+                         "the built-in corpus")  # fmt: skip
+    raise ValueError(f"corpus too small: need text in at least {MIN_DOCUMENT_FILES} files (one for eval), found it "
+                     f"only in {str(next(iter(found.values())))!r}{f' (skipped: {seen})' if seen else ''}: add "
+                     "another text file to the corpus (--corpus)")  # fmt: skip

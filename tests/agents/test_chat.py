@@ -105,15 +105,17 @@ def test_paths_in_chat_text_must_lie_inside_the_allowed_folders(chat, tmp_path):
 def test_uploads_move_into_the_run_directory(chat, tmp_path):
     upload = tmp_path / "guide.md"
     upload.write_text("# Guide\n\nSome text about the project.\n")
+    second = tmp_path / "notes.md"  # a corpus needs text in two files (one for eval)
+    second.write_text("# Notes\n\nMore text.\n")
     state = ChatState()
-    reply, state = chat.message("extend smollm2-135m using these", [str(upload)], state)
+    reply, state = chat.message("extend smollm2-135m using these", [str(upload), str(second)], state)
     assert reply.startswith("How long should the context become"), reply  # a question; the uploads stay staged
     reply, state = chat.message("16k", None, state)
     assert "waits for your approval" in reply, reply
     spec = json.loads((chat.runs_dir / state.run_id / "spec.json").read_text())
     corpus = [Path(p) for p in spec["corpus"]]
     assert len(corpus) == 1 and corpus[0].parent == chat.runs_dir / state.run_id / "uploads"
-    assert (corpus[0] / "guide.md").read_text().startswith("# Guide")
+    assert (corpus[0] / "guide.md").read_text().startswith("# Guide") and (corpus[0] / "notes.md").is_file()
     assert not any((chat.runs_dir / "uploads").iterdir())  # nothing left behind in the staging area
 
 

@@ -154,10 +154,18 @@ def test_bad_input_fails_at_once_and_is_never_retried(tmp_path, tiny_model_dir, 
     unusable.mkdir()
     (unusable / "blob.bin").write_bytes(b"\0" * 100)  # exists, but holds no text the data engineer can use
     assistant = Assistant(tmp_path)
+    with pytest.raises(ValueError, match="no usable text in the corpus"):  # refused before the run exists
+        assistant.run(base_model=str(tiny_model_dir), corpus=[str(unusable)], run_dir=tmp_path / "r0", approve=True,
+                      **TINY)  # fmt: skip
+    assert not (tmp_path / "r0").exists()
+    # text in two files, but far too little for any record: bad input that only a stage can find
+    (unusable / "a.txt").write_text("x\n")
+    (unusable / "b.txt").write_text("y\n")
     result = assistant.run(base_model=str(tiny_model_dir), corpus=[str(unusable)], run_dir=tmp_path / "r",
                            approve=True, **TINY)  # fmt: skip
-    assert result.status == "failed" and "BAD INPUT" in result.failure
-    assert result.stages["prepare_data"] == {"status": "failed", "attempts": 1}  # no reseeded retry of bad input
+    assert result.status == "failed" and "BAD INPUT" in result.failure, result.failure
+    failed = [s for s in result.stages.values() if s["status"] == "failed"]
+    assert failed == [{"status": "failed", "attempts": 1}], result.stages  # no reseeded retry of bad input
     assert not [e for e in _events(tmp_path / "r") if e["event"] == "retry"]
 
 

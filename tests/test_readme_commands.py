@@ -1,0 +1,838 @@
+"""Every command in README.md is executed here, on a tiny model, or is on an asserted exemption list.
+
+The README's commands are read from its fenced ```bash/```sh/``` blocks (lines starting with `longpilot `, `make `,
+`python `; `\\` and indented synopsis continuations joined, `# comments` dropped) and from its inline code spans
+with the same prefixes. COMMANDS maps each (whitespace-normalised) command to how it is run: concrete command
+lines with placeholders filled by a tiny model (a random 2-layer Llama with the embedded SmolLM2 tokenizer,
+1,024-token native context, extended to 2,048), heavy parts shortened by flags. A README command with no entry fails
+`test_every_readme_command_has_an_entry`; an entry whose command left the README fails the reverse test. The
+```python blocks are executed too (PY_BLOCKS: textual substitutions, each asserted to match the README text).
+
+One SOP run (`longpilot run ...` waiting for approval, then `longpilot resume RUN_DIR --yes`) is shared by the
+status, resume, eval and export entries; `make demo` runs the real Makefile target on the tiny model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+VENV = Path(sys.prefix)
+PREFIXES = ("longpilot", "make", "python")
+FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+TARGET = 2048  # the tiny model's native context is 1024: RoPE x2, as in the README's 8k -> 16k
+
+
+# ---------------------------------------------------------------- reading the README
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a shell `# comment` (a `#` at the start or after whitespace, outside quotes)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
+def _is_command(text: str) -> bool:
+    return bool(re.match(rf"({'|'.join(PREFIXES)}) \S", text))
+
+
+def shell_commands(block: str) -> list[str]:
+    """Command lines of one shell block: `\\` continuations and indented synopsis lines joined, comments dropped."""
+    commands: list[str] = []
+    current: str | None = None
+    for raw in block.splitlines():
+        line = _strip_comment(raw).rstrip()
+        if current is not None and (current.endswith("\\") or (raw[:1].isspace() and line.strip())):
+            current = current.removesuffix("\\") + " " + line.strip()
+            continue
+        if current is not None:
+            commands.append(current)
+            current = None
+        if _is_command(line):
+            current = line
+    if current is not None:
+        commands.append(current)
+    return [" ".join(c.split()) for c in commands]
+
+
+def readme_commands(text: str | None = None) -> list[str]:
+    """Every command the README shows: fenced shell blocks first, then inline code spans (deduplicated, in order)."""
+    text = README.read_text() if text is None else text
+    found: list[str] = []
+    for m in FENCE.finditer(text):
+        if m.group(1) in ("", "bash", "sh", "shell", "console"):
+            found += shell_commands(m.group(2))
+    prose = FENCE.sub("", text)
+    found += [span for s in re.findall(r"`([^`]+)`", prose) if _is_command(span := " ".join(s.split()))]
+    return list(dict.fromkeys(found))
+
+
+def readme_python_blocks(text: str | None = None) -> list[str]:
+    text = README.read_text() if text is None else text
+    return [m.group(2) for m in FENCE.finditer(text) if m.group(1) == "python"]
+
+
+def test_the_extractor_joins_continuations_and_drops_comments():
+    block = (
+        "make demo   # set-up + run\n"
+        "longpilot eval --model a=b \\\n"
+        "               --out eval/\n"
+        "longpilot run  --model m [--corpus DOCS ...]\n"
+        '               [--request "x # y"]\n'
+        "# runs: deepspeed ...\n"
+        "agents/    not a command\n"
+    )
+    assert shell_commands(block) == [
+        "make demo",
+        "longpilot eval --model a=b --out eval/",
+        'longpilot run --model m [--corpus DOCS ...] [--request "x # y"]',
+    ]
+    prose = "Run `make lint` or `longpilot plan --model M\n--target-context T`; the `longpilot` CLI; `make`."
+    assert readme_commands(prose) == ["make lint", "longpilot plan --model M --target-context T"]
+
+
+# ---------------------------------------------------------------- the table: README command -> what runs
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    def tail(self) -> str:
+        return f"rc {self.rc}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One invocation. Placeholders: {tiny} {run} {demo} {tmp} {venv} {stamp} {repo} {corpus} {corpus2} {port}
+    {port2}.
+
+    via: "main" calls the entry point in this process (`longpilot` -> agents.cli.main, `python -m engine.launch`
+    -> engine.launch.main: the console script's own function, without a second interpreter start-up); "process" runs
+    it as its own process; "serve" starts a server process, waits for HTTP 200 on {port}/{port2}, then stops it."""
+
+    command: str  # split like a shell line (shlex), then each word's placeholders filled
+    rc: int = 0
+    check: Callable[[Result, dict], None] | None = None
+    via: str = "main"
+    cwd: str = "{tmp}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    how: str
+    steps: tuple[Step, ...] = ()
+    after: tuple[str, ...] = ()  # entries whose artifacts these steps use (run first, once)
+    custom: Callable[[dict], None] | None = None
+    same_as: str | None = None
+    exempt: str | None = None  # why this file does not execute it (only the asserted EXEMPT keys)
+
+
+def _manifest_all_passed(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(s["status"] == "passed" for s in manifest["stages"].values()), manifest["stages"]
+    assert all(c["passed"] for a in manifest["artifacts"].values() for c in a["checks"])
+
+
+def _check_demo(r: Result, ctx: dict) -> None:
+    demo = Path(ctx["demo"])
+    assert (demo / "report.md").is_file() and "passed" in r.out, r.tail()
+    _manifest_all_passed(demo)
+
+
+def _check_make_n_demo(r: Result, ctx: dict) -> None:
+    documented = "longpilot run --model smollm2-135m --target-context 16384 --profile smoke --yes"
+    line = [x for x in r.out.splitlines() if "longpilot run" in x]
+    assert len(line) == 1 and re.sub(r" --run-dir \S+", "", line[0].split("/bin/", 1)[1]).strip() == documented, r.out
+    assert re.search(r"--run-dir runs/demo-\d{8}-\d{6}", line[0]), line  # README: outputs in runs/demo-<date>/
+
+
+def _check_launch_dry_run(r: Result, ctx: dict) -> None:
+    documented = next(x for x in README.read_text().splitlines() if x.startswith("# runs: ")).removeprefix("# runs: ")
+    head = documented.split("...")[0]
+    printed = r.out.strip().splitlines()[-1]
+    assert printed.startswith(head) and printed.endswith("engine/recipes/llama2-7b-32k-8xA100.json"), printed
+    from engine.train import TrainConfig
+
+    recipe = TrainConfig.from_dict(json.loads((REPO / "engine/recipes/llama2-7b-32k-8xA100.json").read_text()))
+    assert recipe.target_context == 32768 and recipe.deepspeed == "engine/deepspeed/zero2.json", recipe
+
+
+def _check_plan_text(r: Result, ctx: dict) -> None:
+    assert "Plan: llama-2-7b 4096 -> 32768 tokens (full profile on 8xA100-80GB)" in r.out, r.tail()
+    assert "launch: deepspeed --num_gpus=8" in r.out and "FAILED" not in r.out, r.out
+
+
+def _check_awaiting(r: Result, ctx: dict) -> None:
+    run = Path(ctx["run"])
+    assert "awaits plan approval" in r.err and (run / "plan.json").is_file() and not (run / "report.md").exists()
+    spec = json.loads((run / "spec.json").read_text())
+    assert spec["base_model"] == ctx["tiny"] and spec["target_context"] == TARGET, spec  # flags win over --request
+    assert len(spec["corpus"]) == 2 and spec["device"] == "cpu" and spec["request_text"], spec
+    assert (spec["attention"], spec["batch_size"], spec["grad_accum"]) == ("s2", 1, 1), spec
+
+
+def _check_resumed(r: Result, ctx: dict) -> None:
+    run = Path(ctx["run"])
+    assert "run passed" in r.out and (run / "report.md").is_file(), r.tail()
+    _manifest_all_passed(run)
+    data_card = json.loads((run / "data" / "data_card.json").read_text())
+    assert data_card, "the data card is empty"
+
+
+def _check_resume_noop(r: Result, ctx: dict) -> None:
+    stages = json.loads((Path(ctx["run"]) / "manifest.json").read_text())["stages"]
+    assert all(s["attempts"] == 1 for s in stages.values()), stages  # a finished run: nothing redone
+
+
+def _check_status_text(r: Result, ctx: dict) -> None:
+    assert r.out.startswith("run run: passed") and "artifact final_report" in r.out, r.out
+
+
+def _check_status_json(r: Result, ctx: dict) -> None:
+    status = json.loads(r.out)
+    assert status["status"] == "passed" and set(status["stages"]) >= {"plan", "train", "report"}, status
+
+
+def _check_eval(r: Result, ctx: dict) -> None:
+    report = json.loads((Path(ctx["tmp"]) / "eval" / "eval_report.json").read_text())
+    assert set(report["models"]) == {"base", "extended"} and report["status"] == "complete", report.get("status")
+    failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
+    assert failed == ["passkey_min"] and "gate failed: passkey_min" in r.err, (failed, r.err[-500:])
+
+
+def _check_export(r: Result, ctx: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(Path(ctx["tmp"]) / "merged")
+    assert merged.config.rope_parameters["factor"] == 2.0, merged.config.rope_parameters
+
+
+def _check_engine_demo(r: Result, ctx: dict) -> None:
+    assert "LongPilot engine demo: done" in r.out and (Path(ctx["tmp"]) / "engine-demo").is_dir(), r.tail()
+
+
+def _check_dist_dry_run(r: Result, ctx: dict) -> None:
+    printed = r.out.strip().splitlines()[-1]
+    launcher = {"torchrun": "--nproc_per_node=2", "deepspeed": "--hostfile hosts --num_gpus=2",
+                "accelerate": "--num_processes=2"}  # fmt: skip
+    assert printed.endswith("engine.launch train --config run.json"), printed
+    assert launcher[printed.split()[0]] in printed, printed
+
+
+def _dist_config(ctx: dict) -> None:
+    """run.json and hosts for `python -m engine.launch distributed --config run.json ...` (printed, not trained)."""
+    cfg = {"output_dir": f"{ctx['tmp']}/dist", "dataset_dir": f"{ctx['tmp']}/data", "base_model": ctx["tiny"],
+           "target_context": TARGET, "max_steps": 1, "gradient_accumulation_steps": 1, "save_steps": 1,
+           "quiet": True}  # fmt: skip
+    Path(ctx["tmp"], "run.json").write_text(json.dumps(cfg))
+    Path(ctx["tmp"], "hosts").write_text("localhost slots=2\n")
+
+
+def _http(url: str, timeout: float = 5) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _check_app_with_auth(r: Result, ctx: dict) -> None:
+    assert _http(f"http://127.0.0.1:{ctx['port']}/config") == 401  # --auth is on: the app's config needs a login
+    assert Path(ctx["tmp"], "app-runs").is_dir()  # --runs-dir reached the app
+
+
+def _check_app_plain(r: Result, ctx: dict) -> None:
+    assert _http(f"http://127.0.0.1:{ctx['port2']}/config") == 200
+    assert Path(ctx["tmp"], "app-runs2").is_dir()
+
+
+def _check_lint(r: Result, ctx: dict) -> None:
+    assert "kept, 0 broken" in r.out, r.tail()
+
+
+def _plan_table_rows() -> list[tuple[str, ...]]:
+    """The README's planner-prediction table: (model, target, factor, zero, memory, tokens/s, wall time)."""
+    rows = re.findall(r"^\| (Llama-[\w.-]+) -> ([\d,]+)[^|]*\|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|$",
+                      README.read_text(), re.M)  # fmt: skip
+    assert len(rows) >= 3, rows
+    return [tuple(c.strip() for c in row) for row in rows]
+
+
+def _matches(documented: str, value: float) -> bool:
+    """`35.9 h` matches 35.85 h; `16,248` matches 16248.3: equal at the README's precision."""
+    number = re.match(r"[\d,.]+", documented).group().replace(",", "")
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return round(value, decimals) == float(number)
+
+
+def _run_plan_table(ctx: dict) -> None:
+    """`longpilot plan --model M --target-context T --profile full --hardware 8xA100-80GB` for every table row."""
+    zero = {"ZeRO-2": "zero2", "ZeRO-3": "zero3", "ZeRO-3 + CPU offload": "zero3_offload"}
+    for model, target, factor, stage, memory, tokens, wall in _plan_table_rows():
+        length = target.replace(",", "")
+        r = _execute(Step(f"longpilot plan --model {model.lower()} --target-context {length} --profile full "
+                          "--hardware 8xA100-80GB --json"), ctx)  # fmt: skip
+        assert r.rc == 0, r.tail()
+        plan = json.loads(r.out)["plan"]
+        got = (plan["rope_factor"], plan["deepspeed_stage"], plan["memory"]["total_gib"], plan["tokens_per_s"],
+               plan["wall_time_h"])  # fmt: skip
+        assert (
+            _matches(factor, got[0]) and zero[stage] == got[1] and _matches(memory, got[2])
+            and _matches(tokens, got[3]) and _matches(wall, got[4])
+        ), f"README row {model} -> {target}: {factor} | {stage} | {memory} | {tokens} | {wall}; planner: {got}"
+
+
+RUN_CMD = (
+    "longpilot run --model smollm2-135m --target-context 16384 [--corpus DOCS ...] [--profile smoke|standard|full] "
+    "[--hardware cpu|1xH100-80GB|8xA100-80GB|8xA100-40GB] [--device auto|cpu|cuda] [--seed N] [--max-steps N] "
+    '[--batch-size N] [--grad-accum N] [--attention s2|full] [--llm none|URL --llm-model NAME] '
+    '[--request "extend smollm2 to 16k"] [--run-dir DIR] [--yes]'
+)
+RUN = "longpilot resume RUN_DIR [--yes]"  # the entry that leaves a finished run in {run}
+EVAL_SHORT = (
+    "--seeds 0 --depths 0.5 --ruler-tasks niah_single_numbers --task-lengths ruler=1024 --max-new-tokens-cap 8 "
+    f"--longqa-max-items 1 --longqa-max-tokens 1024 --ppl-tokens {TARGET} --ppl-stride 1024 --no-progress"
+)
+LAUNCH = "python -m engine.launch distributed --config run.json --nproc 2"
+
+COMMANDS: dict[str, Entry] = {
+    # ------------------------------------------------------------ fenced ```bash blocks
+    "make demo": Entry(
+        "the real target on the tiny model: make demo DEMO_MODEL=<tiny> DEMO_TARGET=2048 DEMO_RUN_DIR=<tmp>/demo "
+        "(-o the install stamp: never reinstalls); its default expansion is checked by the next-but-one entry",
+        steps=(
+            Step(
+                f"make -o {{stamp}} demo VENV={{venv}} DEMO_MODEL={{tiny}} DEMO_TARGET={TARGET} DEMO_RUN_DIR={{demo}}",
+                check=_check_demo,
+                via="process",
+                cwd="{repo}",
+            ),
+        ),
+    ),
+    "make test": Entry(
+        "not run here",
+        exempt="runs the whole default suite, this file included (recursion); CI runs it: .ci/run is `make test`",
+    ),
+    "python -m engine.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json --nproc 8 --launcher "
+    "deepspeed": Entry(
+        "with --dry-run (it needs 8 GPUs and the Llama-2-7B weights): the printed launcher command must be the "
+        "README's `# runs:` line, and the recipe must load as a TrainConfig",
+        steps=(
+            Step(
+                "python -m engine.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json --nproc 8 "
+                "--launcher deepspeed --dry-run",
+                check=_check_launch_dry_run,
+                cwd="{repo}",
+            ),
+        ),
+    ),
+    "longpilot plan --model llama-2-7b --target-context 32768 --profile full --hardware 8xA100-80GB": Entry(
+        "as written (the planner needs no weights)",
+        steps=(
+            Step(
+                "longpilot plan --model llama-2-7b --target-context 32768 --profile full --hardware 8xA100-80GB",
+                check=_check_plan_text,
+            ),
+        ),
+    ),
+    RUN_CMD: Entry(
+        "every option once, on the tiny model at 2048 with two corpus paths (stdlib json/, argparse.py), smoke, cpu, "
+        "batch 1, accumulation 1, s2, --llm none, the README's --request (flags win), no --yes: exit 3, waits for "
+        "approval (the resume entry finishes it); --yes is what `make demo` runs; GPU hardware/cuda and an LLM URL "
+        "are tested in tests/agents/test_workflow.py",
+        steps=(
+            Step(
+                f"longpilot run --model {{tiny}} --target-context {TARGET} --corpus {{corpus}} {{corpus2}} "
+                "--profile smoke --hardware cpu --device cpu --seed 0 --max-steps 1 --batch-size 1 --grad-accum 1 "
+                "--attention s2 --llm none "
+                "--request 'extend smollm2 to 16k' --run-dir {run}",
+                rc=3,
+                check=_check_awaiting,
+            ),
+        ),
+    ),
+    RUN: Entry(
+        "resume RUN_DIR --yes on the run waiting for approval (it finishes: report.md, every gate passed), then "
+        "resume RUN_DIR on the finished run (nothing redone)",
+        after=(RUN_CMD,),
+        steps=(
+            Step("longpilot resume {run} --yes", check=_check_resumed),
+            Step("longpilot resume {run}", check=_check_resume_noop),
+        ),
+    ),
+    "longpilot status RUN_DIR [--json]": Entry(
+        "both forms on the finished run",
+        after=(RUN,),
+        steps=(
+            Step("longpilot status {run}", check=_check_status_text),
+            Step("longpilot status {run} --json", check=_check_status_json),
+        ),
+    ),
+    "longpilot eval --model base=smollm2-135m --model extended=RUN_DIR/train/adapter --allow-beyond base --lengths "
+    "2048 4096 8192 16384 --data RUN_DIR/data --gate passkey_min=0.95 --out eval/": Entry(
+        "base = the tiny model, extended = the finished run's adapter, --lengths 1024 2048, the README's gate, plus "
+        "--seeds 0 --depths 0.5 --ruler-tasks niah_single_numbers (at 1024) and small caps; a random model fails "
+        "the passkey gate: exit 1 as documented, with eval/eval_report.json written",
+        after=(RUN,),
+        steps=(
+            Step(
+                "longpilot eval --model base={tiny} --model extended={run}/train/adapter --allow-beyond base "
+                f"--lengths 1024 {TARGET} --data {{run}}/data --gate passkey_min=0.95 --out eval/ {EVAL_SHORT}",
+                rc=1,
+                check=_check_eval,
+            ),
+        ),
+    ),
+    "longpilot export RUN_DIR --out merged/": Entry(
+        "on the finished run; merged/ loads with AutoModelForCausalLM.from_pretrained (RoPE factor 2)",
+        after=(RUN,),
+        steps=(Step("longpilot export {run} --out merged/", check=_check_export),),
+    ),
+    "longpilot app [--host 127.0.0.1] [--port 7860] [--runs-dir runs] [--auth user:password] [--allow-path DIR ...]": (
+        Entry(
+            "the `longpilot` console script with every option (a free port, two --allow-path, --base-model the tiny "
+            "model) until it serves HTTP 200 (its /config answers 401: --auth is on), then stopped",
+            steps=(
+                Step(
+                    "longpilot app --host 127.0.0.1 --port {port} --runs-dir {tmp}/app-runs --auth user:password "
+                    "--allow-path {tmp} --allow-path {repo}/docs --base-model {tiny}",
+                    check=_check_app_with_auth,
+                    via="serve",
+                ),
+            ),
+        )
+    ),
+    "python app.py ...": Entry(
+        "python app.py --host 127.0.0.1 --port <free> --runs-dir <tmp> from the repository root until HTTP 200",
+        steps=(
+            Step(
+                "python app.py --host 127.0.0.1 --port {port2} --runs-dir {tmp}/app-runs2 --base-model {tiny}",
+                check=_check_app_plain,
+                via="serve",
+                cwd="{repo}",
+            ),
+        ),
+    ),
+    # ------------------------------------------------------------ inline code spans
+    "make test-slow": Entry("not run here", exempt="the slow suite: the real 135M demo run and more, tens of minutes"),
+    "make test-gpu": Entry("not run here", exempt="needs CUDA; on a CPU machine every test it selects skips"),
+    "make lint": Entry(
+        "as written (-o the install stamp): ruff and the import-linter contracts",
+        steps=(Step("make -o {stamp} lint VENV={venv}", check=_check_lint, via="process", cwd="{repo}"),),
+    ),
+    "make bench": Entry("not run here", exempt="benchmarks on the embedded 135M model: many minutes, prints figures"),
+    "longpilot run --model smollm2-135m --target-context 16384 --profile smoke --yes": Entry(
+        "what `make demo` runs: `make -n demo` must expand to exactly this (plus --run-dir runs/demo-<date>); the "
+        "make demo entry runs it on the tiny model",
+        steps=(Step("make -o {stamp} -n demo", check=_check_make_n_demo, via="process", cwd="{repo}"),),
+    ),
+    "longpilot demo": Entry(
+        "longpilot demo --model <tiny> --target-context 2048 --out <tmp>/engine-demo (engine only)",
+        steps=(
+            Step(f"longpilot demo --model {{tiny}} --target-context {TARGET} --out {{tmp}}/engine-demo",
+                 check=_check_engine_demo),  # fmt: skip
+        ),
+    ),
+    'make test TORCH_PIP_ARGS="--index-url <CUDA wheel index>"': Entry(
+        "not run here", exempt="`make test` (recursion, CI runs it) with a CUDA wheel index (network, a GPU image)"
+    ),
+    "python -m engine.launch distributed --config run.json --nproc 2 [--launcher torchrun|deepspeed|accelerate] "
+    "[--hostfile hosts]": Entry(
+        "with --dry-run, on a tiny run.json, for the default launcher (torchrun), --launcher deepspeed --hostfile "
+        "hosts and --launcher accelerate: each prints its launcher command (a real 2-process run of the same entry "
+        "point: tests/agents/test_workflow.py::test_a_multi_device_plan_trains_on_that_many_processes)",
+        custom=_dist_config,
+        steps=(
+            Step(f"{LAUNCH} --dry-run", check=_check_dist_dry_run),
+            Step(f"{LAUNCH} --launcher deepspeed --hostfile hosts --dry-run", check=_check_dist_dry_run),
+            Step(f"{LAUNCH} --launcher accelerate --dry-run", check=_check_dist_dry_run),
+        ),
+    ),
+    "longpilot resume RUN_DIR --yes": Entry("the `longpilot resume RUN_DIR [--yes]` entry", same_as=RUN),
+    "longpilot plan --model M --target-context T --profile full --hardware 8xA100-80GB": Entry(
+        "once per row of the README's prediction table (--json); every column must match at the README's precision",
+        custom=_run_plan_table,
+    ),
+    "python bench/eval.py": Entry("not run here", exempt="evaluator benchmark on the embedded 135M at 4k and 16k"),
+}
+
+EXEMPT = {"make test", "make test-slow", "make test-gpu", "make bench",
+          'make test TORCH_PIP_ARGS="--index-url <CUDA wheel index>"', "python bench/eval.py"}  # fmt: skip
+
+
+# ---------------------------------------------------------------- running the table
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _env(ctx: dict) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}  # fmt: skip
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # as in an activated venv
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # under `make test`: a make of its own, not a sub-make
+        env.pop(name, None)
+    return env
+
+
+def _executable(argv: list[str]) -> list[str]:
+    if argv[0] == "longpilot":
+        return [str(VENV / "bin" / "longpilot"), *argv[1:]]
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def _serve(argv: list[str], cwd: Path, ctx: dict) -> Result:
+    """Start the server, wait (at most 120 s) for HTTP 200, run the check while it serves, stop it (SIGTERM)."""
+    port = argv[argv.index("--port") + 1]
+    log = Path(ctx["tmp"]) / f"serve-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_executable(argv), cwd=cwd, env=_env(ctx), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline, code = time.time() + 120, None
+        while code != 200:
+            if proc.poll() is not None:
+                return Result(proc.returncode, "", log.read_text(errors="replace"))
+            assert time.time() < deadline, f"no HTTP 200 on port {port} within 120 s: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+            with contextlib.suppress(OSError):
+                code = _http(f"http://127.0.0.1:{port}/", timeout=2)
+        result = Result(0, log.read_text(errors="replace"), "")
+        if (check := ctx.get("_serve_check")) is not None:
+            check(result, ctx)  # while it still serves
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _assert_stopped(int(port))
+    return result
+
+
+def _assert_stopped(port: int) -> None:
+    """Nothing serves the port once the started process is gone (no orphaned server child)."""
+    deadline = time.time() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return
+        assert time.time() < deadline, f"port {port} still served after the server process stopped"
+        time.sleep(0.5)
+
+
+def _execute(step: Step, ctx: dict) -> Result:
+    argv = [word.format(**ctx) for word in shlex.split(step.command)]
+    cwd = Path(step.cwd.format(**ctx))
+    if step.via == "serve":
+        return _serve(argv, cwd, {**ctx, "_serve_check": step.check})
+    if step.via == "process":
+        done = subprocess.run(_executable(argv), cwd=cwd, env=_env(ctx), capture_output=True, text=True, timeout=600)
+        return Result(done.returncode, done.stdout, done.stderr)
+    if argv[0] == "longpilot":
+        from agents.cli import main
+    elif argv[:3] == ["python", "-m", "engine.launch"]:
+        from engine.launch import main
+
+        argv = argv[2:]
+    else:
+        raise AssertionError(f"no in-process entry point for {argv}")
+    out, err = io.StringIO(), io.StringIO()
+    with _cwd(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv[1:])
+        except SystemExit as exc:  # argparse
+            rc = exc.code if isinstance(exc.code, int) else 2
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+@dataclass
+class Runner:
+    ctx: dict
+    done: dict[str, list[Result]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def run(self, key: str, table: dict | None = None) -> list[Result]:
+        table = COMMANDS if table is None else table
+        if key in self.failed:
+            pytest.fail(f"{key!r} failed earlier: {self.failed[key]}")
+        if key in self.done:
+            return self.done[key]
+        entry = table[key]
+        try:
+            for dep in entry.after:
+                self.run(dep, table)
+            if entry.same_as:
+                return self.run(entry.same_as, table)
+            results = []
+            if entry.custom is not None:
+                entry.custom(self.ctx)
+            for step in entry.steps:
+                result = _execute(step, self.ctx)
+                assert result.rc == step.rc, f"{step.command}: exit {result.rc}, expected {step.rc}\n" + (
+                    result.tail()
+                )
+                if step.check is not None and step.via != "serve":  # a server is checked while it serves
+                    step.check(result, self.ctx)
+                results.append(result)
+        except BaseException as err:
+            self.failed[key] = f"{type(err).__name__}: {str(err)[:3000]}"
+            raise
+        self.done[key] = results
+        return results
+
+
+def _tiny_model_dir(path: Path) -> Path:
+    """A random 2-layer Llama (1,024-token context) with the embedded SmolLM2 tokenizer, saved as a model dir."""
+    from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(DEFAULT_MODEL))
+    tiny_llama(seed=0, vocab=len(tokenizer), context=1024).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> Runner:
+    import argparse
+    import json as json_module
+
+    tmp = tmp_path_factory.mktemp("readme")
+    ctx = {"tmp": str(tmp), "tiny": str(_tiny_model_dir(tmp / "tiny")), "run": str(tmp / "run"),
+           "demo": str(tmp / "demo"), "venv": str(VENV), "stamp": str(VENV / ".longpilot-installed"),
+           "repo": str(REPO), "corpus": str(Path(json_module.__file__).parent), "corpus2": argparse.__file__,
+           "port": str(free_port()), "port2": str(free_port())}  # fmt: skip
+    (tmp / "py").mkdir()
+    return Runner(ctx)
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_every_readme_command_has_an_entry():
+    """A command documented in the README with no way to run it here fails the suite."""
+    missing = [c for c in readme_commands() if c not in COMMANDS]
+    assert not missing, "README commands with no entry in COMMANDS (add one: how it runs, what it must produce):\n" + (
+        "\n".join(missing)
+    )
+
+
+def test_every_entry_is_still_in_the_readme():
+    stale = sorted(set(COMMANDS) - set(readme_commands()))
+    assert not stale, f"COMMANDS entries whose command is no longer in the README: {stale}"
+
+
+def test_the_exemptions_are_exactly_the_listed_ones():
+    assert {k for k, e in COMMANDS.items() if e.exempt} == EXEMPT
+    ci = [x.strip() for x in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert "make test" in ci, "`make test` is exempt because CI runs it: .ci/run must run it"
+    assert all(COMMANDS[k].exempt and COMMANDS[k].how for k in EXEMPT)
+    assert all(e.steps or e.custom or e.same_as for k, e in COMMANDS.items() if k not in EXEMPT)
+
+
+def test_longpilot_app_forwards_every_option_to_the_app(monkeypatch):
+    """`longpilot app --port N ...` used to fail (argparse REMAINDER takes no leading option): app.py parses them."""
+    from agents import cli
+
+    calls = []
+
+    def execv(path, argv):  # the app replaces the `longpilot` process: a terminated longpilot leaves no server
+        calls.append((path, argv))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.os, "execv", execv)
+    options = ["--host", "127.0.0.1", "--port", "7999", "--runs-dir", "d", "--auth", "u:p", "--allow-path", "a",
+               "--allow-path", "b", "--base-model", "m", "-h"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.main(["app", *options])
+    assert calls == [(sys.executable, [sys.executable, "-m", "app", *options])]
+    with pytest.raises(SystemExit) as exc:  # other commands still refuse what they do not know
+        cli.main(["status", "x", "--port", "1"])
+    assert exc.value.code == 2
+
+
+def _id(command: str) -> str:
+    return re.sub(r"[^\w.=-]+", "_", command)[:70].strip("_")
+
+
+@pytest.mark.parametrize("command", [k for k in COMMANDS if k not in EXEMPT], ids=_id)
+def test_readme_command_runs(command, runner):
+    runner.run(command)
+
+
+# ---------------------------------------------------------------- the ```python blocks
+
+
+@dataclass(frozen=True)
+class PyBlock:
+    how: str
+    subs: tuple[tuple[str, str], ...] = ()  # (README text, replacement): each must occur in the block
+    preamble: str = ""
+    check: Callable[[dict, dict], None] | None = None
+    after: tuple[str, ...] = ()
+
+
+def _check_engine_api(ns: dict, ctx: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert Path("out/adapter/adapter_config.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained("out/merged").config.rope_parameters["factor"] == 2.0
+
+
+def _check_reload(ns: dict, ctx: dict) -> None:
+    from peft import PeftModel
+
+    assert isinstance(ns["model"], PeftModel) and ns["config"].rope_parameters["factor"] == 2.0
+
+
+def _check_train(ns: dict, ctx: dict) -> None:
+    assert ns["result"].status == "completed" and ns["result"].steps == 1, ns["result"]
+    for name in ("run_config.json", "metrics.jsonl", "adapter", "train_summary.json"):
+        assert Path("runs/x", name).exists(), name
+
+
+def _check_data(ns: dict, ctx: dict) -> None:
+    card = json.loads(Path("runs/x/data/data_card.json").read_text())
+    assert card and Path("runs/x/data/token_lengths.png").is_file()
+
+
+def _check_assistant(ns: dict, ctx: dict) -> None:
+    run = ns["run"]
+    assert run.status == "passed" and Path(run.report).is_file(), (run.status, run.failure)
+    assert all(s["status"] == "passed" for s in ns["assistant"].status(run.run_dir).stages.values())
+
+
+def _check_evaluate(ns: dict, ctx: dict) -> None:
+    report = ns["report"]
+    assert set(report["models"]) == {"base", "rope_only", "extended"} and report["gate"] is not None
+    assert Path("eval/eval_report.json").is_file()
+
+
+def _tiny(ctx: dict) -> str:
+    return repr(ctx["tiny"])
+
+
+PY_BLOCKS: dict[str, PyBlock] = {
+    'import engine  # registers attn_implementation="s2_attention"': PyBlock(
+        "the tiny model for smollm2-135m, RoPE to 2048 instead of 32768; out/merged must load (factor 2)",
+        subs=(('"smollm2-135m"', "{tiny}"), ("32768", str(TARGET))),
+        check=_check_engine_api,
+    ),
+    'config = AutoConfig.from_pretrained("out/adapter")': PyBlock(
+        "after the engine block (its out/adapter), base_path = the tiny model, the imports it leaves out",
+        preamble="from transformers import AutoConfig, AutoModelForCausalLM\nfrom peft import PeftModel\n"
+        "base_path = {tiny}\n",
+        check=_check_reload,
+        after=('import engine  # registers attn_implementation="s2_attention"',),
+    ),
+    "from engine.data import DataConfig, prepare_data": PyBlock(
+        "target 2048, n_train 8, n_eval 4, tokenizer = the tiny model's (the embedded SmolLM2 one)",
+        subs=(("target_context=16384", f"target_context={TARGET}"), ("n_train=64", "n_train=8"),
+              ("n_eval=16", "n_eval=4")),  # fmt: skip
+        preamble="from engine.models import load_tokenizer, resolve_model\n"
+        "tokenizer = load_tokenizer(resolve_model({tiny}))\n",
+        check=_check_data,
+    ),
+    "from engine.train import TrainConfig, train": PyBlock(
+        "on the data block's runs/x/data (for data/), the tiny model, target 2048, 1 step of 1 micro-batch",
+        subs=(('dataset_dir="data/"', 'dataset_dir="runs/x/data"'), ('base_model="smollm2-135m"', "base_model={tiny}"),
+              ("target_context=16384", f"target_context={TARGET}"),
+              ("max_steps=1000", "max_steps=1, gradient_accumulation_steps=1, quiet=True")),  # fmt: skip
+        check=_check_train,
+        after=("from engine.data import DataConfig, prepare_data",),
+    ),
+    "from agents import Assistant": PyBlock(
+        "the tiny model at 2048 (smoke: one step); plan, run (stops for approval), approve, status",
+        subs=(('"smollm2-135m"', "{tiny}"), ("target_context=16384", f"target_context={TARGET}")),
+        check=_check_assistant,
+    ),
+    "from engine.evaluate import EvalConfig, ModelUnderTest, evaluate": PyBlock(
+        "lengths (1024, 2048), the tiny model, rope_only to 2048, extended = the training block's adapter "
+        "(runs/x/adapter: TrainConfig's layout; runs/x/train/adapter is a SOP run's), one seed/depth/RULER task "
+        "(RULER at 1024 only), 2,048 PPL tokens, one long-QA item",
+        subs=(("lengths=(2048, 4096, 8192, 16384)", f"lengths=(1024, {TARGET})"), ('"smollm2-135m"', "{tiny}"),
+              ("rope_target=16384", f"rope_target={TARGET}"), ('"runs/x/train/adapter"', '"runs/x/adapter"'),
+              ('output_dir="eval/",', 'output_dir="eval/", seeds=(0,), depths=(0.5,), ruler_tasks=('
+               '"niah_single_numbers",), task_lengths={"ruler": (1024,)}, max_new_tokens_cap=8, longqa_max_items=1, '
+               "longqa_max_tokens=1024, ppl_tokens=2048, ppl_stride=1024, progress=False,")),
+        check=_check_evaluate,
+        after=("from engine.train import TrainConfig, train",),
+    ),
+}
+
+
+def _first_line(block: str) -> str:
+    return block.strip().splitlines()[0].strip()
+
+
+def test_every_readme_python_block_has_an_entry():
+    blocks = [_first_line(b) for b in readme_python_blocks()]
+    assert len(blocks) == len(set(blocks)), blocks
+    assert sorted(blocks) == sorted(PY_BLOCKS), (
+        f"README python blocks with no entry: {sorted(set(blocks) - set(PY_BLOCKS))}; "
+        f"entries with no block: {sorted(set(PY_BLOCKS) - set(blocks))}"
+    )
+
+
+def _run_block(key: str, runner: Runner) -> None:
+    done = runner.done.setdefault("__py__", [])
+    if key in done:
+        return
+    entry = PY_BLOCKS[key]
+    for dep in entry.after:
+        _run_block(dep, runner)
+    block = next(b for b in readme_python_blocks() if _first_line(b) == key)
+    code = block
+    for old, new in entry.subs:
+        assert old in code, f"README python block {key!r} no longer contains {old!r}: update PY_BLOCKS"
+        code = code.replace(old, new.replace("{tiny}", _tiny(runner.ctx)))
+    ns: dict = {"__name__": "__readme__"}
+    with _cwd(Path(runner.ctx["tmp"]) / "py"):
+        exec(compile(entry.preamble.replace("{tiny}", _tiny(runner.ctx)) + code, f"README.md: {key}", "exec"), ns)
+        if entry.check is not None:
+            entry.check(ns, runner.ctx)
+    done.append(key)
+
+
+@pytest.mark.parametrize("block", list(PY_BLOCKS), ids=_id)
+def test_readme_python_block_runs(block, runner):
+    _run_block(block, runner)

@@ -22,61 +22,14 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 
+from agents.app_guards import text_history, uploaded_or_refused, uploads_only  # noqa: E402
 from agents.chat import AssistantChat, ChatState  # noqa: E402
 from agents.errors import first_line  # noqa: E402
 from agents.model_chat import ModelChat  # noqa: E402
 from agents.run_view import list_runs, view_run, zip_atomic  # noqa: E402
-from agents.uploads import (  # noqa: E402
-    MAX_UPLOAD_BYTES,
-    UPLOAD_TRANSPORT_FACTOR,
-    NotUploadedError,
-    inside,
-    safe_name,
-    uploaded_file,
-)
+from agents.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR, inside  # noqa: E402
 
 STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
-
-
-def _uploads_only(component: gr.File) -> gr.File:
-    """Make a file input take only files that Gradio's upload route stored in its upload folder. Gradio copies (or
-    downloads) the path a client sends into its cache before any handler runs, so the check wraps that copy step and
-    sees the path exactly as the client sent it; the handlers check the path they get once more. Wrapped on the
-    instance, not subclassed: Gradio writes a .pyi stub beside the module of every Component subclass."""
-    root = Path(component.GRADIO_CACHE)
-    move, async_move = component.move_resource_to_block_cache, component.async_move_resource_to_block_cache
-
-    def refuse_foreign(path) -> None:
-        if path is not None:
-            try:
-                uploaded_file(str(path), root)
-            except NotUploadedError as err:
-                raise gr.Error(f"{safe_name(str(path))}: {err}") from None
-
-    def checked_move(path):
-        refuse_foreign(path)
-        return move(path)
-
-    async def checked_async_move(path):
-        refuse_foreign(path)
-        return await async_move(path)
-
-    component.move_resource_to_block_cache = checked_move
-    component.async_move_resource_to_block_cache = checked_async_move
-    return component
-
-
-def _text_history(history) -> list[dict]:
-    """The chat history a client sent back, if it holds text only (else gr.Error). The events that take the chat run
-    with preprocess=False: Gradio's Chatbot preprocessing builds any component a history message names and hands it
-    a client-chosen path (an Image opens a server image, a File copies a server file) before a handler runs, and
-    this app never puts anything but text in the chat."""
-    history = list(history or [])
-    for message in history:
-        parts = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(parts, list) or not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-            raise gr.Error("the chat history may hold text only")
-    return history
 
 
 def _files_signature(status: str, paths: list[str]) -> tuple:
@@ -102,8 +55,8 @@ def build_app(
                          upload_root=upload_root)  # fmt: skip
     model_chat = ModelChat(runs_dir, base_model)
 
-    def send(text, files, history, state):  # not preprocessed: files are FileData dicts (see _text_history)
-        history = _text_history(history)
+    def send(text, files, history, state):  # not preprocessed: files are FileData dicts (see text_history)
+        history = text_history(history)
         try:
             reply, state = chat.message(text, [f["path"] for f in files or []], state)
         except Exception as err:  # never a stack trace in the chat
@@ -111,8 +64,8 @@ def build_app(
         history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
         return "", None, history, state, state.run_id or gr.skip()  # a question keeps the run being watched
 
-    def decide(approved: bool, history, state, run_id):  # not preprocessed (see _text_history)
-        history = _text_history(history)
+    def decide(approved: bool, history, state, run_id):  # not preprocessed (see text_history)
+        history = text_history(history)
         try:
             reply = chat.approve(state, run_id) if approved else chat.reject(state, run_id)
         except Exception as err:
@@ -145,7 +98,7 @@ def build_app(
             with gr.Row():
                 message = gr.Textbox(placeholder="e.g. extend smollm2-135m to 16k using the docs I uploaded",
                                      show_label=False, scale=4, elem_id="message")  # fmt: skip
-                uploads = _uploads_only(gr.File(file_count="multiple", label="documents", scale=1))
+                uploads = uploads_only(gr.File(file_count="multiple", label="documents", scale=1))
                 send_btn = gr.Button("Send", variant="primary", elem_id="send")
             with gr.Row():
                 approve_btn = gr.Button("Approve", variant="primary", elem_id="approve")
@@ -173,7 +126,7 @@ def build_app(
                 choice = gr.Dropdown(model_chat.choices(), value=model_chat.choices()[0], label="model")
                 refresh_models = gr.Button("Refresh models")
             document = gr.Textbox(label="document (paste)", lines=8)
-            doc_file = _uploads_only(gr.File(label="or upload a text file", file_types=[".txt", ".md", ".py", ".rst"]))
+            doc_file = uploads_only(gr.File(label="or upload a text file", file_types=[".txt", ".md", ".py", ".rst"]))
             question = gr.Textbox(label="question")
             with gr.Row():
                 ask = gr.Button("Ask", variant="primary")
@@ -225,10 +178,7 @@ def build_app(
         def load_doc(path):
             if not path:
                 return gr.skip()
-            try:
-                doc = uploaded_file(path, upload_root)
-            except NotUploadedError as err:
-                raise gr.Error(f"{safe_name(str(path))}: {err}") from None
+            doc = uploaded_or_refused(path, upload_root)
             if doc.stat().st_size > 2 * 2**20:
                 return "(file over 2 MiB: paste an excerpt instead)"
             return doc.read_text(errors="replace")

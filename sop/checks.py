@@ -152,6 +152,15 @@ def train_completed(ctx: CheckContext) -> tuple[bool, str]:
     return ok, f"status {summary.status}, {summary.steps} of {expected} steps"
 
 
+@check("train_attention_as_planned")
+def train_attention_as_planned(ctx: CheckContext) -> tuple[bool, str]:
+    from engine.s2attn import S2_ATTENTION
+
+    use_s2 = (ctx.plan or {}).get("train_config", {}).get("use_s2_attention", True)
+    want, got = S2_ATTENTION if use_s2 else "sdpa", getattr(ctx.document, "attention", None)
+    return got == want, f"trained with {got}, planned {want}"
+
+
 @check("train_loss_finite")
 def train_loss_finite(ctx: CheckContext) -> tuple[bool, str]:
     losses = [json.loads(line)["loss"] for line in (ctx.path / "metrics.jsonl").read_text().splitlines() if line]

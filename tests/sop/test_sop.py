@@ -56,7 +56,8 @@ def _line_of(path: Path, needle: str) -> int:
         ("name: train\n", "name: train_harder\n", "train_harder", "no role implements a stage 'train_harder'"),
         ("role: trainer", "role: evaluator", "role: evaluator", "belongs to trainer"),
         (
-            "checks: [train_completed, train_loss_finite, adapter_files_present, adapter_rope_saved]",
+            "checks: [train_completed, train_attention_as_planned, train_loss_finite, adapter_files_present,\n"
+            "                 adapter_rope_saved]",
             "checks: train_completed",
             "checks: train_completed",
             "must be a list of check names",
@@ -220,6 +221,13 @@ def test_training_checks(tmp_path):
     ]
     (tmp_path / "good" / "adapter" / "config.json").unlink()
     assert not run_check("adapter_files_present", good)["passed"]
+    s2 = summary.model_copy(update={"attention": "s2_attention"})
+    full_plan = {"train_config": {"max_steps": 2, "use_s2_attention": False}}
+    assert run_check("train_attention_as_planned", _ctx(tmp_path, s2, plan))["passed"]
+    assert not run_check("train_attention_as_planned", _ctx(tmp_path, s2, full_plan))["passed"]
+    full = summary.model_copy(update={"attention": "sdpa"})
+    assert run_check("train_attention_as_planned", _ctx(tmp_path, full, full_plan))["passed"]
+    assert not run_check("train_attention_as_planned", _ctx(tmp_path, summary, plan))["passed"]  # not recorded
 
 
 def _eval_report(**changes) -> EvalReport:

@@ -28,9 +28,12 @@ from agents.workflow import (
     RUN_FILE,
     Roles,
     build_graph,
+    emit,
     open_checkpointer,
     read_events,
     read_run_file,
+    rebuild_state,
+    set_aside_damaged_checkpoints,
     write_run_file,
 )
 from sop.loader import DEFAULT_SOP, load_sop
@@ -210,11 +213,12 @@ class Assistant:
         run_dir = Path(run_dir)
         if not (run_dir / "manifest.json").is_file():
             raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
+        damaged = set_aside_damaged_checkpoints(run_dir)
         graph, config = self._graph(run_dir)
         snapshot = graph.get_state(config)
-        if not snapshot.values:  # killed after the run's files but before the graph's first checkpoint: start it
-            return self._drive(run_dir, _initial_state(run_dir, approve), on_event)
-        if not snapshot.next:
+        if not snapshot.values:  # killed before the graph's first checkpoint, or its checkpoints were unreadable
+            return self._restart(run_dir, approve, on_event, damaged)
+        if not snapshot.next and not snapshot.tasks:  # ended (a node that finished without its step: a task left)
             return self._result(run_dir, graph, config)
         if any(task.interrupts for task in snapshot.tasks):
             if approve is None:
@@ -230,11 +234,28 @@ class Assistant:
         run_dir = self._awaiting_approval(run_dir)
         return self._drive(run_dir, Command(resume={"approved": False, "reason": reason}), None)
 
+    def _restart(self, run_dir: Path, approve: bool | None, on_event, damaged: str | None) -> RunResult:
+        """Drive a run whose graph has no checkpoint from START, with the state its files give (verified stages are
+        reused, retry changes replayed: workflow.rebuild_state); a run already failed or rejected is only reported."""
+        if damaged is not None:
+            event = {"event": "checkpoints_rebuilt", "damaged": damaged}  # the database was set aside
+            emit(run_dir, event)
+            if on_event is not None:
+                on_event(event)
+        run = read_run_file(run_dir)
+        if run.get("status") in ("failed", "rejected"):  # decided: nothing to resume, nothing redone
+            report = run_dir / "report.md"
+            return RunResult(run_dir.name, run_dir, run["status"], run.get("failure"), Manifest(run_dir).stages,
+                             None, report if report.is_file() else None)  # fmt: skip
+        return self._drive(run_dir, rebuild_state(self.sop, run_dir, approve), on_event)
+
     def _awaiting_approval(self, run_dir: str | Path) -> Path:
         """`run_dir`, if it is a run whose plan waits for a decision (else a one-line ValueError, nothing written)."""
         run_dir = Path(run_dir)
         if not (run_dir / "manifest.json").is_file():
             raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
+        if (damaged := set_aside_damaged_checkpoints(run_dir)) is not None:  # rebuilt up to the approval
+            self._restart(run_dir, None, None, damaged)
         graph, config = self._graph(run_dir)
         if not any(task.interrupts for task in graph.get_state(config).tasks):
             raise ValueError(f"run {run_dir.name!r} is not waiting for approval")

@@ -29,6 +29,8 @@ class ProgressPrinter:
             say(f"   [yellow]no LLM narrative: {escape(str(event.get('failure')))}[/yellow]")
         elif kind == "stage_reused":
             say(f">> {event['stage']}: already verified, reused")
+        elif kind == "checkpoints_rebuilt":
+            say(f"   [yellow]{escape(str(event['damaged']))}: set aside, state rebuilt from the manifest[/yellow]")
         elif kind == "gate":
             mark = "[green]passed[/green]" if event["passed"] else "[red]FAILED[/red]"
             say(f"   gate {event['stage']}: {mark}")

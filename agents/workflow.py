@@ -5,7 +5,8 @@
 
 State carries artifact references (path + sha256), never tensors. The SQLite checkpointer in the run directory makes
 a killed run resumable: the interrupted node re-runs from its start, so every stage is idempotent (an artifact
-already verified in the manifest is reused, never produced twice). Progress goes to `progress.jsonl` and to
+already verified in the manifest is reused, never produced twice). A checkpoint database SQLite cannot read is set
+aside and the state rebuilt from the run's files (`rebuild_state`). Progress goes to `progress.jsonl` and to
 langgraph's `custom` stream.
 """
 
@@ -25,6 +26,7 @@ from langgraph.types import interrupt
 from agents import data_engineer, evaluator, planner, trainer
 from agents.errors import described, first_line
 from agents.files import read_complete_jsonl
+from agents.run_lock import driving
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec
 from sop.manifest import Manifest, TamperedArtifactError, iso_now, write_text_atomic
@@ -169,6 +171,15 @@ def _stage_verified(manifest: Manifest, stage: StageSpec) -> bool:
     )
 
 
+def _apply_retry_change(stage: StageSpec, run_dir: Path, overrides: dict[str, Any]) -> str:
+    """Change the stage's settings for its next attempt (sop: `retry.change`), from the planned values; its text."""
+    overrides.setdefault("planned_seed", json.loads((run_dir / "spec.json").read_text())["seed"])
+    if (run_dir / "plan.json").is_file():
+        plan = json.loads((run_dir / "plan.json").read_text())
+        overrides.setdefault("planned_learning_rate", plan["train_config"]["learning_rate"])
+    return RETRY_CHANGES[stage.retry.change](overrides) if stage.retry.change else "same settings"
+
+
 def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
     """Compile the SOP into a langgraph graph (see the module docstring for its shape)."""
     graph = StateGraph(RunState)
@@ -236,12 +247,7 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
             final = error is not None and error.startswith(("TAMPERED", NOT_RETRYABLE))
             if not final and attempts <= stage.retry.limit:
                 overrides = {k: dict(v) for k, v in state.get("overrides", {}).items()}
-                stage_overrides = overrides.setdefault(stage.name, {})
-                stage_overrides.setdefault("planned_seed", json.loads((run_dir / "spec.json").read_text())["seed"])
-                if (run_dir / "plan.json").is_file():
-                    plan = json.loads((run_dir / "plan.json").read_text())
-                    stage_overrides.setdefault("planned_learning_rate", plan["train_config"]["learning_rate"])
-                change = RETRY_CHANGES[stage.retry.change](stage_overrides) if stage.retry.change else "same settings"
+                change = _apply_retry_change(stage, run_dir, overrides.setdefault(stage.name, {}))
                 emit(run_dir, {"event": "retry", "stage": stage.name, "attempt": attempts + 1, "change": change,
                                "failure": failure})  # fmt: skip
                 gates[stage.name] = "retry"
@@ -305,3 +311,62 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
 def open_checkpointer(run_dir: Path) -> SqliteSaver:
     conn = sqlite3.connect(str(run_dir / CHECKPOINT_DB), check_same_thread=False)
     return SqliteSaver(conn)
+
+
+def set_aside_damaged_checkpoints(run_dir: Path) -> str | None:
+    """Move a checkpoint database SQLite cannot read (with its -wal/-shm files) to `checkpoints.sqlite.damaged-N`
+    and return what was wrong; None when it is readable, busy or absent. Refused (RunBusyError) while a live process
+    drives the run. The run's files say everything the graph needs to go on: see `rebuild_state`."""
+    path = run_dir / CHECKPOINT_DB
+    reason = _damage(path)
+    if reason is None:
+        return None
+    with driving(run_dir):
+        n = 1
+        while path.with_name(f"{CHECKPOINT_DB}.damaged-{n}").exists():
+            n += 1
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if (side := path.with_name(CHECKPOINT_DB + suffix)).exists():
+                side.rename(path.with_name(f"{CHECKPOINT_DB}.damaged-{n}{suffix}"))
+    return reason
+
+
+def _damage(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:  # locked or busy: not damaged
+        return None
+    except sqlite3.DatabaseError as err:  # not a database, malformed
+        return f"{path.name}: {err}"
+    return None if verdict == "ok" else f"{path.name}: {verdict}"
+
+
+def rebuild_state(sop: Sop, run_dir: Path, approve: bool | None) -> dict[str, Any]:
+    """The graph state to restart a run from START when its checkpoints are lost, taken from its files: the manifest
+    (stages verified there are reused, not redone), the retry changes each stage's attempts applied (replayed:
+    they are deterministic), the last gate failure as that stage's feedback, and whether the plan was approved."""
+    manifest = Manifest(run_dir)
+    events = read_events(run_dir)
+    overrides: dict[str, dict] = {}
+    feedback: dict[str, str] = {}
+    for stage in sop.stages:
+        entry = manifest.stages.get(stage.name, {"status": "pending", "attempts": 0})
+        # a failed gate that left attempts: its retry change is made and the next attempt has not begun
+        changes = entry["attempts"] - (0 if entry["status"] == "failed" else 1)
+        for _ in range(max(changes, 0)):
+            _apply_retry_change(stage, run_dir, overrides.setdefault(stage.name, {}))
+        failures = [e["failure"] for e in events if e.get("event") == "retry" and e.get("stage") == stage.name]
+        if changes > 0 and failures:
+            feedback[stage.name] = failures[-1]
+    gate = next((i for i, s in enumerate(sop.stages) if s.approval), len(sop.stages))  # stages after it: approved
+    approved = any(e.get("event") == "plan_approved" for e in events) or any(
+        manifest.stages.get(s.name, {}).get("status", "pending") != "pending" for s in sop.stages[gate + 1 :]
+    )
+    return {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve) or approved,
+            "status": "running", "overrides": overrides, "feedback": feedback}  # fmt: skip

@@ -3,14 +3,16 @@
 Reads top to bottom: validate -> claim the output directory -> load data -> load model -> extend RoPE -> select
 S2-Attn -> LoRA+ (bf16 without DeepSpeed: fp32 masters of what trains, engine.precision) -> Trainer (optional
 DeepSpeed JSON) -> resume from the latest complete checkpoint -> train -> save ONE standard PEFT directory (+ extended
-config) -> train_summary.json. Deterministic for a given seed. The loss is token-weighted over each accumulated batch
-(see LongLoraTrainer).
+config) -> train_summary.json. Deterministic for a given seed; a run killed at any moment and resumed ends with the
+uninterrupted run's adapter bit for bit (a checkpoint at max_steps is finished, not trained again). The loss is
+token-weighted over each accumulated batch (see LongLoraTrainer).
 
 Outputs in `output_dir`:
     run_config.json     the TrainConfig and its hash (a different run may not reuse the directory)
     checkpoints/        Trainer checkpoints; a `longpilot_complete` marker is written once each is fully saved
     metrics.jsonl       one line per optimizer step: step, loss, lr, grad_norm, tokens, tokens_per_s, peak_mem_gib
-    adapter/            the LoRA+ adapter (see engine.lora), reloadable with plain transformers + peft
+    adapter/            the LoRA+ adapter (see engine.lora), reloadable with plain transformers + peft; written as
+                        adapter.partial/ and renamed, so it is never half written
     train_summary.json  status, initial/final loss, tokens seen, wall time, hardware, versions, seed, config hash
 """
 
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from engine.lora import LoraPlusConfig, apply_lora_plus, count_trainable, describe, write_adapter_sidecars
 from engine.loss import FinalHiddenCapture, chunked_lm_nll
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "longpilot_complete"
 REQUIRED_COLUMNS = ("input_ids", "labels")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")  # what the Trainer's save writes
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,14 @@ def claim_output_dir(cfg: TrainConfig) -> Path:
     if _is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         payload = {"config_hash": cfg.config_hash(), "config": cfg.to_dict()}
-        record.write_text(json.dumps(payload, indent=2) + "\n")
+        _write_atomic(record, json.dumps(payload, indent=2) + "\n")  # a kill mid-write must not leave half a file
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_train_dataset(cfg: TrainConfig, dataset=None):
@@ -323,6 +333,14 @@ def _checkpoint_step(path: Path) -> int:
         return -1
 
 
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.N` with the first N free (a second kill at the same step leaves a second partial save)."""
+    n = 1
+    while path.exists():
+        path, n = path.with_name(f"{path.name.split('.', 1)[0]}.{n}"), n + 1
+    return path
+
+
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """Newest checkpoint with the completion marker; half-written ones are moved aside (kept, never resumed)."""
     if not ckpt_dir.is_dir():
@@ -332,7 +350,7 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     for partial in (p for p in found if p not in complete):
         if _is_main_process():
             log.warning("moving incomplete checkpoint %s aside", partial)
-            partial.rename(partial.with_name(partial.name.replace("checkpoint-", "incomplete-")))
+            partial.rename(_free_name(partial.with_name(partial.name.replace("checkpoint-", "incomplete-"))))
     return complete[-1] if complete else None
 
 
@@ -340,8 +358,14 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines past the checkpoint we resume from (the killed run logged steps that will be redone)."""
     if not path.is_file() or not _is_main_process():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line the kill cut short
+            continue
+    _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -393,8 +417,49 @@ def _versions() -> dict[str, str]:
 def _write_summary(out: Path, payload: dict[str, Any]) -> Path:
     path = out / "train_summary.json"
     if _is_main_process():
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        _write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def _restore_finished(trainer: Trainer, checkpoint: Path, *, load_weights: bool) -> None:
+    """Take the state (and, unless DeepSpeed holds the weights, the adapter weights) of a checkpoint at max_steps.
+
+    A run killed after its last checkpoint but before `train_summary.json` has nothing left to train, yet
+    `Trainer.train(resume_from_checkpoint=...)` runs one optimizer step before it looks at max_steps when the
+    checkpoint is not at an epoch boundary (transformers 5): the adapter would differ from the uninterrupted run's and
+    the summary would report max_steps + 1. The checkpoint's adapter files are the ones the Trainer's own save wrote
+    from these weights, so they are the final adapter byte for byte (see `_save_adapter`)."""
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if load_weights:  # the returned model must be the trained one (ZeRO-3 partitions the weights: not loadable here)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        loaded = set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+        if loaded.unexpected_keys:
+            raise RuntimeError(f"checkpoint {checkpoint} holds weights the model lacks: {loaded.unexpected_keys[:3]}")
+
+
+def _save_adapter(trainer: Trainer, adapter_dir: Path, finished: Path | None) -> Path:
+    """Write the adapter into `adapter.partial` and rename it into place, so `adapter/` is never half written (a
+    kill mid-save leaves only the partial directory, which the next attempt discards). `finished`: a checkpoint at
+    max_steps whose adapter files are copied instead of saved again (same bytes; the weights may be partitioned)."""
+    partial = adapter_dir.with_name(adapter_dir.name + ".partial")
+    if _is_main_process():
+        shutil.rmtree(partial, ignore_errors=True)
+    if finished is None:
+        trainer.save_model(str(partial))  # gathers ZeRO-3 shards into full tensors; fp32 masters saved as fp32
+    elif _is_main_process():
+        partial.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            if (finished / name).is_file():
+                shutil.copy2(finished / name, partial / name)
+    return partial
+
+
+def _publish_adapter(partial: Path, adapter_dir: Path) -> None:
+    if _is_main_process():
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # this run's own adapter from a killed attempt: same bytes
+        os.replace(partial, adapter_dir)
 
 
 def train(
@@ -493,8 +558,9 @@ def train(
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # the Trainer prints every log dict when tqdm is off
     resume = latest_complete_checkpoint(ckpt_dir)
+    finished = resume if resume is not None and _checkpoint_step(resume) >= cfg.max_steps else None
     if resume is not None:
-        log.info("resuming from %s", resume)
+        log.info("resuming from %s%s", resume, " (already at max_steps: nothing left to train)" if finished else "")
         _truncate_metrics(metrics_path, _checkpoint_step(resume))
     elif metrics_path.exists() and _is_main_process():
         metrics_path.unlink()  # a run killed before its first checkpoint starts over
@@ -511,7 +577,10 @@ def train(
         "param_dtypes": dtype_summary(peft_model),  # as trained: fp32 masters, frozen base in the load dtype
     }
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if finished is not None:
+            _restore_finished(trainer, finished, load_weights=not cfg.deepspeed)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except _NonFinite as err:
         bad = [p for p in ckpt_dir.glob("checkpoint-*") if _checkpoint_step(p) >= err.step - 1]
         for path in bad if _is_main_process() else []:
@@ -535,19 +604,20 @@ def train(
             f"training diverged: {err} (lr {cfg.learning_rate}); last good checkpoint: {last_good}; see {summary}"
         ) from None
 
+    if trainer.state.global_step != cfg.max_steps:  # the gate would fail it as a retry; it is a bug, say so
+        raise RuntimeError(f"training ended at step {trainer.state.global_step}, not max_steps {cfg.max_steps}")
     adapter_dir = out / "adapter"
     model.config.use_cache = True  # training turned the KV cache off; the saved model is for inference
-    trainer.save_model(str(adapter_dir))  # gathers ZeRO-3 shards into full tensors; fp32 masters saved as fp32
+    partial = _save_adapter(trainer, adapter_dir, finished)
     if masters is not None:
         masters.release()  # the returned model is what the adapter loaded into a bf16 base gives
     # accelerate wrapped the forward in autocast for bf16/fp16 training; return the plain model (unwrapped in place)
     trainer.accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
     if _is_main_process():
-        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none
         tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(cfg.base_model)
-        write_adapter_sidecars(
-            adapter_dir, peft_model.get_base_model().config, _maybe_source(cfg.base_model), tokenizer
-        )
+        write_adapter_sidecars(partial, peft_model.get_base_model().config, _maybe_source(cfg.base_model), tokenizer)
+    _publish_adapter(partial, adapter_dir)
     metrics = _read_metrics(metrics_path)
     summary = _write_summary(
         out,

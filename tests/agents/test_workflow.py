@@ -138,6 +138,72 @@ def test_a_run_killed_before_its_first_graph_checkpoint_still_resumes(tmp_path, 
     assert [e["event"] for e in _events(run_dir)].count("stage_reused") == 1  # the verified plan is not redone
 
 
+def test_a_run_killed_between_a_node_and_its_checkpoint_goes_on(tmp_path, tiny_model_dir):
+    """Killed after a node's writes were saved but before its step's checkpoint: the last checkpoint has no next
+    node but a finished task. Resume applies the task's writes and goes on (it used to report `running` and stop)."""
+    import sqlite3
+
+    assistant = Assistant(tmp_path)
+    run_dir = tmp_path / "r"
+    assistant.run(base_model=str(tiny_model_dir), run_dir=run_dir, **TINY)  # plan verified, approval waits
+    with sqlite3.connect(run_dir / "checkpoints.sqlite") as db:  # as if killed before the approval step's checkpoint
+        (newest,) = db.execute("SELECT checkpoint_id FROM checkpoints ORDER BY checkpoint_id DESC LIMIT 1").fetchone()
+        db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (newest,))
+        db.execute("DELETE FROM writes WHERE checkpoint_id = ?", (newest,))
+    graph, config = assistant._graph(run_dir)
+    snapshot = graph.get_state(config)
+    assert not snapshot.next and [t.name for t in snapshot.tasks] == ["verify_plan"]
+    assert assistant.resume(run_dir).status == "awaiting_approval"
+    assert assistant.approve(run_dir).status == "passed"
+
+
+def _damage_checkpoints(run_dir: Path) -> None:
+    """Overwrite checkpoints.sqlite, and drop its write-ahead log (which an open connection keeps readable)."""
+    for side in run_dir.glob("checkpoints.sqlite-*"):
+        side.unlink()
+    (run_dir / "checkpoints.sqlite").write_bytes(b"\0not a database" * 256)
+
+
+def test_an_unreadable_checkpoint_database_is_rebuilt_from_the_run_files(tmp_path, tiny_model_dir):
+    """A damaged checkpoints.sqlite is set aside: a plan awaiting approval still awaits it (and can be approved or
+    rejected), and a failed run stays failed with nothing redone. (A run killed mid-training: test_kill_sweep.)"""
+    assistant = Assistant(tmp_path)
+    run_dir = tmp_path / "r"
+    assistant.run(base_model=str(tiny_model_dir), run_dir=run_dir, **TINY)
+    _damage_checkpoints(run_dir)
+    assert assistant.resume(run_dir).status == "awaiting_approval"
+    assert (run_dir / "checkpoints.sqlite.damaged-1").is_file()
+    _damage_checkpoints(run_dir)
+    assert assistant.reject(run_dir, "no").status == "rejected"  # approve/reject rebuild the state first
+    assert (run_dir / "checkpoints.sqlite.damaged-2").is_file()
+    assert [e["event"] for e in _events(run_dir)].count("checkpoints_rebuilt") == 2
+    failing = Assistant(tmp_path, sop_path=_plan_only_sop(tmp_path, "test_always_fails", limit=1))
+    failed = failing.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "f", approve=True, **TINY)
+    _damage_checkpoints(tmp_path / "f")
+    again = failing.resume(tmp_path / "f")
+    assert again.status == "failed" and again.failure == failed.failure
+    assert again.stages["plan"] == {"status": "failed", "attempts": 2}  # no third attempt
+
+
+def test_rebuilt_state_replays_the_retry_changes_of_past_attempts(tmp_path, tiny_model_dir):
+    from agents.workflow import rebuild_state
+    from sop.manifest import Manifest
+
+    assistant = Assistant(tmp_path)
+    run_dir = tmp_path / "r"
+    assistant.run(base_model=str(tiny_model_dir), run_dir=run_dir, **TINY)
+    manifest = Manifest(run_dir)
+    manifest.stages["prepare_data"] = {"status": "passed", "attempts": 2}  # reseeded once, then passed
+    manifest.stages["train"] = {"status": "failed", "attempts": 1}  # its gate failed: the retry is decided
+    manifest.save()
+    state = rebuild_state(assistant.sop, run_dir, approve=None)
+    seed, lr = json.loads((run_dir / "spec.json").read_text())["seed"], 2e-5
+    assert json.loads((run_dir / "plan.json").read_text())["train_config"]["learning_rate"] == lr
+    assert state["overrides"]["prepare_data"]["seed"] == seed + 1
+    assert state["overrides"]["train"]["learning_rate"] == lr / 2
+    assert "evaluate" not in state["overrides"] and state["auto_approve"]  # later stages ran: the plan was approved
+
+
 def test_bad_input_fails_at_once_and_is_never_retried(tmp_path, tiny_model_dir, capsys):
     args = ["run", "--model", str(tiny_model_dir), "--target-context", "2048", "--yes"]
     for extra, message in [

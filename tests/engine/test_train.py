@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from engine.lora import load_adapter
 from engine.loss import chunked_lm_loss
-from engine.train import TrainConfig, TrainingDivergedError, train
+from engine.train import TrainConfig, TrainingDivergedError, latest_complete_checkpoint, train
 from tests.conftest import make_workspace, tiny_llama, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +117,43 @@ def test_sigkill_and_restart_reproduces_the_uninterrupted_run(workspace):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_run_killed_after_its_last_checkpoint_trains_no_further_step(workspace):
+    """The kill window between the checkpoint at max_steps and train_summary.json (or inside the adapter's save): the
+    resume finishes that checkpoint (no step 4: the Trainer resumed there trains one more) and writes the uninterrupted
+    run's adapter byte for byte; a half-written adapter is discarded, never published."""
+    reference = train(config(workspace, "ref", max_steps=3, save_steps=1))  # 4 steps per epoch: 3 is mid-epoch
+    cfg = config(workspace, "killed", max_steps=3, save_steps=1)
+    out = Path(cfg.output_dir)
+    train(cfg)
+    (out / "train_summary.json").unlink()  # as the kill leaves it: checkpoint-3 complete, the adapter half saved
+    (out / "adapter").rename(out / "adapter.partial")
+    (out / "adapter.partial" / "adapter_model.safetensors").write_bytes(b"half a file")
+    resumed = train(cfg)
+    summary = json.loads(resumed.summary_path.read_text())
+    assert summary["steps"] == resumed.steps == 3 and summary["resumed_from"].endswith("checkpoint-3")
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert summary["final_loss"] == metrics(reference.output_dir)[-1]["loss"]
+    assert summary["tokens_seen"] == json.loads(reference.summary_path.read_text())["tokens_seen"]
+    assert _files(out / "adapter") == _files(reference.adapter_dir) and not (out / "adapter.partial").exists()
+    ids = torch.randint(3, 128, (1, 64))
+    with torch.no_grad():  # the returned model is the trained one, not the freshly initialised adapter
+        assert torch.equal(resumed.model(ids).logits, reference.model(ids).logits)
+    (out / "train_summary.json").unlink()  # killed after the adapter was published, before the summary
+    again = train(cfg)
+    assert again.steps == 3 and _files(out / "adapter") == _files(reference.adapter_dir)
+
+
+def test_a_second_partial_save_at_the_same_step_is_kept_aside_too(tmp_path):
+    for _ in range(2):  # killed twice while saving checkpoint-3: both partial saves are kept, neither resumed
+        (tmp_path / "checkpoint-3").mkdir()
+        assert latest_complete_checkpoint(tmp_path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["incomplete-3", "incomplete-3.1"]
 
 
 def test_incomplete_checkpoint_is_never_resumed(workspace):

@@ -19,6 +19,7 @@ def shortest_buildable(build: Callable[[int], object], upper: int) -> int | None
 
     Buildability is monotone in the length for every item builder here (a longer prompt only gets more haystack).
     """
+
     def ok(length: int) -> bool:
         try:
             build(length)

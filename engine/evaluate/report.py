@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from engine.evaluate.passkey import accuracy_matrix, passkey_items, run_passkey
 from engine.evaluate.perplexity import sliding_window_perplexity, windows
 from engine.evaluate.plots import plot_passkey_heatmaps, plot_perplexity
 from engine.evaluate.ruler import RULER_TASKS, ruler_items, run_ruler
+from engine.provenance import device_name, versions
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +207,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _environment() -> dict[str, Any]:
-    import transformers
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "device": device,
-            "python": platform.python_version()}  # fmt: skip
+    return {**versions(), "device": device_name()}
 
 
 def _by_length(logs: list[dict], lengths: list[int], key: str = "score") -> dict[str, dict]:

@@ -44,7 +44,14 @@ def allowed_by_default(combo: dict) -> bool:
     return combo["native"] * combo["factor"] <= DEFAULT_MAX_TARGET
 
 
-DEFAULT = pairwise(DIMS, allowed_by_default)
+# The combinations that failed before the input-space fixes (issue: a 256-token Llama with the embedded tokenizer,
+# x4 failed in prepare_data, x8 in evaluate after training): always in the default run.
+REGRESSIONS = [
+    {"family": "llama", "native": 256, "factor": f, "tokenizer": "bpe", "batch": (1, 1), "attention": "s2"}
+    for f in (4, 8)
+]
+PAIRWISE = pairwise(DIMS, allowed_by_default)
+DEFAULT = PAIRWISE + [c for c in REGRESSIONS if c not in PAIRWISE]
 FULL = full_grid(DIMS, allowed)
 
 
@@ -121,8 +128,8 @@ def _run_combo(combo: dict, tmp_path: Path, models_root: Path, bpe_dir: Path, ca
 
 
 def test_the_default_subset_covers_every_pair():
-    assert covers_all_pairs(DEFAULT, DIMS, allowed_by_default)
-    assert not covers_all_pairs(DEFAULT[:-1], DIMS, allowed_by_default)  # the greedy's last pick was needed
+    assert covers_all_pairs(PAIRWISE, DIMS, allowed_by_default)
+    assert not covers_all_pairs(PAIRWISE[:-1], DIMS, allowed_by_default)  # the greedy's last pick was needed
     assert len(DEFAULT) < len(full_grid(DIMS, allowed_by_default)) / 4
 
 

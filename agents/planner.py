@@ -94,16 +94,6 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
     }  # fmt: skip
 
 
-def _tokenizer_or_none(base_model: str):
-    """The base model's tokenizer when it is available offline (a plan for an uncached hub model needs none)."""
-    from engine.models import load_tokenizer, resolve_model
-
-    try:
-        return load_tokenizer(resolve_model(base_model))
-    except (OSError, ValueError):
-        return None
-
-
 def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
     """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory."""
     from engine.plan import custom_hardware, make_plan
@@ -135,7 +125,9 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
     config["save_steps"] = max(1, min(config["save_steps"], config["max_steps"] // 2 or 1))
     ev = evaluation_settings(spec.profile, plan.arch.native_context, spec.target_context)
     if min(ev["lengths"]) < FRAME_SAFE_LENGTH:
-        ev = fit_to_tokenizer(ev, spec.target_context, _tokenizer_or_none(spec.base_model))
+        from engine.models import tokenizer_or_none
+
+        ev = fit_to_tokenizer(ev, spec.target_context, tokenizer_or_none(spec.base_model))
     doc["evaluation"] = ev
     return Plan.model_validate(doc).model_dump()
 

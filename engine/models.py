@@ -189,3 +189,12 @@ def load_model(
         model.is_quantized = False
     log.info("loaded %s (%s, %s, %s)", ref, type(model).__name__, dtype, device)
     return model, load_tokenizer(source) if with_tokenizer else None
+
+
+def tokenizer_or_none(ref: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of `ref` when it resolves and loads offline, else None (a plan for an uncached hub model, or
+    training a model passed in memory, needs none)."""
+    try:
+        return load_tokenizer(resolve_model(ref))
+    except (OSError, ValueError):
+        return None

@@ -40,7 +40,7 @@ from engine.checkpoints import (
     write_atomic,
 )
 from engine.lora import apply_lora_plus, count_trainable, describe, write_adapter_sidecars
-from engine.models import default_device, load_model, resolve_model
+from engine.models import default_device, load_model, resolve_model, tokenizer_or_none
 from engine.precision import MasterWeights, dtype_summary
 from engine.provenance import hardware, versions
 from engine.rope import apply_rope_extension, current_context
@@ -307,7 +307,7 @@ def train(
     trainer.accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False)
     if is_main_process():
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the adapter needs none
-        tokenizer = tokenizer if tokenizer is not None else _maybe_tokenizer(cfg.base_model)
+        tokenizer = tokenizer if tokenizer is not None else tokenizer_or_none(cfg.base_model)
         write_adapter_sidecars(partial, peft_model.get_base_model().config, _maybe_source(cfg.base_model), tokenizer)
     publish_adapter(partial, adapter_dir)
     metrics = read_metrics(metrics_path)
@@ -341,14 +341,4 @@ def _maybe_source(ref: str):
     try:
         return resolve_model(ref)
     except ValueError:
-        return None
-
-
-def _maybe_tokenizer(ref: str):
-    from engine.models import load_tokenizer
-
-    source = _maybe_source(ref)
-    try:
-        return load_tokenizer(source) if source else None
-    except (OSError, ValueError):
         return None

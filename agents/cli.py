@@ -17,6 +17,7 @@ from pathlib import Path
 import pydantic
 
 from agents.errors import described, first_line
+from engine.catalog import PROFILE_NAMES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,7 +34,7 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-context", type=int, default=None, help="tokens to reach, e.g. 16384")
     p.add_argument("--request", default=None, help='plain-language request, e.g. "extend smollm2 to 16k"')
     p.add_argument("--corpus", nargs="+", default=None, help="your files/directories (default: built-in corpus)")
-    p.add_argument("--profile", choices=["smoke", "standard", "full"], default=None)
+    p.add_argument("--profile", choices=PROFILE_NAMES, default=None)
     p.add_argument(
         "--hardware",
         default=None,
@@ -44,6 +45,8 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "--attention", choices=["s2", "full"], default=None,
         help="training attention: s2 (S2-Attn, default) or full (dense causal, LongLoRA's use_full_attn)",
     )  # fmt: skip
+    p.add_argument("--train-mix", choices=["longqa", "plain"], default=None,
+                   help="training data: longqa (default) or plain (packed long text only, LongLoRA's extension data)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="override the profile's optimizer steps")
     p.add_argument("--batch-size", type=int, default=None, help="override the profile's per-device batch size")
@@ -103,7 +106,7 @@ def _spec_from_args(args: argparse.Namespace):
     flags = {"base_model": args.model, "target_context": args.target_context, "corpus": args.corpus,
              "profile": args.profile, "hardware": args.hardware, "device": args.device, "seed": args.seed,
              "max_steps": args.max_steps, "attention": args.attention, "batch_size": args.batch_size,
-             "grad_accum": args.grad_accum}  # fmt: skip
+             "grad_accum": args.grad_accum, "train_mix": args.train_mix}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     if str(fields.get("hardware", "")).startswith("custom:"):
         fields["hardware"], fields["custom_hardware"] = "custom", _custom_hardware(fields["hardware"])

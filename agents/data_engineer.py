@@ -26,7 +26,7 @@ def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str
     cfg = DataConfig(
         output_dir=str(out), target_context=spec.target_context, corpus=tuple(spec.corpus) or None,
         n_train=plan["data"]["n_train"], n_eval=max(plan["data"]["n_eval"], 4), seed=overrides.get("seed", spec.seed),
-        short_range=short_range_for(plan["arch"]["native_context"]),
+        short_range=short_range_for(plan["arch"]["native_context"]), train_mix=spec.train_mix,
     )  # fmt: skip
     prepare_data(cfg, load_tokenizer(resolve_model(spec.base_model)), proposer=proposer)
     return out

@@ -17,7 +17,7 @@ QUALITY_GATES = {"passkey_min": 0.95, "ppl_ratio_max": 1.05, "regression_max_poi
 
 def arch_reference(base_model: str) -> str:
     """What engine.plan.resolve_arch understands for a model reference: a built-in name or a config directory."""
-    from engine.plan import BASE_MODEL_REFS, BUILTIN_ARCHS
+    from engine.catalog import BASE_MODEL_REFS, BUILTIN_ARCHS
 
     if base_model in BUILTIN_ARCHS:
         return base_model
@@ -96,7 +96,8 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
 
 def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
     """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory."""
-    from engine.plan import custom_hardware, make_plan
+    from engine.catalog import custom_hardware
+    from engine.plan import make_plan
 
     run_dir = Path(run_dir)
     hardware: str | object = spec.hardware
@@ -105,7 +106,7 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
             raise ValueError("hardware 'custom' needs n_devices, memory_gib and peak_tflops (e.g. custom:4,80,312)")
         hw = dict(spec.custom_hardware)
         hardware = custom_hardware(int(hw.pop("n_devices")), **hw)
-    from engine.plan import PROFILES
+    from engine.catalog import PROFILES
 
     profile = PROFILES[spec.profile]
     schedule = {"per_device_batch_size": spec.batch_size, "gradient_accumulation_steps": spec.grad_accum}

@@ -21,27 +21,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from engine.catalog import BASE_MODEL_REFS, BUILTIN_ARCHS, HARDWARE, HARDWARE_FOR_PROFILE, PROFILE_FOR_HARDWARE
 from sop.schemas import Spec
 
-# Copies of engine.plan's names (a test asserts they are equal): importing engine.plan would cost ~5 s of torch.
-BASE_MODEL_REFS = {
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
-    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
-    "smollm2-135m": "smollm2-135m",
-}
-NATIVE_CONTEXT = {
-    "llama-2-7b": 4096,
-    "llama-2-13b": 4096,
-    "llama-2-70b": 4096,
-    "llama-3-8b": 8192,
-    "smollm2-135m": 8192,
-}
-HARDWARE_NAMES = ("cpu", "1xH100-80GB", "8xA100-80GB", "8xA100-40GB")
-PROFILE_NAMES = ("smoke", "standard", "full")
-PROFILE_HARDWARE = {"smoke": "cpu", "standard": "1xH100-80GB", "full": "8xA100-80GB"}  # when the text names none
-HARDWARE_PROFILE = {"cpu": "smoke", "1xH100-80GB": "standard", "8xA100-80GB": "full", "8xA100-40GB": "full"}
+# The catalog is torch-free: reading it costs no `import torch`.
+NATIVE_CONTEXT = {name: arch.native_context for name, arch in BUILTIN_ARCHS.items()}
+HARDWARE_NAMES = tuple(HARDWARE)
 REQUIRED = ("base_model", "target_context")
 MAX_CHARS = 10_000  # a request is a sentence or two; a pasted document belongs in the corpus
 QUESTIONS = {
@@ -226,10 +211,11 @@ def _hardware(rest: str, fields: dict, problems: list[str]) -> str:
         rest = _blank(rest, *m.span())
     explicit = _PROFILE.search(rest)
     quick = re.search(r"\b(?:quick|tiny)\b", rest)
-    profile = explicit.group(1) if explicit else "smoke" if quick else HARDWARE_PROFILE.get(hardware or "", implied)
+    by_hardware = PROFILE_FOR_HARDWARE.get(hardware or "", implied)
+    profile = explicit.group(1) if explicit else "smoke" if quick else by_hardware
     if profile or hardware:
-        fields["profile"] = profile or HARDWARE_PROFILE[hardware]
-        fields["hardware"] = hardware or PROFILE_HARDWARE[profile]
+        fields["profile"] = profile or PROFILE_FOR_HARDWARE[hardware]
+        fields["hardware"] = hardware or HARDWARE_FOR_PROFILE[profile]
     return rest
 
 

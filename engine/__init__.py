@@ -1,38 +1,53 @@
 """LongPilot engine: deterministic ML for LongLoRA context extension. Never imports agents/, sop/ or app.
 
-Importing the package registers S2-Attn with transformers under the name `s2_attention`.
+The four verbs users call are `make_plan`, `prepare_data`, `train` and `evaluate`; the components they are built
+from are exported beside them. Attributes load their module on first access (PEP 562 `__getattr__`, the pattern of
+peft's `tuners/lora/__init__.py`), so `import engine.catalog` or a chat message that only needs the catalog does not
+pay for importing torch. Importing `engine.s2attn` (which every model-loading path does) registers S2-Attn with
+transformers under the name `s2_attention`.
 """
 
-from engine import s2attn
-from engine.lora import (
-    LoraPlusConfig,
-    TrainableCounts,
-    apply_lora_plus,
-    count_trainable,
-    load_adapter,
-    merge_to_model_dir,
-    save_adapter,
-)
-from engine.models import DEFAULT_MODEL, ModelSource, load_model, resolve_model
-from engine.rope import RopeExtension, apply_rope_extension, extend_rope
-from engine.s2attn import S2_ATTENTION
+from __future__ import annotations
 
-s2attn.register()
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "S2_ATTENTION",
-    "LoraPlusConfig",
-    "ModelSource",
-    "RopeExtension",
-    "TrainableCounts",
-    "apply_lora_plus",
-    "apply_rope_extension",
-    "count_trainable",
-    "extend_rope",
-    "load_adapter",
-    "load_model",
-    "merge_to_model_dir",
-    "resolve_model",
-    "save_adapter",
-]
+_EXPORTS: dict[str, str] = {
+    # the four verbs
+    "make_plan": "engine.plan",
+    "prepare_data": "engine.data",
+    "train": "engine.train",
+    "evaluate": "engine.evaluate",
+    # components
+    "DEFAULT_MODEL": "engine.catalog",
+    "S2_ATTENTION": "engine.s2attn",
+    "LoraPlusConfig": "engine.lora",
+    "ModelSource": "engine.models",
+    "RopeExtension": "engine.rope",
+    "TrainableCounts": "engine.lora",
+    "apply_lora_plus": "engine.lora",
+    "apply_rope_extension": "engine.rope",
+    "count_trainable": "engine.lora",
+    "extend_rope": "engine.rope",
+    "load_adapter": "engine.lora",
+    "load_model": "engine.models",
+    "merge_to_model_dir": "engine.lora",
+    "resolve_model": "engine.models",
+    "save_adapter": "engine.lora",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines `name` on first use (module attributes such as engine.plan still work)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -16,14 +16,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+import engine.s2attn  # noqa: F401  (registers the s2_attention implementation that load_model may be asked for)
+from engine.catalog import BUILTIN_HUB_IDS, DEFAULT_MODEL, S2_SUPPORTED_MODEL_TYPES
+
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
-
-# Architectures whose attention layers call the transformers AttentionInterface with (B, H, T, D) tensors, read
-# `module.config`, use 1-D RoPE from `rope_parameters`, and name their projections q/k/v/o_proj and their norms
-# *_layernorm / norm: everything S2-Attn, RoPE interpolation and LoRA+ rely on.
-S2_SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "mistral"})
 
 
 @dataclass(frozen=True)
@@ -63,14 +59,6 @@ def _looks_like_path(ref: str) -> bool:
         or os.sep != "/"
         and os.sep in ref
     )
-
-
-BUILTIN_HUB_IDS = {  # the planner's built-in architectures; their weights come from the offline hub cache
-    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
-    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
-}
 
 
 def resolve_model(ref: str, cache_dir: str | Path | None = None) -> ModelSource:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from transformers import PretrainedConfig
 
-RopeMethod = Literal["linear", "yarn", "dynamic"]
-ROPE_METHODS: tuple[str, ...] = ("linear", "yarn", "dynamic")
+from engine.catalog import ROPE_METHODS
+
+RopeMethod = str  # one of engine.catalog.ROPE_METHODS (checked in extend_rope)
 _UNSCALED = ("default", None)
 
 

@@ -298,3 +298,6 @@ def register() -> None:
     """Register `s2_attention` with transformers (idempotent: re-registering replaces the same entry)."""
     AttentionInterface.register(S2_ATTENTION, s2_attention_forward)
     AttentionMaskInterface.register(S2_ATTENTION, s2_mask)
+
+
+register()  # importing this module is what makes attn_implementation="s2_attention" loadable

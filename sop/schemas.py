@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Profile = Literal["smoke", "standard", "full"]
+from engine.catalog import PROFILE_NAMES
+
+Profile = Literal[PROFILE_NAMES]  # type: ignore[valid-type]  # engine.catalog names them once
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -38,6 +40,9 @@ class Spec(_Strict):
     attention: Literal["s2", "full"] = Field(
         "s2", description="training attention: s2 (S2-Attn, LongLoRA) or full (dense causal, its use_full_attn)"
     )
+    train_mix: Literal["longqa", "plain"] = Field(
+        "longqa", description="training data: longqa (grounded long QA + LM + short QA) or plain (packed long text)"
+    )  # engine.data.build.TRAIN_MIXES
     seed: int = Field(0, ge=0, lt=2**32, description="seed for data, training and evaluation")
     max_steps: int | None = Field(None, gt=0, description="override the profile's number of optimizer steps")
     batch_size: int | None = Field(None, gt=0, le=4096, description="override the profile's per-device batch size")

@@ -42,6 +42,10 @@ GROUNDED_TASKS = (
 SHORT_BUCKET_MIN_WIDTH = 16  # tokens: a narrower bucket is mostly missed by the length search
 NEEDLE_ROOM = 48  # tokens for the needle sentence(s) a synthetic record hides in its context
 SHORT_RANGE_MAX = (256, 1024)  # LongAlpaca-style short examples, never longer than the native context
+# What the train split holds: "longqa" = the ratios' mix (long grounded QA incl. passkey-like tasks, packed LM, short
+# QA: supervised fine-tuning data); "plain" = packed LM sequences only, LongLoRA's context-extension data (plain long
+# text, RedPajama in the paper), so no retrieval task the evaluation measures is trained on. Eval keeps the mix.
+TRAIN_MIXES = ("longqa", "plain")
 
 
 def short_range_for(native_context: int) -> tuple[int, int]:
@@ -72,6 +76,7 @@ class DataConfig:
     unanswerable_ratio: float = 0.1
     eval_document_fraction: float = 0.2
     seed: int = 0
+    train_mix: str = "longqa"  # one of TRAIN_MIXES
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,6 +90,8 @@ class DataConfig:
         unknown = sorted(set(self.tasks) - set(SYNTHETIC_TASKS) - set(GROUNDED_TASKS) - {"llm_qa"})
         if unknown:
             problems.append(f"unknown tasks {unknown}")
+        if self.train_mix not in TRAIN_MIXES:
+            problems.append(f"`train_mix` must be one of {', '.join(TRAIN_MIXES)}, got {self.train_mix!r}")
         if not 0 < self.short_range[0] < self.short_range[1]:
             problems.append(f"`short_range` must be (low, high) with 0 < low < high, got {self.short_range}")
         if problems:
@@ -444,8 +451,9 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
     rows: dict[str, list[dict]] = {}
     for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
         ns = Namespace(random.Random(f"{cfg.seed}/{split}"), split)
-        n_lm = round(n * cfg.lm_ratio)
-        n_short = round(n * cfg.short_ratio) if short_range else 0  # an unreachable short bucket goes to long QA
+        plain = split == "train" and cfg.train_mix == "plain"
+        n_lm = n if plain else round(n * cfg.lm_ratio)
+        n_short = round(n * cfg.short_ratio) if short_range and not plain else 0  # unreachable: goes to long QA
         n_long = n - n_lm - n_short
         out_rows = builder.lm_records(split, splits[split], n_lm)
         buckets = [("longqa", n_long, (low_long, T))] + ([("short", n_short, short_range)] if short_range else [])

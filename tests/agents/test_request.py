@@ -184,18 +184,19 @@ def test_describe_spec():
     )
 
 
-def test_name_lists_match_engine_plan():
-    """request.py copies engine.plan's names to stay torch-free; this keeps the copies from drifting."""
-    from engine import plan
+def test_names_come_from_the_one_catalog():
+    """The request parser, the schemas and the planner read engine.catalog's objects: no copies to drift."""
+    from engine import catalog, plan
 
-    assert request.BASE_MODEL_REFS == plan.BASE_MODEL_REFS
-    assert request.NATIVE_CONTEXT == {name: a.native_context for name, a in plan.BUILTIN_ARCHS.items()}
-    assert request.HARDWARE_NAMES == tuple(plan.HARDWARE)
-    assert request.PROFILE_NAMES == tuple(plan.PROFILES) == typing.get_args(Profile)
-    assert set(request.PROFILE_HARDWARE.values()) | set(request.HARDWARE_PROFILE) <= set(plan.HARDWARE)
-    assert set(request.HARDWARE_PROFILE.values()) == set(request.PROFILE_HARDWARE) == set(plan.PROFILES)
+    assert request.BASE_MODEL_REFS is catalog.BASE_MODEL_REFS is plan.BASE_MODEL_REFS
+    assert plan.BUILTIN_ARCHS is catalog.BUILTIN_ARCHS and plan.HARDWARE is catalog.HARDWARE
+    assert request.NATIVE_CONTEXT == {name: a.native_context for name, a in catalog.BUILTIN_ARCHS.items()}
+    assert request.HARDWARE_NAMES == tuple(catalog.HARDWARE)
+    assert catalog.PROFILE_NAMES == tuple(plan.PROFILES) == typing.get_args(Profile)
+    assert set(catalog.HARDWARE_FOR_PROFILE.values()) | set(catalog.PROFILE_FOR_HARDWARE) <= set(catalog.HARDWARE)
+    assert set(catalog.PROFILE_FOR_HARDWARE.values()) == set(catalog.HARDWARE_FOR_PROFILE) == set(catalog.PROFILES)
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, agents.request; sys.exit('torch' in sys.modules or 'engine' in sys.modules)"
+    code = "import sys, agents.request, engine; sys.exit('torch' in sys.modules or 'engine.plan' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

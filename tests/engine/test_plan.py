@@ -10,20 +10,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.lora import LoraPlusConfig, apply_lora_plus, count_trainable
-from engine.plan import (
+from engine.catalog import (
     BUILTIN_ARCHS,
     CPU_EFFECTIVE_TFLOPS,
     HARDWARE,
     ArchConfig,
     arch_from_config_json,
     custom_hardware,
+    resolve_arch,
+)
+from engine.lora import LoraPlusConfig, apply_lora_plus, count_trainable
+from engine.plan import (
     flops_per_token,
     main,
     make_plan,
     memory_per_device,
     plan_checks,
-    resolve_arch,
     total_params,
     trainable_params,
     trainable_state_bytes,
@@ -320,7 +322,6 @@ def test_cli_prints_the_plan_as_json(capsys):
 
 
 def test_a_corrupt_config_json_is_named_in_one_line(tmp_path):
-    from engine.plan import resolve_arch
 
     (tmp_path / "config.json").write_text('{"model_type": "llama",\n')
     with pytest.raises(ValueError, match=r"config.json' is not a valid JSON config"):

@@ -38,13 +38,9 @@ class ModelChat:
             return self._loaded
 
     def _prompt(self, loaded, document: str, question: str) -> list[int]:
-        content = f"{document}\n\nQuestion: {question}" if document.strip() else question
-        tok = loaded.tokenizer
-        if getattr(tok, "chat_template", None):
-            out = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)  # fmt: skip
-            return list(out["input_ids"] if isinstance(out, dict) else out)
-        return tok(content + "\nAnswer:", add_special_tokens=True)["input_ids"]
+        from engine.chat import chat_prompt_ids
+
+        return chat_prompt_ids(loaded.tokenizer, document, question)
 
     def count(self, choice: str, document: str, question: str = "") -> str:
         loaded = self._load(choice)
@@ -53,8 +49,7 @@ class ModelChat:
 
     def answer(self, choice: str, document: str, question: str, max_new_tokens: int = 200) -> Iterator[str]:
         """Yield the growing answer text; a prompt over the model's context gets a message instead."""
-        import torch
-        from transformers import TextIteratorStreamer
+        from engine.chat import stream_answer
 
         if not question.strip():
             yield "Ask a question about the document."
@@ -64,14 +59,4 @@ class ModelChat:
         if len(ids) + max_new_tokens > loaded.context:
             yield f"The document and question take {len(ids):,} tokens; {choice} handles {loaded.context:,}."
             return
-        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        device = next(loaded.model.parameters()).device
-        kwargs = dict(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
-                      streamer=streamer, pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
-        thread = threading.Thread(target=lambda: torch.no_grad()(loaded.model.generate)(**kwargs), daemon=True)
-        thread.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text
-        thread.join()
+        yield from stream_answer(loaded.model, loaded.tokenizer, ids, max_new_tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -247,6 +247,3 @@ def describe(counts: TrainableCounts) -> str:
         + (f", other {counts.other:,}" if counts.other else "")
     )
 
-
-def as_dict(counts: TrainableCounts) -> dict:
-    return {**asdict(counts), "trainable": counts.trainable}

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sop.schemas import SCHEMAS, Profile
 
-ROLES = ("planner", "data_engineer", "trainer", "evaluator")
 # The stage actions the roles implement (agents/workflow.py dispatches on the stage name), with the role owning each.
 STAGE_ROLES = {"plan": "planner", "prepare_data": "data_engineer", "train": "trainer", "evaluate": "evaluator",
                "report": "evaluator"}  # fmt: skip

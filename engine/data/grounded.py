@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.data.corpus import Document
+from engine.data.tasks import pick_template
 
 # (question, answer, evidence) proposals for a chunk of text, e.g. from an LLM; see `grounded_proposals`.
 QAProposer = Callable[[str], list[tuple[str, str, str]]]
@@ -58,9 +59,7 @@ class GroundedQA:
 
 
 def _template(task: str, split: str, rng: random.Random) -> tuple[str, str]:
-    choices = TEMPLATES[task][0::2] if split == "train" else TEMPLATES[task][1::2]
-    index = rng.randrange(len(choices))
-    return choices[index], f"{task}/{split}/{index}"
+    return pick_template(TEMPLATES, task, split, rng)
 
 
 def _functions(doc: Document) -> list[ast.FunctionDef]:

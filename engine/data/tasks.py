@@ -108,10 +108,17 @@ TEMPLATES: dict[str, list[str]] = {
 }
 
 
-def _template(task: str, split: str, rng: random.Random) -> tuple[str, str]:
-    choices = TEMPLATES[task][0::2] if split == "train" else TEMPLATES[task][1::2]
+def pick_template(
+    templates: dict[str, list[str]], task: str, split: str, rng: random.Random
+) -> tuple[str, str]:
+    """A question template and its id; train and eval draw from disjoint halves, so eval wording is never trained."""
+    choices = templates[task][0::2] if split == "train" else templates[task][1::2]
     index = rng.randrange(len(choices))
     return choices[index], f"{task}/{split}/{index}"
+
+
+def _template(task: str, split: str, rng: random.Random) -> tuple[str, str]:
+    return pick_template(TEMPLATES, task, split, rng)
 
 
 def _magic(key: str, value: str) -> str:

@@ -25,10 +25,6 @@ def first_integer(text: str) -> int | None:
     return int(match.group()) if match else None
 
 
-def passkey_correct(generated: str, key: int) -> bool:
-    return first_integer(generated) == key
-
-
 def string_match_all(prediction: str, references: Sequence[str]) -> float:
     """RULER's score: share of references that occur in the prediction, ignoring case."""
     if not references:

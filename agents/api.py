@@ -114,12 +114,15 @@ def _check_fits(doc: dict[str, Any]) -> None:
     total, hw = doc["memory"]["total_gib"], doc["hardware"]
     if total <= hw["memory_gib"]:
         return
+    from agents.plan_alternatives import refusal_hint
+
     fixes = ["lower --target-context"]
     if doc["profile"]["per_device_batch_size"] > 1:
         fixes.append("use a smaller --batch-size")
+    hint = refusal_hint(doc)  # the planner's search: the best plan that fits, or the hardware the target needs
     raise ValueError(f"the plan does not fit its hardware (plan_memory_fits): predicted {total:,.1f} GiB per device "
                      f"of {hw['memory_gib']:g} GiB on {hw['name']}: {', '.join(fixes)} or choose larger --hardware "
-                     "(more memory per device)")  # fmt: skip
+                     "(more memory per device)" + (f"; {hint}" if hint else ""))  # fmt: skip
 
 
 def _check_runnable(spec: Spec, n_devices: int) -> None:

@@ -4,6 +4,7 @@ requests get a sentence, never a stack trace."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class ChatState:
 
     fields: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None
+    alternatives: list[dict[str, Any]] = field(default_factory=list)  # the planner's plans that fit: label, spec
+
+
+def _choices(alternatives: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The plan document's alternatives as the app's choices: a label to pick and the Spec it plans."""
+    return [{"label": f"{i}. {a['summary']}", "spec": a["spec"]} for i, a in enumerate(alternatives, 1)]
 
 
 class AssistantChat:
@@ -70,7 +77,10 @@ class AssistantChat:
         return {k: v for k, v in draft.model_dump().items() if v is not None}
 
     def message(self, text: str, uploads: list[str] | None, state: ChatState) -> tuple[str, ChatState]:
-        """Answer one chat message; a complete request becomes a plan that waits for approval."""
+        """Answer one chat message; a complete request becomes a plan that waits for approval, and a change asked
+        of a plan that waits ("use rank 16", "what if 64k instead?") revises it."""
+        if state.run_id and not uploads and (revised := self._revise(text, state)) is not None:
+            return revised, state
         problems: list[str] = []
         defaults = dict(state.fields)
         limit = {"limit": self.upload_limit} if self.upload_limit else {}
@@ -90,19 +100,63 @@ class AssistantChat:
             return "I can't plan that yet: " + "; ".join(problems), state
         if parsed.spec is None:
             return parsed.question or "What should I extend, and to how many tokens?", state
-        run_dir = self.runs_dir / new_run_id(parsed.spec)
-        spec, moved = self._adopt_uploads(parsed.spec, run_dir)
+        return self._start(parsed.spec, state, problems)
+
+    def _revise(self, text: str, state: ChatState) -> str | None:
+        """Revise this session's waiting plan (agents.revise); None when the text asks no change of it."""
+        from agents.revise import read_revision, revise_run
+
+        run_dir = self.runs_dir / str(state.run_id)
+        if not (run_dir / "spec.json").is_file() or read_run_file(run_dir).get("status") != "awaiting_approval":
+            return None
+        try:
+            spec = Spec.model_validate_json((run_dir / "spec.json").read_text())
+            revision = read_revision(text or "", spec, self.llm)
+            if not revision.fields and not revision.problems:
+                return None
+            result, changes = revise_run(self.assistant, run_dir, text, revision=revision)
+        except (ValueError, RuntimeError) as err:  # the old plan still waits
+            return f"I can't revise that: {first_line(err)}. Run `{state.run_id}` still waits for your approval."
+        if result.status != "awaiting_approval":
+            return f"The revised plan failed: {result.failure or result.status}; run `{state.run_id}` still waits."
+        old, state.run_id = state.run_id, result.run_id
+        diff = "\n".join(f"- {line}" for line in changes)
+        return (f"Revised plan (run `{old}` is rejected):\n\n{diff}\n\n```\n{result.plan_card}\n```\nRun "
+                f"`{result.run_id}` waits for your approval: press **Approve** or **Reject**.")
+
+    def adopt(self, label: str | None, state: ChatState) -> tuple[str, ChatState]:
+        """Plan one of the alternatives the planner's search offered (chosen by its label in the app)."""
+        chosen = next((a for a in state.alternatives if a["label"] == label), None)
+        if chosen is None:
+            return "Choose one of the plans that fit first.", state
+        return self._start(Spec(**chosen["spec"]), state, [])
+
+    def _offer_alternatives(self, spec: Spec, state: ChatState) -> str:
+        """Keep the planner's plans that fit as choices; a sentence saying so, or "" when there are none."""
+        try:
+            found = self.assistant.plan(spec).plan.get("alternatives") or []
+        except (ValueError, RuntimeError):
+            found = []
+        state.alternatives = _choices(found)
+        return "\n\nPlans that fit: choose one under **plans that fit** and press **Use this plan**." if found else ""
+
+    def _start(self, spec: Spec, state: ChatState, problems: list[str]) -> tuple[str, ChatState]:
+        """Plan a run for `spec` and leave it waiting for approval (its uploads move into the run directory)."""
+        run_dir = self.runs_dir / new_run_id(spec)
+        original, (spec, moved) = spec, self._adopt_uploads(spec, run_dir)
         try:
             result = self.assistant.run(spec, run_dir=run_dir, approve=None)
         except (ValueError, RuntimeError) as err:
             for staged, adopted in moved:  # give the uploads back to the conversation, nothing lost
                 adopted.rename(staged)
-            return f"I can't plan that: {first_line(err)}", state
+            return f"I can't plan that: {first_line(err)}{self._offer_alternatives(original, state)}", state
         if result.status != "awaiting_approval":  # the plan failed its checks: keep the request so it can be fixed
             state.fields = {**state.fields, "corpus": spec.corpus} if spec.corpus else state.fields
             reason = result.failure or result.status
             return f"I can't plan that: {reason} (run `{result.run_id}` is kept for reference)", state
         state.run_id, state.fields = result.run_id, {}
+        plan = json.loads((result.run_dir / "plan.json").read_text())  # a plan over a budget lists what meets it
+        state.alternatives = _choices(plan.get("alternatives") or [])
         note = ("\n\n" + "; ".join(problems)) if problems else ""
         return (f"{describe_spec(spec)}\n\n```\n{result.plan_card}\n```\nRun `{result.run_id}` waits for your "
                 f"approval: press **Approve** or **Reject**.{note}"), state  # fmt: skip

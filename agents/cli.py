@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pydantic
 
+from agents.cli_eval import add_eval_parser, run_eval
 from agents.errors import described, first_line
-from engine.catalog import PROFILE_NAMES
+from agents.quiet import log_level, quiet_third_party, setup_logging
+from engine.catalog import PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES
+from engine.tracking import TRACKERS, check_tracker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,14 +48,37 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "--attention", choices=["s2", "full"], default=None,
         help="training attention: s2 (S2-Attn, default) or full (dense causal, LongLoRA's use_full_attn)",
     )  # fmt: skip
-    p.add_argument("--train-mix", choices=["longqa", "plain"], default=None,
+    p.add_argument("--train-mix", choices=TRAIN_MIXES, default=None,
                    help="training data: longqa (default) or plain (packed long text only, LongLoRA's extension data)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--rope-method", choices=ROPE_METHODS, default=None,
+                   help="RoPE extension method (default: the planner measures linear, yarn and dynamic and chooses)")
     p.add_argument("--max-steps", type=int, default=None, help="override the profile's optimizer steps")
     p.add_argument("--batch-size", type=int, default=None, help="override the profile's per-device batch size")
     p.add_argument("--grad-accum", type=int, default=None, help="override the profile's gradient accumulation")
+    _add_lever_arguments(p)
     p.add_argument("--llm", default="none", help="none, or an OpenAI-compatible base URL (key from env)")
     p.add_argument("--llm-model", default=None, help="model name at the --llm endpoint")
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--quiet and --verbose for the commands that run models (agents.quiet says what is filtered and why)."""
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="every gate check, our INFO logs, the libraries' warnings and bars")  # fmt: skip
+    return p
+
+
+def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
+    """The planner's levers and budgets (engine.plan_search): each alternative's command spells them out."""
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="override the profile's precision")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
+    p.add_argument("--group-size-ratio", type=float, default=None, help="S2-Attn group G = L x ratio (default 0.25)")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
+                   help="keep every layer's activations (faster, far more memory)")  # fmt: skip
+    p.add_argument("--max-hours", type=float, default=None, help="time budget: list the plans within it")
+    p.add_argument("--max-gib", type=float, default=None, help="memory budget per device: list the plans within it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", default=None, help="run directory (default runs/<run-id>)")
     run.add_argument("--runs-dir", default="runs")
     run.add_argument("--yes", action="store_true", help="approve the plan without asking")
+    run.add_argument("--report-to", choices=TRACKERS, default=None,
+                     help="track training in tensorboard, wandb or mlflow: offline, under RUN_DIR/train/tracking "
+                          "(default none)")  # fmt: skip
+    _add_output_flags(run)
     plan = sub.add_parser("plan", help="print the plan (memory, time, launch command); runs nothing")
     _add_spec_arguments(plan)
     plan.add_argument("--json", action="store_true")
     resume = sub.add_parser("resume", help="continue a stopped or killed run")
     resume.add_argument("run_dir")
     resume.add_argument("--yes", action="store_true", help="approve a plan that waits for approval")
+    resume.add_argument("--request", default=None,
+                        help='revise the plan that waits for approval, e.g. "use rank 16" (a new run, the old one '
+                             "rejected)")  # fmt: skip
+    _add_output_flags(resume)
     status = sub.add_parser("status", help="stages, artifacts and recent events of a run")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true")
     export = sub.add_parser("export", help="merge a run's adapter into a standalone model directory")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
+    _add_output_flags(export)
     # The app's options are defined once, by app.py (which no package may import): every argument after `app`,
     # `-h` included, is forwarded to it unparsed (see main()).
     sub.add_parser("app", help="the Gradio app (--host, --port, --runs-dir, --auth, --allow-path, ...; app -h)",
@@ -87,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-context", type=int, default=16384, help="tokens (default 16384)")
     demo.add_argument("--out", default=None, help="output directory (default runs/demo/<timestamp>)")
     demo.add_argument("--steps", type=int, default=1, help="S2-Attn training steps (default 1)")
-    _add_eval_parser(sub)
+    _add_output_flags(demo)
+    _add_output_flags(add_eval_parser(sub))
     return parser
 
 
@@ -106,7 +142,10 @@ def _spec_from_args(args: argparse.Namespace):
     flags = {"base_model": args.model, "target_context": args.target_context, "corpus": args.corpus,
              "profile": args.profile, "hardware": args.hardware, "device": args.device, "seed": args.seed,
              "max_steps": args.max_steps, "attention": args.attention, "batch_size": args.batch_size,
-             "grad_accum": args.grad_accum, "train_mix": args.train_mix}  # fmt: skip
+             "grad_accum": args.grad_accum, "train_mix": args.train_mix, "rope_method": args.rope_method,
+             "report_to": getattr(args, "report_to", None), "precision": args.precision, "lora_rank": args.lora_rank,
+             "group_size_ratio": args.group_size_ratio, "gradient_checkpointing": args.gradient_checkpointing,
+             "max_hours": args.max_hours, "max_gib": args.max_gib}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     if str(fields.get("hardware", "")).startswith("custom:"):
         fields["hardware"], fields["custom_hardware"] = "custom", _custom_hardware(fields["hardware"])
@@ -153,33 +192,46 @@ def _assistant(spec=None, runs_dir: str = "runs"):
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from agents.revise import describe_revision, is_revision, revise_plan
+
+    # --model and --target-context given: a --request that reads as a revision ("use rank 16") revises that plan
+    revision = args.request if args.model and args.target_context and is_revision(args.request) else None
+    if revision:
+        args.request = None
     spec = _spec_from_args(args)
-    result = _assistant(spec).plan(spec)
-    if args.json:
-        print(json.dumps({"spec": spec.model_dump(), "plan": result.plan, "checks": result.checks}, indent=2))
+    changes = None
+    if revision:
+        revised = revise_plan(_assistant(spec), spec, revision)
+        spec, result, changes = revised.spec, revised.result, revised.changes
     else:
-        print(result.card)
+        result = _assistant(spec).plan(spec)
+    if args.json:
+        print(json.dumps({"spec": spec.model_dump(), "plan": result.plan, "checks": result.checks,
+                          **({"revision": changes} if changes is not None else {})}, indent=2))  # fmt: skip
+    else:
+        print(describe_revision(changes, result.card) if changes is not None else result.card)
         for c in result.checks:
             print(f"  check {c['name']}: {'ok' if c['passed'] else 'FAILED'} ({c['detail']})")
     return EXIT_OK if result.passed else EXIT_FAILED
 
 
-def _ask(question: str) -> str:
-    try:
-        return input(question).strip().lower()
-    except EOFError:
-        return ""
+def _view(args: argparse.Namespace):
+    """The progress view the output flags ask for: live on a terminal, plain lines otherwise, nothing with -q."""
+    from agents.progress import ProgressView
+
+    plain = getattr(args, "no_progress", False)
+    return ProgressView(mode="quiet" if args.quiet else "plain" if plain else None, verbose=args.verbose)
 
 
-def _finish(result, assistant, interactive_yes: bool) -> int:
-    from agents.progress import ProgressPrinter
-
+def _finish(result, assistant, args: argparse.Namespace, view) -> int:
     if result.status == "awaiting_approval":
-        print(result.plan_card)
-        if interactive_yes or (
+        if not args.quiet or sys.stdin.isatty():  # the card is what a prompt asks about
+            print(result.plan_card)
+        if args.yes or (
             sys.stdin.isatty() and input("Approve this plan? [y/N] ").strip().lower() in ("y", "yes")
         ):
-            result = assistant.approve(result.run_dir, on_event=ProgressPrinter())
+            with view:
+                result = assistant.approve(result.run_dir, on_event=view)
         elif sys.stdin.isatty():
             result = assistant.reject(result.run_dir, "rejected at the prompt")
         else:
@@ -187,33 +239,41 @@ def _finish(result, assistant, interactive_yes: bool) -> int:
                   file=sys.stderr)  # fmt: skip
             return EXIT_AWAITING
     if result.status == "passed":
-        print(f"run {result.run_id}: passed; report: {result.report}")
+        view.say(f"run {result.run_id}: passed; report: {result.report}")
         return EXIT_OK
     print(f"longpilot: run {result.run_dir} {result.status}: {result.failure}", file=sys.stderr)
     return EXIT_FAILED
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agents.progress import ProgressPrinter
-
     spec = _spec_from_args(args)
-    assistant = _assistant(spec, args.runs_dir)
-    result = assistant.run(spec, run_dir=args.run_dir, approve=True if args.yes else None, on_event=ProgressPrinter())
-    print(f"run directory: {result.run_dir}")
-    return _finish(result, assistant, args.yes)
+    check_tracker(spec.report_to)  # a missing package is refused now, not minutes into training
+    assistant, view = _assistant(spec, args.runs_dir), _view(args)
+    with view:
+        result = assistant.run(spec, run_dir=args.run_dir, approve=True if args.yes else None, on_event=view)
+    view.say(f"run directory: {result.run_dir}")
+    return _finish(result, assistant, args, view)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from agents.progress import ProgressPrinter
     from sop.schemas import Spec
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "spec.json").is_file():
         raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no spec.json)")
     spec = Spec.model_validate_json((run_dir / "spec.json").read_text())
-    assistant = _assistant(spec, str(run_dir.parent))
-    result = assistant.resume(run_dir, approve=True if args.yes else None, on_event=ProgressPrinter())
-    return _finish(result, assistant, args.yes)
+    check_tracker(spec.report_to)
+    assistant, view = _assistant(spec, str(run_dir.parent)), _view(args)
+    if args.request:  # revise the waiting plan: a new run, planned (RoPE measured) and waiting, the old one rejected
+        from agents.revise import revise_run
+
+        result, changes = revise_run(assistant, run_dir, args.request)
+        print("Revised plan:\n" + "\n".join(f"  - {line}" for line in changes))
+        view.say(f"run {run_dir.name} rejected; the revised plan is run directory {result.run_dir}")
+        return _finish(result, assistant, args, view)
+    with view:
+        result = assistant.resume(run_dir, approve=True if args.yes else None, on_event=view)
+    return _finish(result, assistant, args, view)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -261,122 +321,13 @@ def _app(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-def _add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="evaluate models: PPL by length, passkey, RULER-lite, long-QA, regression, gate")
-    ev.add_argument("--model", action="append", required=True, metavar="NAME=REF",
-                    help="model to evaluate (alias, model dir, merged dir or adapter dir); repeat to compare: the "
-                         "first is the reference, the last the candidate")  # fmt: skip
-    ev.add_argument("--rope", action="append", type=_key_value, default=[], metavar="NAME=TOKENS",
-                    help="RoPE-interpolate NAME to TOKENS without training (RoPE-only baseline)")  # fmt: skip
-    ev.add_argument("--allow-beyond", action="append", default=[], metavar="NAME",
-                    help="score model NAME at lengths past its context (baselines)")  # fmt: skip
-    ev.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    ev.add_argument(
-        "--tasks", nargs="+", default=None, help="perplexity passkey ruler longqa regression (default all)"
-    )
-    ev.add_argument("--ruler-tasks", nargs="+", default=None)
-    ev.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in [0, 1]")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ev.add_argument("--data", default=None, help="LongPilot dataset directory (its eval split)")
-    ev.add_argument("--ppl-files", nargs="+", default=None, help="held-out files for perplexity")
-    ev.add_argument("--ppl-stride", type=int, default=256)
-    ev.add_argument("--ppl-tokens", type=int, default=None)
-    ev.add_argument("--native-length", type=int, default=None)
-    ev.add_argument("--target-length", type=int, default=None)
-    ev.add_argument("--gate", action="append", type=_key_value, default=[], metavar="NAME=THRESHOLD")
-    ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--max-new-tokens-cap", type=int, default=None)
-    ev.add_argument("--longqa-max-items", type=int, default=None)
-    ev.add_argument("--longqa-max-tokens", type=int, default=None, help="only QA records up to this many tokens")
-    ev.add_argument("--reference", default=None, help="model the candidate is compared with (default: the first)")
-    ev.add_argument("--candidate", default=None, help="model the gate judges (default: the last)")
-    ev.add_argument(
-        "--effective-threshold",
-        type=float,
-        default=None,
-        help="RULER average for the effective length (default: the reference's at the native length)",
-    )
-    ev.add_argument(
-        "--rope-method",
-        choices=["linear", "yarn", "dynamic"],
-        default="linear",
-        help="interpolation for the --rope models",
-    )
-    ev.add_argument(
-        "--base-ref",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="NAME=BASE",
-        help="the base model of an adapter NAME, overriding the one recorded in it",
-    )
-    ev.add_argument(
-        "--task-lengths",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="TASK=L1,L2",
-        help="evaluate TASK (perplexity, passkey, ruler) at a subset of --lengths only",
-    )
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ev.add_argument("--out", required=True, help="output directory for eval_report.json and plots")
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from engine.evaluate import EvalConfig, ModelUnderTest, evaluate
-    from engine.evaluate.report import TASKS
-    from engine.evaluate.summary import summary_table
-
-    rope, base_refs = dict(args.rope), dict(args.base_ref)
-    names = [_key_value(t)[0] if "=" in t else "model" for t in args.model]
-    unknown = sorted((set(rope) | set(args.allow_beyond) | set(base_refs)) - set(names))
-    if unknown:
-        raise ValueError(f"--rope/--allow-beyond/--base-ref name models that are not given with --model: {unknown}")
-    models = []
-    for text in args.model:
-        name, ref = _key_value(text) if "=" in text else ("model", text)
-        models.append(ModelUnderTest(name, ref, rope_target=int(rope[name]) if name in rope else None,
-                                     rope_method=args.rope_method, base_ref=base_refs.get(name),
-                                     allow_beyond_context=name in args.allow_beyond))  # fmt: skip
-    try:
-        task_lengths = {task: tuple(int(n) for n in text.split(",")) for task, text in args.task_lengths}
-    except ValueError:
-        raise ValueError("--task-lengths takes TASK=L1,L2,... with whole numbers") from None
-    optional = {"depths": args.depths, "ruler_tasks": args.ruler_tasks}
-    cfg = EvalConfig(
-        output_dir=args.out, models=tuple(models), lengths=tuple(args.lengths), tasks=tuple(args.tasks or TASKS),
-        seeds=tuple(args.seeds), data_dir=args.data, ppl_files=tuple(args.ppl_files) if args.ppl_files else None,
-        ppl_stride=args.ppl_stride, ppl_tokens=args.ppl_tokens, native_length=args.native_length,
-        target_length=args.target_length, gates={k: float(v) for k, v in args.gate}, batch_size=args.batch_size,
-        max_new_tokens_cap=args.max_new_tokens_cap, longqa_max_items=args.longqa_max_items, device=args.device,
-        longqa_max_tokens=args.longqa_max_tokens, reference=args.reference, candidate=args.candidate,
-        effective_threshold=args.effective_threshold, task_lengths=task_lengths, progress=not args.no_progress,
-        **{k: tuple(v) for k, v in optional.items() if v},
-    )  # fmt: skip
-    report = evaluate(cfg)
-    print(summary_table(report))
-    print(f"report: {args.out}/eval_report.json")
-    if report["gate"] is not None and not report["gate"]["passed"]:
-        failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
-        print(f"longpilot: gate failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from engine.smoke import format_report, run_smoke
 
     report = run_smoke(args.model, args.target_context, args.out, steps=args.steps)
-    print("LongPilot engine demo: done")
-    print(format_report(report))
+    if not args.quiet:
+        print("LongPilot engine demo: done")
+        print(format_report(report))
     return 0
 
 
@@ -390,15 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=logging.WARNING if args.command in ("run", "resume") else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    setup_logging(log_level(quiet, verbose) if quiet or verbose or args.command in ("run", "resume") else logging.INFO)
     try:
         commands = {"run": _run, "plan": _plan, "resume": _resume, "status": _status, "export": _export,
-                    "app": _app, "demo": _demo, "eval": _eval}  # fmt: skip
-        return commands[args.command](args)
+                    "app": _app, "demo": _demo, "eval": lambda a: run_eval(a, _view(a))}  # fmt: skip
+        with quiet_third_party(enabled=not verbose):
+            return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"longpilot: error: {first_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agents.files import move_aside
 from sop.schemas import Spec
+from sop.stages import StageContext, stage_action
 
 
-def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], llm=None) -> Path:
+def prepare(
+    spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], llm=None,
+    emit: Callable[[dict], None] | None = None,
+) -> Path:
     """Build `run_dir/data`. An unverified leftover (a crash, a failed gate) is moved aside first, never deleted."""
     from engine.data.build import DataConfig, prepare_data, short_range_for
     from engine.models import load_tokenizer, resolve_model
@@ -28,5 +33,10 @@ def prepare(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str
         n_train=plan["data"]["n_train"], n_eval=max(plan["data"]["n_eval"], 4), seed=overrides.get("seed", spec.seed),
         short_range=short_range_for(plan["arch"]["native_context"]), train_mix=spec.train_mix,
     )  # fmt: skip
-    prepare_data(cfg, load_tokenizer(resolve_model(spec.base_model)), proposer=proposer)
+    prepare_data(cfg, load_tokenizer(resolve_model(spec.base_model)), proposer=proposer, on_event=emit)
     return out
+
+
+@stage_action("prepare_data", role="data_engineer")
+def prepare_data_stage(ctx: StageContext) -> None:
+    prepare(ctx.spec(), ctx.plan(), ctx.run_dir, ctx.overrides, ctx.llm, ctx.progress)

@@ -8,7 +8,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from agents.plan_alternatives import card_lines, lever_kwargs, search_document
+from agents.rope_planner import rope_card_lines
 from sop.schemas import Plan, Spec
+from sop.stages import StageContext, stage_action
 
 # Smoke runs prove the pipeline on CPU: few, cheap evaluation items (one 16k forward takes minutes there).
 SMOKE_EVAL = {"depths": [0.5], "seeds": [0], "ruler_tasks": ["niah_single_numbers"], "max_new_tokens_cap": 16}
@@ -48,6 +51,15 @@ def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any
             "ppl_tokens": target, "ppl_stride": short, "longqa_max_items": 2, "longqa_max_tokens": native,
             "rope_only_baseline": False, "base_tasks": ["perplexity", "regression"], "gates": QUALITY_GATES,
             **SMOKE_EVAL,
+        }  # fmt: skip
+    if profile == "window":  # minutes on one GPU: PPL by length, the passkey depth x length grid, native regression
+        return {
+            "lengths": sorted(set(_doubling_lengths(min(2048, native // 2), target)) | {native}),
+            "task_lengths": {"ruler": [native]}, "native_length": native, "ppl_tokens": target,
+            "ppl_stride": max(256, target // 32), "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "seeds": [0],
+            "ruler_tasks": ["niah_single_numbers"], "max_new_tokens_cap": 16, "longqa_max_items": None,
+            "longqa_max_tokens": None, "rope_only_baseline": False, "base_tasks": None,
+            "tasks": ["perplexity", "passkey", "regression"], "gates": QUALITY_GATES,
         }  # fmt: skip
     return {
         "lengths": sorted(set(_doubling_lengths(2048, target)) | {native}), "task_lengths": {},
@@ -94,8 +106,12 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
     }  # fmt: skip
 
 
-def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
-    """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory."""
+def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = False) -> dict[str, Any]:
+    """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory.
+
+    `measure_rope` scores the RoPE candidates rope-only before choosing (agents.rope_planner; minutes on a CPU for
+    a 135M model at 16k): the run's plan stage does, `plan` and the run's pre-checks use the rule's prior.
+    """
     from engine.catalog import custom_hardware
     from engine.plan import make_plan
 
@@ -109,20 +125,18 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
     from engine.catalog import PROFILES
 
     profile = PROFILES[spec.profile]
-    schedule = {"per_device_batch_size": spec.batch_size, "gradient_accumulation_steps": spec.grad_accum}
+    schedule = {"per_device_batch_size": spec.batch_size, "gradient_accumulation_steps": spec.grad_accum,
+                "max_steps": spec.max_steps, "precision": spec.precision}  # n_train follows max_steps  # fmt: skip
     profile = replace(profile, **{k: v for k, v in schedule.items() if v is not None})
     plan = make_plan(
         arch_reference(spec.base_model), spec.target_context, profile, hardware,
         output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), base_model_ref=spec.base_model,
-        attention=spec.attention,
+        attention=spec.attention, **lever_kwargs(spec),
     )  # fmt: skip
     doc = plan.to_dict()
+    doc["alternatives"], doc["search"] = search_document(spec, plan)  # when it does not fit or misses a budget
     config = doc["train_config"]
     config["seed"] = spec.seed
-    if spec.max_steps is not None:
-        config["max_steps"] = spec.max_steps
-        doc["wall_time_s"] = round(doc["wall_time_s"] * spec.max_steps / plan.profile.max_steps, 1)
-        doc["wall_time_h"] = round(doc["wall_time_s"] / 3600, 2)
     config["save_steps"] = max(1, min(config["save_steps"], config["max_steps"] // 2 or 1))
     ev = evaluation_settings(spec.profile, plan.arch.native_context, spec.target_context)
     if min(ev["lengths"]) < FRAME_SAFE_LENGTH:
@@ -130,12 +144,25 @@ def make_plan_document(spec: Spec, run_dir: str | Path) -> dict[str, Any]:
 
         ev = fit_to_tokenizer(ev, spec.target_context, tokenizer_or_none(spec.base_model))
     doc["evaluation"] = ev
+    doc["rope_choice"] = _rope_choice(spec, doc, measure_rope)
+    doc["rope_method"] = doc["train_config"]["rope_method"] = doc["rope_choice"]["method"]
     return Plan.model_validate(doc).model_dump()
+
+
+def _rope_choice(spec: Spec, doc: dict[str, Any], measure: bool) -> dict[str, Any]:
+    """How the run extends RoPE (agents.rope_planner): the user's method, measured candidates, or the prior."""
+    from agents.rope_planner import choose_rope
+    from agents.rope_planner import measure as measure_candidates
+
+    steps = int(doc["train_config"]["max_steps"])
+    if spec.rope_method or not measure:
+        return choose_rope(steps, spec.rope_method, not_measured="planning only; `longpilot run` measures")
+    return measure_candidates(spec, doc, steps)
 
 
 def write_plan(spec: Spec, run_dir: str | Path) -> Path:
     path = Path(run_dir) / "plan.json"
-    path.write_text(json.dumps(make_plan_document(spec, run_dir), indent=2) + "\n")
+    path.write_text(json.dumps(make_plan_document(spec, run_dir, measure_rope=True), indent=2) + "\n")
     return path
 
 
@@ -163,6 +190,13 @@ def plan_card(plan: dict[str, Any]) -> str:
         f"  predicted {mem['total_gib']:.1f} GiB per device of {plan['hardware']['memory_gib']:g} "
         f"({'fits' if plan['fits'] else 'DOES NOT FIT'}), {plan['tokens_per_s']:,.0f} tokens/s, "
         f"{plan['wall_time_s'] / 60:.1f} min",
+        *rope_card_lines(plan),
         f"  launch: {plan['launch_command']}",
+        *card_lines(plan),  # S2 vs full side by side; the search's plans when this one does not fit
     ]
     return "\n".join(lines)
+
+
+@stage_action("plan", role="planner", approval=True)  # the approval prompt shows plan_card(plan)
+def plan_stage(ctx: StageContext) -> None:
+    write_plan(ctx.spec(), ctx.run_dir)

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from engine.catalog import BASE_MODEL_REFS, BUILTIN_ARCHS, HARDWARE, HARDWARE_FOR_PROFILE, PROFILE_FOR_HARDWARE
+from engine.catalog import (
+    BASE_MODEL_REFS,
+    BUILTIN_ARCHS,
+    HARDWARE,
+    HARDWARE_FOR_PROFILE,
+    PROFILE_FOR_HARDWARE,
+    REFUSED_FAMILIES,
+    configured_context,
+)
 from sop.schemas import Spec
 
 # The catalog is torch-free: reading it costs no `import torch`.
@@ -41,6 +49,11 @@ _DOC_EXT = re.compile(r"\.(txt|md|markdown|rst|json|jsonl|csv|tsv|html?|pdf|py|t
 _HUB_ID = re.compile(r"^[A-Za-z][\w.-]*/(?=[\w.-]*\d)(?=[\w.-]*[A-Za-z])[\w.-]+$")  # org/name-7b, never "and/or"
 _SMOLLM = re.compile(r"\bsmol[\s-]*lm[\s-]*2(?:[\s-]*135[\s-]*m\b|(?![\s-]*\d+\s*[mb]\b))")
 _LLAMA = re.compile(r"\b(?:meta[\s-]*)?llama[\s-]*(\d(?:\.\d)?)(?:[\s-]*(\d+)\s*b)?\b")
+_QWEN = re.compile(r"\bqwen[\s-]*(2\.5|2|3)(?:[\s-]*(\d+)\s*b)?(?:[\s-]*(instruct))?\b")
+_MISTRAL = re.compile(r"\bmistral(?:[\s-]*(\d+)\s*b)?(?:[\s-]*v?(0\.\d))?\b")
+# Families people name that LongPilot refuses (engine.catalog.REFUSED_FAMILIES says why).
+_REFUSED = {"gemma2": re.compile(r"\bgemma[\s-]*2\b"), "gemma3": re.compile(r"\bgemma[\s-]*3\b"),
+            "phi3": re.compile(r"\bphi[\s-]*3(?:\.5)?\b")}  # fmt: skip
 _OTHER = re.compile(
     r"\b(?:gpt|mistral|mixtral|qwen|gemma|phi|falcon|bloom|pythia|deepseek|olmo|smollm)(?:[\s-]?\d[\w.-]*)?\b"
 )
@@ -100,9 +113,12 @@ def _native_of(ref: str, problems: list[str]) -> int | None:
         return NATIVE_CONTEXT.get(alias or "")
     path = Path(ref).expanduser()
     try:
-        native = json.loads((path / "config.json").read_text()).get("max_position_embeddings")
-        return native if isinstance(native, int) else None
-    except (OSError, ValueError, AttributeError):
+        cfg = json.loads((path / "config.json").read_text())
+        native = cfg.get("max_position_embeddings")
+        if not isinstance(native, int):
+            return None
+        return configured_context(native, cfg.get("rope_parameters") or cfg.get("rope_scaling"))  # Llama 3.1, YaRN
+    except (OSError, ValueError, AttributeError, TypeError):
         problems.append(f"{str(path / 'config.json')!r} is not a readable JSON config")
         return None
 
@@ -165,20 +181,37 @@ def _paths(
     return text, models, corpus
 
 
+def _builtin_name(m: re.Match) -> str:
+    """The catalog name a match of _SMOLLM, _LLAMA, _QWEN or _MISTRAL spells (it may not be a built-in)."""
+    if m.re is _SMOLLM:
+        return "smollm2-135m"
+    if m.re is _MISTRAL:  # no version, or v0.3: mistral-7b
+        size, version = m.group(1), m.group(2)
+        return "mistral" + (f"-{size}b" if size else "") + ("" if version in (None, "0.3") else f"-v{version}")
+    size = f"-{m.group(2)}b" if m.group(2) else ""
+    if m.re is _LLAMA:
+        return f"llama-{m.group(1)}{size}"
+    return f"qwen{m.group(1)}{size}" + ("-instruct" if m.group(3) else "")
+
+
 def _builtin_models(rest: str, models: list, problems: list[str]) -> str:
-    """Built-in names in their common spellings; a known family at an unknown size or version is a problem."""
+    """Built-in names in their common spellings; a known family at an unknown size or version is a problem, and a
+    refused family (Gemma 2/3, Phi-3) says why."""
     known = len(problems)
-    for m in [*_SMOLLM.finditer(rest), *_LLAMA.finditer(rest)]:
-        name = "smollm2-135m" if m.re is _SMOLLM else f"llama-{m.group(1)}" + (f"-{m.group(2)}b" if m.group(2) else "")
+    for m in [*_SMOLLM.finditer(rest), *_LLAMA.finditer(rest), *_QWEN.finditer(rest), *_MISTRAL.finditer(rest)]:
+        name = _builtin_name(m)
+        sizes = [k for k in BASE_MODEL_REFS if k.startswith(f"{name}-") and "-v0." not in k]
         if name in BASE_MODEL_REFS:
             models.append((BASE_MODEL_REFS[name], NATIVE_CONTEXT[name]))
-        elif name in ("llama-2", "llama-3"):
-            sizes = [k for k in BASE_MODEL_REFS if k.startswith(name)]
+        elif sizes:
             problems.append(f"which {name.replace('-', ' ').title()} do you mean: {' or '.join(sizes)}?")
         else:
             problems.append(f"I don't know the model {name!r}; built-in: {', '.join(BASE_MODEL_REFS)}")
         rest = _blank(rest, *m.span())
-    if not models and len(problems) == known and (other := _OTHER.search(rest) or _NAMED.search(rest)):
+    refused = next((t for t, pattern in _REFUSED.items() if pattern.search(rest)), None)
+    if not models and len(problems) == known and refused:
+        problems.append(f"LongPilot does not extend {refused} models: {REFUSED_FAMILIES[refused]}")
+    elif not models and len(problems) == known and (other := _OTHER.search(rest) or _NAMED.search(rest)):
         name = other.group(other.lastindex or 0)
         problems.append(f"I don't know the model {name!r}; built-in: {', '.join(BASE_MODEL_REFS)}")
     if len(refs := list(dict.fromkeys(ref for ref, _ in models))) > 1:

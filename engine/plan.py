@@ -1,8 +1,9 @@
 """Planning math for a LongLoRA run: parameters, FLOPs, memory per device, wall time, and the TrainConfig to run.
 
-No weights, tensors or network: every number follows from an architecture's shape (a built-in, or any Llama/Mistral
-config.json) and a hardware profile, in small pure functions like nanoGPT's `estimate_mfu`, each with its formula in
-a comment. The constants that are measured rather than derived say where they come from.
+No weights, tensors or network: every number follows from an architecture's shape (a built-in, or the config.json
+of any family in engine.catalog.FAMILIES) and a hardware profile, in small pure functions like nanoGPT's
+`estimate_mfu`, each with its formula in a comment. The constants that are measured rather than derived say where
+they come from.
 
     python -m engine.plan --arch llama-2-7b --target 32768 --profile full --hardware 8xA100-80GB
 """
@@ -26,11 +27,13 @@ from engine.catalog import (
     ArchConfig,
     HardwareProfile,
     Profile,
+    arch_target_problem,
     resolve_arch,
     resolve_hardware,
 )
 from engine.launch import launcher_command
 from engine.lora import LoraPlusConfig, TrainableCounts
+from engine.plan_cost import offload_seconds_per_step, step_costs, train_flops
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.train import TrainConfig
 
@@ -70,9 +73,21 @@ def layer_matmul_params(a: ArchConfig) -> int:
     return sum(n_in * n_out for n_in, n_out in _lora_shapes(a).values())
 
 
+def layer_norm_params(a: ArchConfig) -> int:
+    """Norm weights of one decoder layer: 2h (input and post-attention), + 2 * head_dim for Qwen3's q_norm/k_norm."""
+    return 2 * a.hidden_size + (2 * a.head_dim if a.qk_norm else 0)
+
+
+def layer_bias_params(a: ArchConfig) -> int:
+    """Bias terms of one decoder layer: q + 2 kv (Qwen2's q/k/v), h (o_proj), 2i + h (Llama's mlp_bias)."""
+    q, kv, h, i = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, a.intermediate_size
+    return (q + 2 * kv if a.qkv_bias else 0) + (h if a.o_bias else 0) + (2 * i + h if a.mlp_bias else 0)
+
+
 def total_params(a: ArchConfig) -> int:
-    """All base-model parameters: V*h (embed) + layers * (linears + 2h norms) + h (final norm) + V*h unless tied."""
-    per_layer = layer_matmul_params(a) + 2 * a.hidden_size
+    """All base-model parameters: V*h (embed) + layers * (linears + biases + norms) + h (final norm) + V*h unless
+    tied."""
+    per_layer = layer_matmul_params(a) + layer_bias_params(a) + layer_norm_params(a)
     lm_head = 0 if a.tied_embeddings else a.vocab_size * a.hidden_size
     return a.vocab_size * a.hidden_size + a.num_layers * per_layer + a.hidden_size + lm_head
 
@@ -81,7 +96,7 @@ def trainable_params(a: ArchConfig, lora: LoraPlusConfig = LoraPlusConfig()) -> 
     """LoRA+ trainables, counted as `engine.lora.count_trainable` counts a real model (total includes LoRA).
 
     LoRA: layers * sum over targets of r * (in + out); embeddings: V*h (a tied lm_head is the same tensor, an untied
-    one stays frozen); norms: (2 * layers + 1) * h.
+    one stays frozen); norms: layers * layer_norm_params + h (peft's suffix "norm" catches q_norm/k_norm too).
 
     Raises:
         ValueError: a target module that a Llama decoder layer does not have.
@@ -94,23 +109,28 @@ def trainable_params(a: ArchConfig, lora: LoraPlusConfig = LoraPlusConfig()) -> 
     return TrainableCounts(
         lora=n_lora,
         embeddings=a.vocab_size * a.hidden_size if lora.train_embeddings else 0,
-        norms=(2 * a.num_layers + 1) * a.hidden_size if lora.train_norms else 0,
+        norms=a.num_layers * layer_norm_params(a) + a.hidden_size if lora.train_norms else 0,
         other=0,
         total_params=total_params(a) + n_lora,
     )
 
 
 def flops_per_token(a: ArchConfig, seq_len: int, group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO) -> float:
-    """Training FLOPs per token, fwd + bwd, recomputation not counted (Kaplan et al. 2020; PaLM appendix B).
-
-    6 * N, N = layers * layer_matmul_params + V*h (the lm_head matmul runs even when tied; the embedding lookup is
-    no matmul), plus causal attention 6 * layers * (heads * head_dim) * L, times the group ratio G/L under S2-Attn
-    (each token attends within its group only). Frozen weights skip their weight-gradient matmul, so the hardware
-    does a little less than 6N; the assumed MFU absorbs that, as it does for every MFU figure quoted with 6N.
-    """
+    """Model FLOPs per token as MFU is quoted (Kaplan et al. 2020; PaLM app. B; bench/ reports MFU with it): 6 N,
+    N = layers * layer_matmul_params + V*h, + causal attention 6 * layers * heads * head_dim * L (x G/L under S2).
+    Plans are priced on the work a LoRA step really executes: train_flops_per_token."""
     n = a.num_layers * layer_matmul_params(a) + a.vocab_size * a.hidden_size
     attention = 6 * a.num_layers * a.num_heads * a.head_dim * seq_len
     return 6 * n + attention * (group_size_ratio if group_size_ratio else 1.0)
+
+
+def train_flops_per_token(a: ArchConfig, seq_len: int, group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO,
+                          lora: LoraPlusConfig = LoraPlusConfig(), checkpointing: bool = True) -> float:  # fmt: skip
+    """FLOPs per token one LoRA step on this frozen base executes (engine.plan_cost.train_flops: forward, input
+    gradients, LoRA weight gradients, recomputation); group_size_ratio None = full causal attention."""
+    span = group_size(seq_len, group_size_ratio) if group_size_ratio else seq_len
+    decoder, tied_trained = a.num_layers * layer_matmul_params(a), a.tied_embeddings and lora.train_embeddings
+    return sum(train_flops(a, span, decoder, trainable_params(a, lora).lora, tied_trained, checkpointing).values())
 
 
 # ----------------------------------------------------------------------------- memory
@@ -170,14 +190,14 @@ def memory_per_device(
     *,
     batch: int = 1,
     precision: str = "bf16",
-    zero: str = "none",
-    n_devices: int = 1,
+    zero: str = "none", n_devices: int = 1,
     lora: LoraPlusConfig = LoraPlusConfig(),
-    chunked_loss: bool = True,
-    loss_chunk_tokens: int = 4096,
+    chunked_loss: bool = True, loss_chunk_tokens: int = 4096,
     runtime_overhead_gib: float = 1.5,
+    checkpointing: bool = True,
 ) -> MemoryEstimate:
-    """Peak training memory on one device, with gradient checkpointing.
+    """Peak training memory on one device, with gradient checkpointing (without: every layer keeps what a
+    checkpointed one re-creates in backward, layers * recompute, and there is no recompute peak).
 
     peak = frozen weights + trainable state + kept activations * T + max(recompute * T, loss) + runtime overhead,
     T = batch * seq_len; loss = 12 * V * T bytes unchunked, 12 * V * min(T, chunk) for engine.loss's chunked loss.
@@ -192,6 +212,8 @@ def memory_per_device(
     w = 2 if precision == "bf16" else 4  # engine.train loads fp16 runs in fp32 (autocast)
     tokens = batch * seq_len
     kept, recompute = activation_bytes_per_token(a, w)
+    if not checkpointing:
+        kept, recompute = (4 + w) * a.hidden_size + a.num_layers * recompute, 0
     loss = LOSS_BYTES_PER_LOGIT * a.vocab_size * (min(tokens, loss_chunk_tokens) if chunked_loss else tokens)
     parts = {
         "frozen_weights": frozen_weight_bytes(a, w, zero, n_devices) / GIB,
@@ -237,6 +259,7 @@ class Plan:
     train_config: dict[str, Any]
     launch_command: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    attention_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # s2 and full, side by side
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -258,11 +281,14 @@ def make_plan(
     output_dir: str | None = None,
     dataset_dir: str | None = None,
     base_model_ref: str | None = None,
+    zero: str | None = None,
+    gradient_checkpointing: bool = True,
 ) -> Plan:
     """Plan a LongLoRA run: RoPE factor, S2 group, LoRA+, schedule, DeepSpeed stage, memory, time, config, command.
 
-    The DeepSpeed stage is the cheapest that fits: ZeRO-2, else ZeRO-3, else ZeRO-3 + CPU offload (none on 1 device,
-    where a plan may then not fit). Wall time = steps * tokens/step * FLOPs/token * 4/3 / (n * peak * mfu).
+    The DeepSpeed stage is `zero`, or the cheapest that fits: ZeRO-2, else ZeRO-3, else ZeRO-3 + CPU offload (none on
+    1 device, where a plan may then not fit). Wall time = steps * (tokens/step * train FLOPs/token / (n * peak * mfu)
+    + offload traffic), priced for S2-Attn and full attention both (`attention_costs`; memory is the same).
 
     Raises:
         ValueError: unknown arch/profile/hardware/RoPE method, target <= native context or above MAX_TARGET_CONTEXT,
@@ -277,6 +303,8 @@ def make_plan(
         profile = PROFILES[profile]
     if target_context <= a.native_context:
         raise ValueError(f"target context {target_context} must exceed {a.name}'s native {a.native_context}")
+    if window_problem := arch_target_problem(a, target_context):
+        raise ValueError(window_problem)
     if target_context > MAX_TARGET_CONTEXT:
         raise ValueError(f"target context {target_context:,} is beyond the {MAX_TARGET_CONTEXT:,} tokens LongPilot "
                          f"plans for: choose a target of at most {MAX_TARGET_CONTEXT:,}")  # fmt: skip
@@ -289,17 +317,21 @@ def make_plan(
     if not hw.gpu:
         profile = replace(profile, precision="fp32")  # bf16 matmuls are slow on CPU
     n, batch, accum = hw.n_devices, profile.per_device_batch_size, profile.gradient_accumulation_steps
-    for stage in ZERO_STAGES if n > 1 and profile.use_deepspeed else ("none",):  # first that fits, else the last
+    stages = (zero,) if zero else ZERO_STAGES if n > 1 and profile.use_deepspeed else ("none",)
+    for stage in stages:  # the first that fits, else the last
         memory = memory_per_device(
             a, target_context, batch=batch, precision=profile.precision, zero=stage, n_devices=n, lora=lora,
-            runtime_overhead_gib=hw.runtime_overhead_gib,
+            runtime_overhead_gib=hw.runtime_overhead_gib, checkpointing=gradient_checkpointing,
         )  # fmt: skip
         if memory.total_gib <= hw.memory_gib:
             break
 
-    fpt = flops_per_token(a, target_context, group_size_ratio if attention == "s2" else None)
     tokens_per_step = n * batch * accum * target_context
-    tokens_per_s = n * hw.peak_tflops * 1e12 * hw.mfu / (fpt * CHECKPOINT_RECOMPUTE)
+    flops = {m: train_flops_per_token(a, target_context, group_size_ratio if m == "s2" else None, lora,
+                                      gradient_checkpointing) for m in ATTENTION_MODES}  # fmt: skip
+    w, ckpt = 2 if profile.precision == "bf16" else 4, gradient_checkpointing
+    offload = offload_seconds_per_step(total_params(a), w, hw, accum, ckpt) * (stage == "zero3_offload")
+    costs = step_costs(hw, profile.precision, tokens_per_step, profile.max_steps, flops, offload)
     size = f"{target_context // 1024}k" if target_context % 1024 == 0 else f"{round(target_context / 1000)}k"
     out_dir = output_dir or f"runs/{a.name.replace('/', '-')}-{size}"
     if base_model_ref is None and ref is not None and ref not in BUILTIN_ARCHS:  # a model dir or its config.json
@@ -309,7 +341,7 @@ def make_plan(
         output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data",
         base_model=base_model_ref or BASE_MODEL_REFS.get(a.name, a.name), target_context=target_context,
         rope_method=rope_method, s2_group_size_ratio=group_size_ratio, use_s2_attention=attention == "s2", lora=lora,
-        gradient_checkpointing=True,
+        gradient_checkpointing=gradient_checkpointing,
         deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **schedule,
     )  # fmt: skip
     config_path = f"{out_dir}/train_config.json"
@@ -317,38 +349,22 @@ def make_plan(
         command = ["python", "-m", "engine.launch", "train", "--config", config_path]
     else:
         command = launcher_command(config_path, n, "torchrun" if stage == "none" else "deepspeed")
-    notes = ["wall time includes x4/3 for gradient checkpointing (each layer's forward runs twice)"]
+    notes = [f"wall time: forward + input gradients + LoRA weight gradients{' + recompute' * ckpt} (plan_cost)"]
     if attention == "full":
         notes.append("full attention in training (no S2-Attn): attention FLOPs x1/ratio, LongLoRA's use_full_attn")
     if stage == "zero3_offload":
-        notes.append("ZeRO-3 offload: CPU<->GPU transfers are not in the wall-time estimate; expect slower")
+        notes.append(f"ZeRO-3 offload: {offload:,.0f} s a step of host<->GPU weight traffic counted, not overlapped")
+    data = {"n_train": max(profile.n_train or profile.max_steps * n * batch * accum, n * batch * accum),
+            "n_eval": profile.n_eval}  # at least one optimizer step's worth of distinct records  # fmt: skip
     return Plan(
-        arch=a,
-        hardware=hw,
-        profile=profile,
-        target_context=target_context,
-        rope_method=rope_method,
-        rope_factor=target_context / a.native_context,
-        group_size_ratio=group_size_ratio,
-        group_size=group,
-        attention=attention,
-        lora=lora,
-        trainable=trainable_params(a, lora),
-        deepspeed_stage=stage,
-        tokens_per_step=tokens_per_step,
-        memory=memory,
-        fits=memory.total_gib <= hw.memory_gib,
-        flops_per_token=fpt,
-        tokens_per_s=round(tokens_per_s, 1),
-        wall_time_s=round(profile.max_steps * tokens_per_step / tokens_per_s, 1),
-        data={  # at least one optimizer step's worth of distinct records
-            "n_train": max(profile.n_train or profile.max_steps * n * batch * accum, n * batch * accum),
-            "n_eval": profile.n_eval,
-        },
-        train_config=cfg.to_dict(),
-        launch_command=shlex.join(command),
-        notes=tuple(notes),
-    )
+        arch=a, hardware=hw, profile=profile, target_context=target_context, rope_method=rope_method,
+        rope_factor=target_context / a.native_context, group_size_ratio=group_size_ratio, group_size=group,
+        attention=attention, lora=lora, trainable=trainable_params(a, lora), deepspeed_stage=stage,
+        tokens_per_step=tokens_per_step, memory=memory, fits=memory.total_gib <= hw.memory_gib,
+        flops_per_token=flops[attention], tokens_per_s=costs[attention]["tokens_per_s"],
+        wall_time_s=costs[attention]["wall_time_s"], data=data, train_config=cfg.to_dict(),
+        launch_command=shlex.join(command), notes=tuple(notes), attention_costs=costs,
+    )  # fmt: skip
 
 
 def plan_checks(plan: Plan) -> list[tuple[str, bool, str]]:

@@ -14,10 +14,20 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from engine.catalog import ROPE_METHODS
+from engine.catalog import (
+    ROPE_METHODS,
+    active_sliding_window,
+    configured_context,
+    rope_factor,
+    rope_original_context,
+)
 
 RopeMethod = str  # one of engine.catalog.ROPE_METHODS (checked in extend_rope)
 _UNSCALED = ("default", None)
+# Llama 3's own scaling (rope_type "llama3": Llama 3.1/3.2/3.3) interpolates only the low-frequency band by `factor`
+# and keeps the high-frequency dims. Extending such a model composes in that scheme: `factor` grows by T/C, the
+# pre-training `original_max_position_embeddings` and the band edges stay, so the interpolated band is PI'd by T/C.
+LLAMA3 = "llama3"
 
 
 @dataclass(frozen=True)
@@ -32,22 +42,19 @@ class RopeExtension:
 
 
 def original_context(config: PretrainedConfig) -> int:
-    """The pre-training context: `original_max_position_embeddings` once scaled, else `max_position_embeddings`."""
-    params = config.rope_parameters or {}
-    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    """The pre-training context (`engine.catalog.rope_original_context`)."""
+    return rope_original_context(config.max_position_embeddings, config.rope_parameters)
 
 
 def current_factor(config: PretrainedConfig) -> float:
     """The scaling factor already applied over the original context (1.0 for an unscaled model)."""
-    params = config.rope_parameters or {}
-    if params.get("rope_type") in _UNSCALED:
-        return 1.0
-    return float(params.get("factor", 1.0))
+    return rope_factor(config.rope_parameters)
 
 
 def current_context(config: PretrainedConfig) -> int:
-    """The context the model is configured for: original context x factor."""
-    return int(round(original_context(config) * current_factor(config)))
+    """The context the model is configured for (`engine.catalog.configured_context`: original x factor, or
+    `max_position_embeddings` under Llama 3 scaling)."""
+    return configured_context(config.max_position_embeddings, config.rope_parameters)
 
 
 def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMethod = "linear") -> RopeExtension:
@@ -68,7 +75,9 @@ def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMetho
         A `RopeExtension` describing the change.
 
     Raises:
-        ValueError: unknown method, T <= C, per-layer RoPE, or a method different from the one already applied.
+        ValueError: unknown method, T <= C, per-layer RoPE, a method different from the one already applied (Llama 3
+            scaling takes "linear" and stays "llama3"), an explicit YaRN attention_factor, or an active sliding
+            window shorter than T.
     """
     if method not in ROPE_METHODS:
         raise ValueError(f"unknown RoPE method {method!r}; choose one of {', '.join(ROPE_METHODS)}")
@@ -76,8 +85,16 @@ def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMetho
     if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
         raise ValueError("per-layer rope_parameters are not supported for context extension")
     existing = params.get("rope_type", "default")
-    if existing not in _UNSCALED and existing != method:
-        raise ValueError(f"model already uses RoPE scaling {existing!r}; cannot extend it with {method!r}")
+    if existing == LLAMA3 and method == "linear":
+        method = LLAMA3  # Position Interpolation of Llama 3's interpolated band (see LLAMA3)
+    elif existing not in _UNSCALED and existing != method:
+        how = " (Llama 3 scaling composes with 'linear' only)" if existing == LLAMA3 else ""
+        raise ValueError(f"model already uses RoPE scaling {existing!r}; cannot extend it with {method!r}{how}")
+    if method == "yarn" and "attention_factor" in params:
+        raise ValueError("model sets an explicit YaRN attention_factor, which fits only its own factor: remove it")
+    window = active_sliding_window(config.to_dict())
+    if window is not None and window < target_context:
+        raise ValueError(f"sliding-window attention ({window} tokens) is active below the target {target_context}")
     from_context = current_context(config)
     if target_context <= from_context:
         raise ValueError(f"target context {target_context} must exceed the current context {from_context}")

@@ -246,6 +246,7 @@ def s2_attention_forward(
             turns S2 on.
         query: (B, H, Tq, D); key, value: (B, KV, Tk, D) with H divisible by KV.
         attention_mask: 2-D (B, Tk) padding mask from `s2_mask`, or None.
+        kwargs: a `sliding_window` shorter than Tk is refused (a longer one masks nothing).
 
     Returns:
         ((B, Tq, H, D), None)
@@ -255,6 +256,9 @@ def s2_attention_forward(
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({kv_heads})")
     n_rep = num_heads // kv_heads
     seq_len, kv_len = query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")  # Mistral/Qwen layers pass theirs; engine.catalog refuses active ones
+    if window is not None and window < kv_len:
+        raise ValueError(f"s2_attention does not implement sliding windows ({window} tokens < {kv_len} keys)")
     key_valid, right_padded = _key_valid_from_mask(attention_mask, kv_len)
     group = training_group_size(getattr(module, "config", None), seq_len)
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)  # (B, H, Tk, D)

@@ -14,6 +14,7 @@ Outputs in `output_dir`:
     adapter/            the LoRA+ adapter (see engine.lora), reloadable with plain transformers + peft; written as
                         adapter.partial/ and renamed, so it is never half written
     train_summary.json  status, initial/final loss, tokens seen, wall time, hardware, versions, seed, config hash
+    tracking/<tracker>/ with `report_to` tensorboard, wandb or mlflow: that tracker's offline files (engine.tracking)
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ from engine.checkpoints import (
     write_atomic,
 )
 from engine.lora import apply_lora_plus, count_trainable, describe, write_adapter_sidecars
+from engine.loss import IGNORE_INDEX
 from engine.models import default_device, load_model, resolve_model, tokenizer_or_none
 from engine.precision import MasterWeights, dtype_summary
 from engine.provenance import hardware, versions
 from engine.rope import apply_rope_extension, current_context
 from engine.s2attn import S2_ATTENTION
+from engine.tracking import check_tracker, tracking_env
 from engine.train_config import TrainConfig
 from engine.trainer_parts import CompleteMarker, LongLoraTrainer, MetricsWriter, NonFiniteStep, PadCollator
 
@@ -124,7 +127,7 @@ def load_train_dataset(cfg: TrainConfig, dataset=None):
         raise ValueError(
             f"dataset holds a sequence of {longest} tokens, longer than the target context {cfg.target_context}"
         )
-    if not any(any(t != -100 for t in labels) for labels in dataset["labels"]):
+    if not any(any(t != IGNORE_INDEX for t in labels) for labels in dataset["labels"]):
         raise ValueError("dataset has no label tokens (every label is -100)")
     return dataset
 
@@ -176,6 +179,7 @@ def train(
         TrainingDivergedError: non-finite loss or gradient norm; train_summary.json says status "failed".
     """
     started = time.perf_counter()
+    check_tracker(cfg.report_to)  # before anything is loaded: the Trainer would only fail at its first log
     out = claim_output_dir(cfg)
     train_data = load_train_dataset(cfg, dataset)
     set_seed(cfg.seed)
@@ -209,7 +213,8 @@ def train(
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        report_to="none",
+        report_to=cfg.report_to,  # offline, under output_dir/tracking (engine.tracking)
+        run_name=cfg.run_name,
         disable_tqdm=cfg.quiet,
         log_level="error" if cfg.quiet else "passive",
         remove_unused_columns=False,
@@ -239,14 +244,15 @@ def train(
 
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     metrics_path = out / "metrics.jsonl"
-    trainer = LongLoraTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=train_data,
-        data_collator=PadCollator(pad_id),
-        callbacks=[MetricsWriter(metrics_path), CompleteMarker(), *callbacks],
-        loss_chunk_tokens=cfg.loss_chunk_tokens,
-    )
+    with tracking_env(cfg.report_to, out):  # TensorBoard takes its directory when the Trainer builds its callbacks
+        trainer = LongLoraTrainer(
+            model=peft_model,
+            args=args,
+            train_dataset=train_data,
+            data_collator=PadCollator(pad_id),
+            callbacks=[MetricsWriter(metrics_path), CompleteMarker(), *callbacks],
+            loss_chunk_tokens=cfg.loss_chunk_tokens,
+        )
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # the Trainer prints every log dict when tqdm is off
     resume = latest_complete_checkpoint(ckpt_dir)
@@ -272,7 +278,8 @@ def train(
         if finished is not None:
             restore_finished(trainer, finished, load_weights=not cfg.deepspeed)
         else:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with tracking_env(cfg.report_to, out):  # W&B and MLflow read theirs when training begins
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except NonFiniteStep as err:
         bad = [p for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) >= err.step - 1]
         for path in bad if is_main_process() else []:

@@ -14,6 +14,7 @@ from typing import Any
 from engine.lora import LoraPlusConfig
 from engine.models import DEFAULT_MODEL
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO
+from engine.tracking import TRACKERS
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class TrainConfig:
     save_total_limit: int | None = 2
     loss_chunk_tokens: int = 4096
     quiet: bool = False
+    report_to: str = "none"  # engine.tracking.TRACKERS: the Trainer's own integrations, offline under output_dir
+    run_name: str | None = None  # the tracker's run name (LongPilot passes the run id)
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +63,8 @@ class TrainConfig:
             problems.append(f"`learning_rate` must be a positive number, got {self.learning_rate}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"`precision` must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.report_to not in TRACKERS:
+            problems.append(f"`report_to` must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
         if self.warmup_steps < 0:
             problems.append(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if problems:
@@ -85,6 +90,8 @@ class TrainConfig:
         return cls(lora=LoraPlusConfig(**lora), **data)
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results (not the output place, the console mode or the launcher)."""
-        relevant = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "quiet", "deepspeed")}
+        """Hash of everything that changes results (not the output place, the console mode, the launcher or the
+        experiment tracker)."""
+        ignored = ("output_dir", "quiet", "deepspeed", "report_to", "run_name")
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

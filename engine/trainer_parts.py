@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from engine.checkpoints import COMPLETE_MARKER
-from engine.loss import FinalHiddenCapture, chunked_lm_nll
+from engine.loss import IGNORE_INDEX, FinalHiddenCapture, chunked_lm_nll
 
 
 class NonFiniteStep(Exception):
@@ -33,7 +33,7 @@ class PadCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.catalog import PROFILE_NAMES
+from engine.catalog import PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES, default_profile
+from engine.tracking import TRACKERS
 
 Profile = Literal[PROFILE_NAMES]  # type: ignore[valid-type]  # engine.catalog names them once
 Device = Literal["auto", "cpu", "cuda"]
+RopeMethod = Literal[ROPE_METHODS]  # type: ignore[valid-type]  # engine.catalog names them once
+TrainMix = Literal[TRAIN_MIXES]  # type: ignore[valid-type]  # engine.catalog names them once
+Tracker = Literal[TRACKERS]  # type: ignore[valid-type]  # engine.tracking names them once
 
 
 class _Strict(BaseModel):
@@ -40,18 +44,42 @@ class Spec(_Strict):
     attention: Literal["s2", "full"] = Field(
         "s2", description="training attention: s2 (S2-Attn, LongLoRA) or full (dense causal, its use_full_attn)"
     )
-    train_mix: Literal["longqa", "plain"] = Field(
+    train_mix: TrainMix = Field(
         "longqa", description="training data: longqa (grounded long QA + LM + short QA) or plain (packed long text)"
-    )  # engine.data.build.TRAIN_MIXES
+    )
     seed: int = Field(0, ge=0, lt=2**32, description="seed for data, training and evaluation")
+    rope_method: RopeMethod | None = Field(
+        None, description="RoPE extension method; None = the planner measures the candidates and chooses"
+    )
     max_steps: int | None = Field(None, gt=0, description="override the profile's number of optimizer steps")
     batch_size: int | None = Field(None, gt=0, le=4096, description="override the profile's per-device batch size")
     grad_accum: int | None = Field(
         None, gt=0, le=4096, description="override the profile's gradient accumulation steps"
     )
+    precision: Literal["bf16", "fp32"] | None = Field(None, description="override the profile's precision")
+    gradient_checkpointing: bool = Field(True, description="re-run each layer's forward in backward (less memory)")
+    group_size_ratio: float | None = Field(None, gt=0, le=1, description="S2-Attn group G = L x ratio (default 1/4)")
+    lora_rank: int | None = Field(None, gt=0, le=1024, description="LoRA rank (default 8)")
+    max_hours: float | None = Field(None, gt=0, description="time budget: the planner searches for plans within it")
+    max_gib: float | None = Field(None, gt=0, description="memory budget per device, searched like --max-hours")
+    report_to: Tracker = Field(
+        "none", description="experiment tracker for training (offline files under train/tracking): none, tensorboard, "
+        "wandb or mlflow"
+    )
     llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (the key is never stored)")
     llm_model: str | None = Field(None, description="model name at that endpoint")
     request_text: str | None = Field(None, description="the chat text this spec was parsed from, if any")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_from_hardware(cls, data: Any) -> Any:
+        """Hardware named, profile not: the hardware's own profile (engine.catalog.default_profile), so a GPU target
+        never gets the fp32 CPU smoke profile unless asked for it."""
+        if isinstance(data, dict) and data.get("profile") is None and data.get("hardware") not in (None, "cpu"):
+            custom = data.get("custom_hardware") or {}
+            data = {**data, "profile": default_profile(data["hardware"], int(custom.get("n_devices", 1)) if custom
+                                                       else None)}  # fmt: skip
+        return data
 
     @field_validator("base_model")
     @classmethod
@@ -87,7 +115,13 @@ class Plan(_Strict):
     train_config: dict[str, Any]
     launch_command: str
     notes: list[str] = Field(default_factory=list)
+    rope_choice: dict[str, Any] = Field(
+        default_factory=dict, description="how rope_method was chosen: by whom, the rule, the rope-only scores"
+    )
     evaluation: dict[str, Any] = Field(default_factory=dict, description="lengths, depths, tasks, gates")
+    attention_costs: dict[str, dict[str, float]] = Field(default_factory=dict, description="S2 and full, priced")
+    alternatives: list[dict[str, Any]] = Field(default_factory=list, description="plans that fit, best first")
+    search: dict[str, Any] | None = Field(None, description="why the planner searched and what it found")
 
 
 class CheckRecord(_Strict):

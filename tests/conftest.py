@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Measured RoPE scores (engine.rope_choice) are cached per test session, never in the user's ~/.cache
+os.environ.setdefault("LONGPILOT_CACHE", tempfile.mkdtemp(prefix="longpilot-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -165,6 +165,9 @@ def _manifest_all_passed(run_dir: Path) -> None:
 def _check_demo(r: Result, ctx: dict) -> None:
     demo = Path(ctx["demo"])
     assert (demo / "report.md").is_file() and "passed" in r.out, r.tail()
+    # about one screen, every stage named, none of the libraries' warnings or bars (agents.quiet)
+    assert len((r.out + r.err).splitlines()) <= 40 and "Warning" not in r.out + r.err and "it/s" not in r.err, r.tail()
+    assert all(f">> {stage} " in r.out for stage in ("plan", "prepare_data", "train", "evaluate", "report")), r.out
     _manifest_all_passed(demo)
 
 
@@ -184,6 +187,16 @@ def _check_launch_dry_run(r: Result, ctx: dict) -> None:
 
     recipe = TrainConfig.from_dict(json.loads((REPO / "engine/recipes/llama2-7b-32k-8xA100.json").read_text()))
     assert recipe.target_context == 32768 and recipe.deepspeed == "engine/deepspeed/zero2.json", recipe
+
+
+def _check_search_card(r: Result, ctx: dict) -> None:
+    """The README's ```text block shows a subset of each searched plan's card: every line shown is printed."""
+    block = next(m.group(2) for m in FENCE.finditer(README.read_text()) if m.group(1) == "text" and
+                 "searched (does not fit)" in m.group(2))  # fmt: skip
+    cards = [c.strip().splitlines() for c in block.split("\n\n") if c.strip()]
+    card = next(c for c in cards if c[0] in r.out)
+    printed = [line.rstrip() for line in r.out.splitlines()]
+    assert all(line.rstrip() in printed for line in card), (card, r.out)
 
 
 def _check_plan_text(r: Result, ctx: dict) -> None:
@@ -277,6 +290,17 @@ def _check_app_plain(r: Result, ctx: dict) -> None:
 
 def _check_lint(r: Result, ctx: dict) -> None:
     assert "kept, 0 broken" in r.out, r.tail()
+
+
+def _check_make_n_gpu_check(r: Result, ctx: dict) -> None:
+    assert r.rc == 0 and "python3 -m bench.gpu_suite --readme README.md" in r.out, r.tail()
+    assert "--print-missing-pip" in r.out and ".longpilot-installed" not in r.out and "-e ." not in r.out, r.out
+
+
+def _check_gpu_suite_tiny(r: Result, ctx: dict) -> None:
+    result = json.loads((Path(ctx["tmp"]) / "gpu-suite.json").read_text())
+    assert result["mode"] == "tiny" and result["parts"]["attention"]["status"] == "complete", r.tail()
+    assert "| 1. S2 vs dense attention | status | complete" in r.out, r.tail()
 
 
 def _plan_table_rows() -> list[tuple[str, ...]]:
@@ -478,11 +502,38 @@ COMMANDS: dict[str, Entry] = {
         ),
     ),
     "longpilot resume RUN_DIR --yes": Entry("the `longpilot resume RUN_DIR [--yes]` entry", same_as=RUN),
+    "longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke": Entry(
+        "as written; exit 1 (the plan does not fit), the README's card lines printed",
+        steps=(Step("longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke",
+                    rc=1, check=_check_search_card),),  # fmt: skip
+    ),
+    "longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full": Entry(
+        "as written; exit 1 (the plan does not fit), the README's card lines printed",
+        steps=(Step("longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full",
+                    rc=1, check=_check_search_card),),  # fmt: skip
+    ),
+    "longpilot plan --model llama-2-7b --target-context 65536 --hardware 8xA100-80GB --max-hours 45": Entry(
+        "as written (the plan fits, over the budget), the README's card lines printed",
+        steps=(Step("longpilot plan --model llama-2-7b --target-context 65536 --hardware 8xA100-80GB --max-hours 45",
+                    check=_check_search_card),),  # fmt: skip
+    ),
     "longpilot plan --model M --target-context T --profile full --hardware 8xA100-80GB": Entry(
         "once per row of the README's prediction table (--json); every column must match at the README's precision",
         custom=_run_plan_table,
     ),
     "python bench/eval.py": Entry("not run here", exempt="evaluator benchmark on the embedded 135M at 4k and 16k"),
+    "make gpu-check": Entry(
+        "`make -n gpu-check` (it needs CUDA): the recipe runs the suite on the image's python with --readme "
+        "README.md, installs only what the suite reports missing, and needs no set-up stamp (bare GPU images)",
+        steps=(Step("make -n gpu-check", check=_check_make_n_gpu_check, via="process", cwd="{repo}"),),
+    ),
+    "python -m bench.gpu_suite --tiny --out /tmp/gpu-suite.json": Entry(
+        "with --out <tmp> --parts attention (the whole --tiny run, every part, is tests/bench/test_gpu_suite.py)",
+        steps=(
+            Step("python -m bench.gpu_suite --tiny --out {tmp}/gpu-suite.json --parts attention",
+                 check=_check_gpu_suite_tiny, via="process", cwd="{repo}"),  # fmt: skip
+        ),
+    ),
 }
 
 EXEMPT = {"make test", "make test-slow", "make test-gpu", "make bench",
@@ -752,7 +803,7 @@ def _tiny(ctx: dict) -> str:
 
 
 PY_BLOCKS: dict[str, PyBlock] = {
-    'import engine  # registers attn_implementation="s2_attention"': PyBlock(
+    'import engine  # lazy; engine.load_model registers attn_implementation="s2_attention"': PyBlock(
         "the tiny model for smollm2-135m, RoPE to 2048 instead of 32768; out/merged must load (factor 2)",
         subs=(('"smollm2-135m"', "{tiny}"), ("32768", str(TARGET))),
         check=_check_engine_api,
@@ -762,9 +813,9 @@ PY_BLOCKS: dict[str, PyBlock] = {
         preamble="from transformers import AutoConfig, AutoModelForCausalLM\nfrom peft import PeftModel\n"
         "base_path = {tiny}\n",
         check=_check_reload,
-        after=('import engine  # registers attn_implementation="s2_attention"',),
+        after=('import engine  # lazy; engine.load_model registers attn_implementation="s2_attention"',),
     ),
-    "from engine.data import DataConfig, prepare_data": PyBlock(
+    "from engine import DataConfig, prepare_data": PyBlock(
         "target 2048, n_train 8, n_eval 4, tokenizer = the tiny model's (the embedded SmolLM2 one)",
         subs=(("target_context=16384", f"target_context={TARGET}"), ("n_train=64", "n_train=8"),
               ("n_eval=16", "n_eval=4")),  # fmt: skip
@@ -772,20 +823,20 @@ PY_BLOCKS: dict[str, PyBlock] = {
         "tokenizer = load_tokenizer(resolve_model({tiny}))\n",
         check=_check_data,
     ),
-    "from engine.train import TrainConfig, train": PyBlock(
+    "from engine import TrainConfig, train": PyBlock(
         "on the data block's runs/x/data (for data/), the tiny model, target 2048, 1 step of 1 micro-batch",
         subs=(('dataset_dir="data/"', 'dataset_dir="runs/x/data"'), ('base_model="smollm2-135m"', "base_model={tiny}"),
               ("target_context=16384", f"target_context={TARGET}"),
               ("max_steps=1000", "max_steps=1, gradient_accumulation_steps=1, quiet=True")),  # fmt: skip
         check=_check_train,
-        after=("from engine.data import DataConfig, prepare_data",),
+        after=("from engine import DataConfig, prepare_data",),
     ),
     "from agents import Assistant": PyBlock(
         "the tiny model at 2048 (smoke: one step); plan, run (stops for approval), approve, status",
         subs=(('"smollm2-135m"', "{tiny}"), ("target_context=16384", f"target_context={TARGET}")),
         check=_check_assistant,
     ),
-    "from engine.evaluate import EvalConfig, ModelUnderTest, evaluate": PyBlock(
+    "from engine import EvalConfig, ModelUnderTest, evaluate": PyBlock(
         "lengths (1024, 2048), the tiny model, rope_only to 2048, extended = the training block's adapter "
         "(runs/x/adapter: TrainConfig's layout; runs/x/train/adapter is a SOP run's), one seed/depth/RULER task "
         "(RULER at 1024 only), 2,048 PPL tokens, one long-QA item",
@@ -795,7 +846,7 @@ PY_BLOCKS: dict[str, PyBlock] = {
                '"niah_single_numbers",), task_lengths={"ruler": (1024,)}, max_new_tokens_cap=8, longqa_max_items=1, '
                "longqa_max_tokens=1024, ppl_tokens=2048, ppl_stride=1024, progress=False,")),
         check=_check_evaluate,
-        after=("from engine.train import TrainConfig, train",),
+        after=("from engine import TrainConfig, train",),
     ),
 }
 

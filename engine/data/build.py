@@ -12,10 +12,12 @@ import logging
 import random
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.catalog import TRAIN_MIXES
 from engine.data.checks import CheckResult, filler_problem, grounding_problem, run_all_checks
 from engine.data.corpus import CorpusStats, Document, QARecord, read_corpus
 from engine.data.grounded import (
@@ -25,7 +27,9 @@ from engine.data.grounded import (
     prose_questions,
     which_document_question,
 )
-from engine.data.tasks import GENERATORS, TEMPLATES, UNANSWERABLE, Namespace
+from engine.data.tasks import GENERATORS, TEMPLATES, Namespace
+from engine.loss import IGNORE_INDEX
+from engine.prompts import PromptRenderer
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,6 @@ GROUNDED_TASKS = (
 SHORT_BUCKET_MIN_WIDTH = 16  # tokens: a narrower bucket is mostly missed by the length search
 NEEDLE_ROOM = 48  # tokens for the needle sentence(s) a synthetic record hides in its context
 SHORT_RANGE_MAX = (256, 1024)  # LongAlpaca-style short examples, never longer than the native context
-# What the train split holds: "longqa" = the ratios' mix (long grounded QA incl. passkey-like tasks, packed LM, short
-# QA: supervised fine-tuning data); "plain" = packed LM sequences only, LongLoRA's context-extension data (plain long
-# text, RedPajama in the paper), so no retrieval task the evaluation measures is trained on. Eval keeps the mix.
-TRAIN_MIXES = ("longqa", "plain")
 
 
 def short_range_for(native_context: int) -> tuple[int, int]:
@@ -53,9 +53,6 @@ def short_range_for(native_context: int) -> tuple[int, int]:
     model inside the context it was pre-trained on (a 256-token model gets (128, 256))."""
     high = min(SHORT_RANGE_MAX[1], native_context)
     return min(SHORT_RANGE_MAX[0], high // 2), high
-
-
-INSTRUCTION = "Answer the question using only the document(s) above. If the answer is not there, reply: {none}."
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ class DataConfig:
     unanswerable_ratio: float = 0.1
     eval_document_fraction: float = 0.2
     seed: int = 0
-    train_mix: str = "longqa"  # one of TRAIN_MIXES
+    train_mix: str = "longqa"  # one of engine.catalog.TRAIN_MIXES: "plain" = the train split is packed text only
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,29 +102,6 @@ class DataResult:
     checks: list[CheckResult] = field(default_factory=list)
 
 
-class _Renderer:
-    """Chat-template rendering and exact token counting for one tokenizer."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tok = tokenizer
-        self.eos = tokenizer.eos_token_id
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
-
-    def prompt_ids(self, context: str, question: str) -> list[int]:
-        return self.raw_prompt_ids(f"{context}\n\n{INSTRUCTION.format(none=UNANSWERABLE)}\nQuestion: {question}")
-
-    def raw_prompt_ids(self, content: str) -> list[int]:
-        if self.has_template:
-            out = self.tok.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            return list(out["input_ids"] if isinstance(out, dict) else out)
-        return self.tok(content + "\nAnswer: ", add_special_tokens=False)["input_ids"]
-
-    def answer_ids(self, answer: str) -> list[int]:
-        return self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
-
-
 def _insert_needles(filler: str, needles: tuple[str, ...], rng: random.Random) -> str:
     """Hide each needle at a random depth, on its own line (line boundaries keep code and sentences intact)."""
     for needle in needles:
@@ -139,7 +113,7 @@ def _insert_needles(filler: str, needles: tuple[str, ...], rng: random.Random) -
 
 class _Builder:
     def __init__(self, cfg: DataConfig, tokenizer, proposer: QAProposer | None) -> None:
-        self.cfg, self.render, self.proposer = cfg, _Renderer(tokenizer), proposer
+        self.cfg, self.render, self.proposer = cfg, PromptRenderer(tokenizer), proposer
         self.rejected: Counter = Counter()
         self.seen_hashes: set[str] = set()
 
@@ -280,7 +254,7 @@ class _Builder:
         ids = prompt + answer_ids
         row = {
             "input_ids": ids,
-            "labels": [-100] * len(prompt) + answer_ids,
+            "labels": [IGNORE_INDEX] * len(prompt) + answer_ids,
             "attention_mask": [1] * len(ids),
             "split": split,
             "kind": kind,
@@ -416,8 +390,11 @@ def reachable_short_range(cfg: DataConfig, floor: int) -> tuple[int, int] | None
     return (low, high) if high - low >= SHORT_BUCKET_MIN_WIDTH else None
 
 
-def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = None) -> DataResult:
-    """Build, check and save the dataset + data card. See the module docstring.
+def prepare_data(
+    cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = None, on_event: Callable[[dict], None] | None = None
+) -> DataResult:
+    """Build, check and save the dataset + data card. See the module docstring. `on_event` receives
+    `{"event": "progress", "task": "records", "done", "total"}` as records are built (a long corpus takes minutes).
 
     Raises:
         ValueError: empty/unusable corpus, output directory already present, impossible sizes (one line).
@@ -449,6 +426,7 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
     short_range = reachable_short_range(cfg, builder.min_record_tokens())
     rng = random.Random(cfg.seed)
     rows: dict[str, list[dict]] = {}
+    tell, n_records = on_event or (lambda event: None), cfg.n_train + cfg.n_eval
     for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
         ns = Namespace(random.Random(f"{cfg.seed}/{split}"), split)
         plain = split == "train" and cfg.train_mix == "plain"
@@ -456,6 +434,8 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
         n_short = round(n * cfg.short_ratio) if short_range and not plain else 0  # unreachable: goes to long QA
         n_long = n - n_lm - n_short
         out_rows = builder.lm_records(split, splits[split], n_lm)
+        built = sum(map(len, rows.values()))
+        tell({"event": "progress", "task": "records", "done": built + len(out_rows), "total": n_records})
         buckets = [("longqa", n_long, (low_long, T))] + ([("short", n_short, short_range)] if short_range else [])
         for kind, count, (low, high) in buckets:
             made, attempts = 0, 0
@@ -465,6 +445,7 @@ def prepare_data(cfg: DataConfig, tokenizer, *, proposer: QAProposer | None = No
                 if row is not None:
                     out_rows.append(row)
                     made += 1
+                    tell({"event": "progress", "task": "records", "done": built + len(out_rows), "total": n_records})
         out_rows += builder.json_records(split, json_qa)
         rows[split] = out_rows
     if not rows["train"] or not rows["eval"]:

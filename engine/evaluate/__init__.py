@@ -1,6 +1,14 @@
-"""Evaluator engine: perplexity by length, passkey heatmaps, RULER-lite, long-QA, base vs extended, gates."""
+"""Evaluator engine: perplexity by length, passkey heatmaps, RULER-lite, long-QA, base vs extended, gates.
 
+Tasks and gates are registries (engine.evaluate.registry); importing this package registers the built-in ones.
+"""
+
+from engine.evaluate.config import EvalConfig
 from engine.evaluate.generation import LoadedModel, ModelUnderTest, load_for_eval, wrap_loaded
-from engine.evaluate.report import GATES, TASKS, EvalConfig, evaluate
+from engine.evaluate.registry import EVAL_TASKS, GATES, TaskContext, eval_task, gate, task_names
+from engine.evaluate.report import evaluate
 
-__all__ = ["EvalConfig", "GATES", "LoadedModel", "ModelUnderTest", "TASKS", "evaluate", "load_for_eval", "wrap_loaded"]
+__all__ = [
+    "EVAL_TASKS", "GATES", "EvalConfig", "LoadedModel", "ModelUnderTest", "TaskContext", "eval_task", "evaluate",
+    "gate", "load_for_eval", "task_names", "wrap_loaded",
+]  # fmt: skip

@@ -19,109 +19,23 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.evaluate import standard_tasks  # noqa: F401  (registers the built-in tasks)
+from engine.evaluate.config import EvalConfig
+from engine.evaluate.gates import compare, judge
 from engine.evaluate.generation import LoadedModel, ModelUnderTest, load_for_eval
-from engine.evaluate.longqa import heldout_token_stream, load_eval_split, longqa_rows, run_longqa
-from engine.evaluate.metrics import rate
-from engine.evaluate.passkey import accuracy_matrix, passkey_items, run_passkey
-from engine.evaluate.perplexity import sliding_window_perplexity, windows
-from engine.evaluate.plots import plot_passkey_heatmaps, plot_perplexity
-from engine.evaluate.ruler import RULER_TASKS, ruler_items, run_ruler
+from engine.evaluate.longqa import load_eval_split, longqa_rows
+from engine.evaluate.registry import EVAL_TASKS, TaskContext
 from engine.provenance import device_name, versions
 
 log = logging.getLogger(__name__)
 
-TASKS = ("perplexity", "passkey", "ruler", "longqa", "regression")
-GATES = {
-    "passkey_min": "candidate passkey accuracy at every length <= target is at least this",
-    "ruler_min": "candidate RULER-lite average at every length <= target is at least this",
-    "ppl_ratio_max": "candidate PPL at the target length <= PPL at the native length x this",
-    "regression_max_points": "drop from reference to candidate at the native length (passkey, RULER) <= this (points)",
-    "longqa_min_f1": "candidate long-QA token F1 is at least this",
-}
 REPORT_FILE = "eval_report.json"
-LONGQA_MAX_NEW_TOKENS = 64  # answer budget (records are kept when prompt + reference answer fit the context)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate and how. Lengths are in model tokens; depths are fractions of the haystack."""
-
-    output_dir: str
-    models: tuple[ModelUnderTest, ...] = ()
-    lengths: tuple[int, ...] = (2048, 4096, 8192)
-    tasks: tuple[str, ...] = TASKS
-    depths: tuple[float, ...] = tuple(i / 10 for i in range(11))
-    seeds: tuple[int, ...] = (0, 1)
-    ruler_tasks: tuple[str, ...] = RULER_TASKS
-    ppl_stride: int = 256
-    ppl_tokens: int | None = None  # held-out tokens scored per length; default twice the longest length
-    ppl_files: tuple[str, ...] | None = None  # held-out files; default the dataset's eval split
-    data_dir: str | None = None  # a LongPilot dataset (engine.data); its eval split feeds long-QA and perplexity
-    native_length: int | None = None  # default: the reference model's pre-training context
-    target_length: int | None = None  # default: the longest length
-    reference: str | None = None  # model the candidate is compared with; default the first
-    candidate: str | None = None  # model the gate judges; default the last
-    gates: dict[str, float] = field(default_factory=dict)
-    effective_threshold: float | None = None  # default: the reference's RULER average at the native length
-    batch_size: int = 1
-    max_new_tokens_cap: int | None = None  # cap RULER's generation budgets (CPU smoke runs)
-    longqa_max_items: int | None = None
-    longqa_max_tokens: int | None = None  # only QA records up to this many tokens (CPU smoke runs)
-    task_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-task subset of `lengths`
-    device: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.models:
-            problems.append("no models to evaluate")
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            problems.append(f"model names must be unique, got {names}")
-        for role in ("reference", "candidate"):
-            if getattr(self, role) is not None and getattr(self, role) not in names:
-                problems.append(f"`{role}` {getattr(self, role)!r} is not one of the models {names}")
-        for model in self.models:
-            if model.tasks is not None and (unknown := sorted(set(model.tasks) - set(TASKS))):
-                problems.append(f"model {model.name!r}: unknown tasks {unknown}")
-        if unknown := sorted(set(self.tasks) - set(TASKS)):
-            problems.append(f"unknown tasks {unknown} (known: {', '.join(TASKS)})")
-        if unknown := sorted(set(self.ruler_tasks) - set(RULER_TASKS)):
-            problems.append(f"unknown RULER tasks {unknown} (known: {', '.join(RULER_TASKS)})")
-        if unknown := sorted(set(self.gates) - set(GATES)):
-            problems.append(f"unknown gates {unknown} (known: {', '.join(GATES)})")
-        if not self.lengths or any(n < 64 for n in self.lengths):
-            problems.append(f"lengths must be >= 64 tokens, got {list(self.lengths)}")
-        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            problems.append(f"depths must lie in [0, 1], got {list(self.depths)}")
-        if not self.seeds:
-            problems.append("at least one seed is needed")
-        if self.ppl_stride < 1 or self.batch_size < 1:
-            problems.append(f"ppl_stride and batch_size must be positive, got {self.ppl_stride}, {self.batch_size}")
-        if self.target_length is not None and self.target_length not in self.lengths:
-            problems.append(f"target_length {self.target_length} must be one of lengths {list(self.lengths)}")
-        for task, subset in self.task_lengths.items():
-            if task not in ("perplexity", "passkey", "ruler") or not set(subset) <= set(self.lengths) or not subset:
-                problems.append(f"task_lengths[{task!r}] must be a non-empty subset of lengths for a length task")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def lengths_for(self, task: str) -> list[int]:
-        return sorted(set(self.task_lengths.get(task) or self.lengths))
-
-    @property
-    def sorted_lengths(self) -> list[int]:
-        return sorted(set(self.lengths))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def planned_context(spec: ModelUnderTest) -> int:
@@ -148,7 +62,7 @@ def _check_lengths(name: str, lengths: list[int], context: int, allow_beyond: bo
         )
 
 
-class _Run:
+class EvalRun:
     """State of one evaluation: the report being filled in, the item log, progress bars."""
 
     def __init__(self, cfg: EvalConfig, on_event: Callable[[dict], None] | None) -> None:
@@ -210,144 +124,16 @@ def _environment() -> dict[str, Any]:
     return {**versions(), "device": device_name()}
 
 
-def _by_length(logs: list[dict], lengths: list[int], key: str = "score") -> dict[str, dict]:
-    return {
-        str(n): rate([g[key] for g in logs if g["length"] == n])
-        for n in lengths
-        if any(g["length"] == n for g in logs)
-    }
-
-
-def _eval_perplexity(run: _Run, model: LoadedModel, lengths: list[int]) -> dict:
-    """PPL at `lengths`, every length scored on the same held-out tokens (the native-length regression included)."""
-    cfg = run.cfg
-    n_tokens = cfg.ppl_tokens or 2 * max([*cfg.lengths_for("perplexity"), *lengths])
-    stream = heldout_token_stream(model.tokenizer, data_dir=cfg.data_dir, files=cfg.ppl_files, max_tokens=n_tokens)
-    if len(stream) < max(lengths):
-        raise ValueError(f"held-out text has {len(stream)} tokens, fewer than the longest length {max(lengths)}")
-    total = sum(len(windows(len(stream), n, cfg.ppl_stride)) for n in lengths)
-    step = run.progress(total, f"{model.name}: perplexity")
-    rows = []
-    for n in lengths:
-        t0 = time.time()
-        res = sliding_window_perplexity(
-            model.model, stream, n, cfg.ppl_stride, batch_size=cfg.batch_size, on_window=step
-        )
-        rows.append({**asdict(res), "beyond_context": n > model.context, "wall_s": round(time.time() - t0, 2)})
-    return {"source": "files" if cfg.ppl_files else "eval split (packed LM records)", "by_length": rows}
-
-
-def _eval_passkey(run: _Run, model: LoadedModel, lengths: list[int]) -> dict:
-    cfg = run.cfg
-    items = passkey_items(model.tokenizer, lengths, cfg.depths, cfg.seeds)
-    t0 = time.time()
-    logs = run_passkey(model, items, run.progress(len(items), f"{model.name}: passkey"))
-    return {
-        "overall": rate([g["score"] for g in logs]),
-        "by_length": _by_length(logs, lengths),
-        "matrix": {
-            "depths": list(cfg.depths),
-            "lengths": lengths,
-            "accuracy": accuracy_matrix(logs, cfg.depths, lengths),
-        },
-        "items_per_s": round(len(items) / max(time.time() - t0, 1e-9), 3),
-        "items": logs,
-    }
-
-
-def _ruler_summary(logs: list[dict], lengths: list[int], tasks: tuple[str, ...]) -> dict:
-    by_length = {}
-    for n in lengths:
-        at = [g for g in logs if g["length"] == n]
-        if not at:
-            continue
-        per_task = {t: rate([g["score"] for g in at if g["task"] == t]) for t in tasks}
-        means = [r["value"] for r in per_task.values() if r["value"] is not None]
-        pooled = rate([g["score"] for g in at])  # interval of the pooled items (tasks weigh equally in `average`)
-        by_length[str(n)] = {"average": sum(means) / len(means), "n": len(at), "ci95": pooled["ci95"],
-                             "tasks": per_task}  # fmt: skip
-    return by_length
-
-
-def _eval_ruler(run: _Run, model: LoadedModel, lengths: list[int]) -> dict:
-    cfg = run.cfg
-    items = ruler_items(model.tokenizer, cfg.ruler_tasks, lengths, cfg.seeds, cfg.max_new_tokens_cap)
-    t0 = time.time()
-    logs = run_ruler(model, items, run.progress(len(items), f"{model.name}: ruler"))
-    by_length = _ruler_summary(logs, lengths, cfg.ruler_tasks)
-    averages = [v["average"] for v in by_length.values()]
-    return {
-        "average": sum(averages) / len(averages),
-        "by_length": by_length,
-        "scoring": "string_match_all; intervals treat summed partial scores as counts",
-        "items_per_s": round(len(items) / max(time.time() - t0, 1e-9), 3),
-        "items": logs,
-    }
-
-
-def _eval_longqa(run: _Run, model: LoadedModel) -> dict:
-    cfg = run.cfg
-    if cfg.data_dir is None:
-        raise ValueError("long-QA needs the data engineer's dataset: set data_dir")
-    rows = longqa_rows(load_eval_split(cfg.data_dir))
-    limit = model.context if not model.allow_beyond_context else float("inf")
-    limit = min(limit, cfg.longqa_max_tokens or limit)
-    usable = [r for r in rows if r["num_tokens"] <= limit][: cfg.longqa_max_items]  # prompt + reference answer fit
-    if not usable:
-        raise ValueError(f"the eval split has no QA records that fit the {limit}-token limit for {model.name!r}")
-    logs = run_longqa(model, usable, run.progress(len(usable), f"{model.name}: longqa"), LONGQA_MAX_NEW_TOKENS)
-    f1 = [g["f1"] for g in logs]
-    kinds = sorted({g["kind"] for g in logs})
-    return {
-        "exact_match": rate([g["exact_match"] for g in logs]),
-        "f1": {"value": sum(f1) / len(f1), "n": len(f1)},
-        "by_kind": {
-            k: {
-                "exact_match": rate([g["exact_match"] for g in logs if g["kind"] == k]),
-                "f1": sum(g["f1"] for g in logs if g["kind"] == k) / sum(g["kind"] == k for g in logs),
-            }
-            for k in kinds
-        },  # fmt: skip
-        "skipped_too_long": len([r for r in rows if r["num_tokens"] > limit]),
-        "items": logs,
-    }
-
-
-def _eval_native(run: _Run, model: LoadedModel, native: int, done: dict) -> dict:
-    """Passkey, RULER and (when PPL is a task) perplexity at the native length, reused when already evaluated."""
-    out: dict[str, Any] = {"length": native}
-    if "perplexity" in run.cfg.tasks:
-        rows = {r["length"]: r for r in done.get("perplexity", {}).get("by_length", [])}
-        row = rows.get(native) or _eval_perplexity(run, model, [native])["by_length"][0]
-        out["ppl"] = row["ppl"]
-    if "passkey" in done and str(native) in done["passkey"]["by_length"]:
-        out["passkey"] = done["passkey"]["by_length"][str(native)]
-    else:
-        out["passkey"] = _eval_passkey(run, model, [native])["overall"]
-    at_native = done.get("ruler", {}).get("by_length", {}).get(str(native))
-    if at_native is None:
-        at_native = _eval_ruler(run, model, [native])["by_length"][str(native)]
-    out["ruler_average"] = at_native["average"]
-    out["ruler"] = {k: at_native[k] for k in ("average", "n", "ci95")}
-    return out
-
-
-def _evaluate_model(run: _Run, model: LoadedModel, native: int, only: tuple[str, ...] | None = None) -> None:
+def _evaluate_model(run: EvalRun, model: LoadedModel, native: int, only: tuple[str, ...] | None = None) -> None:
     cfg = run.cfg
     lengths = cfg.sorted_lengths
     _check_lengths(model.name, lengths, model.context, model.allow_beyond_context)
     entry = run.report["models"].setdefault(model.name, {})
     entry.update(kind=model.kind, context=model.context, native_context=model.native_context, status="running")
-    tasks = {
-        "perplexity": lambda: _eval_perplexity(run, model, cfg.lengths_for("perplexity")),
-        "passkey": lambda: _eval_passkey(run, model, cfg.lengths_for("passkey")),
-        "ruler": lambda: _eval_ruler(run, model, cfg.lengths_for("ruler")),
-        "longqa": lambda: _eval_longqa(run, model),
-        "regression": lambda: _eval_native(run, model, native, entry),
-    }
-    for task in [t for t in TASKS if t in cfg.tasks and (only is None or t in only)]:
+    ctx = TaskContext(run, model, native, entry)
+    for task in [t for t in EVAL_TASKS if t in cfg.tasks and (only is None or t in only)]:
         t0 = time.time()
-        entry[task] = tasks[task]()
+        entry[task] = EVAL_TASKS[task].run(ctx)
         entry[task]["wall_s"] = round(time.time() - t0, 2)
         run.write()
         if run.on_event is not None:
@@ -355,106 +141,11 @@ def _evaluate_model(run: _Run, model: LoadedModel, native: int, only: tuple[str,
     entry["status"] = "complete"
 
 
-def effective_length(by_length: dict[str, dict], threshold: float) -> int | None:
-    """Largest length whose RULER average, and that of every shorter length, stays at or above `threshold`."""
-    best = None
-    for n in sorted(int(k) for k in by_length):
-        if by_length[str(n)]["average"] < threshold:
-            break
-        best = n
-    return best
-
-
-def _compare(cfg: EvalConfig, models: dict[str, dict], native: int) -> dict:
-    names = list(models)
-    ref, cand = cfg.reference or names[0], cfg.candidate or names[-1]
-    out: dict[str, Any] = {"reference": ref, "candidate": cand, "native_length": native}
-    ref_native = models[ref].get("regression")
-    threshold = cfg.effective_threshold
-    if threshold is None and ref_native is not None:
-        threshold = ref_native["ruler_average"]
-    if threshold is None and (at_native := models[ref].get("ruler", {}).get("by_length", {}).get(str(native))):
-        threshold = at_native["average"]  # RULER ran at the native length without the regression task
-    if "ruler" in cfg.tasks and threshold is not None:
-        out["effective_length"] = {
-            "threshold": threshold,
-            **{n: effective_length(m["ruler"]["by_length"], threshold) for n, m in models.items() if "ruler" in m},
-        }
-    if ref_native is not None and models[cand].get("regression") is not None:
-        cand_native = models[cand]["regression"]
-        out["regression_points"] = {
-            "passkey": round(100 * (ref_native["passkey"]["value"] - cand_native["passkey"]["value"]), 2),
-            "ruler": round(100 * (ref_native["ruler_average"] - cand_native["ruler_average"]), 2),
-        }
-        if ref_native.get("ppl") and cand_native.get("ppl"):  # a ratio, not points: informational, no gate of its own
-            out["regression_ppl"] = {
-                "reference": ref_native["ppl"],
-                "candidate": cand_native["ppl"],
-                "ratio": round(cand_native["ppl"] / ref_native["ppl"], 4),
-            }
-    return out
-
-
-def _gate(cfg: EvalConfig, models: dict[str, dict], comparison: dict, native: int) -> dict:
-    cand = models[comparison["candidate"]]
-    target = cfg.target_length or max(cfg.lengths)
-    upto = [n for n in cfg.sorted_lengths if n <= target]
-    checks = []
-
-    def check(name: str, value: float | None, passed: bool, detail: str) -> None:
-        checks.append({"name": name, "threshold": cfg.gates[name], "value": value, "passed": bool(passed),
-                       "detail": detail})  # fmt: skip
-
-    for name, threshold in cfg.gates.items():
-        if name in ("passkey_min", "ruler_min"):
-            task = "passkey" if name == "passkey_min" else "ruler"
-            if task not in cand:
-                check(name, None, False, f"{task} was not evaluated")
-                continue
-            by = cand[task]["by_length"]
-            key = "value" if task == "passkey" else "average"
-            vals = {n: by[str(n)][key] for n in upto if str(n) in by}
-            missing = [n for n in sorted({*cfg.lengths_for(task), target}) if n <= target and str(n) not in by]
-            if not vals or missing:
-                check(name, None, False, f"{task} not measured at {missing or 'any length'} <= {target}")
-                continue
-            worst = min(vals, key=vals.get)
-            check(name, vals[worst], vals[worst] >= threshold, f"lowest at {worst} tokens; all: {vals}")
-        elif name == "ppl_ratio_max":
-            ppl = {r["length"]: r["ppl"] for r in cand.get("perplexity", {}).get("by_length", [])}
-            if native not in ppl and cand.get("regression", {}).get("ppl"):
-                ppl[native] = cand["regression"]["ppl"]  # measured on the same held-out tokens
-            if target not in ppl or native not in ppl:
-                check(name, None, False, f"PPL not measured at both {native} and {target} tokens")
-                continue
-            ratio = ppl[target] / ppl[native]
-            check(
-                name, ratio, ratio <= threshold, f"PPL {ppl[target]:.3f} at {target} vs {ppl[native]:.3f} at {native}"
-            )
-        elif name == "regression_max_points":
-            points = comparison.get("regression_points")
-            if points is None:
-                check(name, None, False, "regression not evaluated for both reference and candidate")
-                continue
-            drop = max(points.values())
-            check(name, drop, drop <= threshold, f"drops in points at {native} tokens: {points}")
-        elif name == "longqa_min_f1":
-            f1 = cand.get("longqa", {}).get("f1", {}).get("value")
-            check(name, f1, f1 is not None and f1 >= threshold, "token F1 on the held-out long-QA split")
-    return {"passed": all(c["passed"] for c in checks), "checks": checks}
-
-
-def _plots(run: _Run, models: dict[str, dict], native: int) -> None:
-    cfg = run.cfg
-    if "perplexity" in cfg.tasks:
-        series = {n: [(r["length"], r["ppl"]) for r in m["perplexity"]["by_length"]]
-                  for n, m in models.items() if "perplexity" in m}  # fmt: skip
-        run.report["plots"]["perplexity"] = plot_perplexity(series, run.out / "ppl_vs_length.png", native).name
-    if "passkey" in cfg.tasks:
-        matrices = {n: m["passkey"]["matrix"]["accuracy"] for n, m in models.items() if "passkey" in m}
-        lengths = cfg.lengths_for("passkey")
-        path = plot_passkey_heatmaps(matrices, list(cfg.depths), lengths, run.out / "passkey_heatmap.png")
-        run.report["plots"]["passkey"] = path.name
+def _plots(run: EvalRun, models: dict[str, dict], native: int) -> None:
+    for name in run.cfg.tasks:
+        task = EVAL_TASKS[name]
+        if task.plot is not None and any(name in m for m in models.values()):
+            run.report["plots"][name] = task.plot(run, models, native)
 
 
 def _check_before_any_work(cfg: EvalConfig, loaded: dict[str, LoadedModel]) -> None:
@@ -501,7 +192,7 @@ def evaluate(
     if (Path(cfg.output_dir) / REPORT_FILE).exists():
         raise ValueError(f"{cfg.output_dir!r} already holds an evaluation ({REPORT_FILE}); choose a new directory")
     _check_before_any_work(cfg, loaded)
-    run = _Run(cfg, on_event)
+    run = EvalRun(cfg, on_event)
     try:
         native = cfg.native_length
         for spec in cfg.models:
@@ -515,8 +206,8 @@ def evaluate(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         models = run.report["models"]
-        run.report["comparison"] = _compare(cfg, models, native)
-        run.report["gate"] = _gate(cfg, models, run.report["comparison"], native) if cfg.gates else None
+        run.report["comparison"] = compare(cfg, models, native)
+        run.report["gate"] = judge(cfg, models, run.report["comparison"], native) if cfg.gates else None
         _plots(run, models, native)
         run.report["status"] = "complete"
     except BaseException as exc:

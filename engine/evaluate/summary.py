@@ -52,3 +52,72 @@ def summary_table(report: dict) -> str:
             )
         lines.append(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the answer first: Markdown for report.md and the app
+
+
+def _by_length(m: dict) -> dict[int, dict[str, str]]:
+    """{length: {"ppl", "passkey", "ruler"}} cells of one model (a task it was not scored on is left out)."""
+    cells: dict[int, dict[str, str]] = {}
+    for r in m.get("perplexity", {}).get("by_length", []):
+        cells.setdefault(r["length"], {})["ppl"] = _fmt(r["ppl"])
+    for n, pk in m.get("passkey", {}).get("by_length", {}).items():
+        cells.setdefault(int(n), {})["passkey"] = f"{pk['value']:.2f} (n={pk['n']})"
+    for n, ru in m.get("ruler", {}).get("by_length", {}).items():
+        cells.setdefault(int(n), {})["ruler"] = _fmt(ru.get("average"))
+    if "regression" in m:  # the short-context check scores passkey and RULER at the native length too
+        r, native = m["regression"], cells.setdefault(m["regression"]["length"], {})
+        native.setdefault("passkey", f"{r['passkey']['value']:.2f} (n={r['passkey']['n']})")
+        native.setdefault("ruler", _fmt(r.get("ruler_average")))
+    return cells
+
+
+def comparison_markdown(report: dict) -> str:
+    """One Markdown table, the models side by side at each length (PPL, passkey accuracy, RULER-lite average), the
+    native and target lengths marked, then the regression row: what the candidate lost at the native length."""
+    models = list(report["models"])
+    cells = {name: _by_length(m) for name, m in report["models"].items()}
+    lengths = sorted({n for c in cells.values() for n in c})
+    config = report.get("config", {})
+    marks = {config.get("native_length"): " (native)", config.get("target_length"): " (target)"}
+    header = ["length"] + [f"{metric} {name}" for metric in ("PPL", "passkey", "RULER") for name in models]
+    rows = [header, ["---:"] * len(header)]
+    for n in lengths:
+        row = [f"{n:,}{marks.get(n, '')}"]
+        for key in ("ppl", "passkey", "ruler"):
+            row += [cells[name].get(n, {}).get(key, "-") for name in models]
+        rows.append(row)
+    regression = _regression_row(report.get("comparison") or {}, models)
+    rows += [regression] if regression else []
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _regression_row(comparison: dict, models: list[str]) -> list[str] | None:
+    """The candidate's change at the native length, in its own column of each metric: PPL as a ratio to the
+    reference's, passkey and RULER as points lost (the gate's `regression_max_points`)."""
+    points, ppl = comparison.get("regression_points") or {}, comparison.get("regression_ppl")
+    if not (points or ppl) or comparison.get("candidate") not in models:
+        return None
+    where = models.index(comparison["candidate"])
+    values = [f"x{ppl['ratio']:.3f}" if ppl else "-"] + [
+        f"{0.0 - points[k]:+.1f} pts" if points.get(k) is not None else "-" for k in ("passkey", "ruler")
+    ]
+    native = comparison.get("native_length")
+    row = [f"change vs {comparison.get('reference')} at {native:,}" if native else "regression"]
+    for value in values:
+        row += [value if i == where else "" for i in range(len(models))]
+    return row
+
+
+def gates_markdown(report: dict) -> str:
+    """The quality gate, one row per check: value, threshold (with its direction), verdict; '' without a gate."""
+    gate = report.get("gate")
+    if not gate:
+        return ""
+    rows = ["| gate | value | threshold | verdict |", "| --- | ---: | ---: | --- |"]
+    for check in gate["checks"]:
+        direction = ">=" if "_min" in check["name"] else "<=" if "_max" in check["name"] else ""
+        verdict = "PASS" if check["passed"] else "**FAIL**"
+        rows.append(f"| {check['name']} | {_fmt(check['value'], 3)} | {direction} {check['threshold']} | {verdict} |")
+    return "\n".join(rows)

@@ -56,6 +56,7 @@ def test_every_data_bucket_is_satisfiable_or_refused(native, factor, tok, tokeni
 # the standard profile builds every RULER task at every length (about 20 s a case on 2 cores): a few cases
 STANDARD_CASES = [(128, 4, "bpe"), (128, 4, "byte"), (256, 16, "byte"), (1024, 2, "bpe")]
 EVAL_CASES = [("smoke", *c) for c in CASES] + [("standard", *c) for c in STANDARD_CASES]
+EVAL_CASES += [("window", *c) for c in ((256, 4, "bpe"), (128, 4, "byte"))]  # bench/gpu_suite.py's tiny run: 256 x4
 
 
 @pytest.mark.parametrize("profile,native,factor,tok", EVAL_CASES, ids=lambda v: str(v))

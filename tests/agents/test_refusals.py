@@ -105,7 +105,7 @@ def test_a_plan_that_does_not_fit_is_refused_before_the_run_but_still_planned(tm
     line = _refused(capsys, [*_run_args(tiny_model_dir, run_dir), *hardware])
     assert line == ("longpilot: error: the plan does not fit its hardware (plan_memory_fits): predicted 1.5 GiB per "
                     "device of 1 GiB on custom-1x1GiB: lower --target-context or choose larger --hardware (more "
-                    "memory per device)")  # fmt: skip
+                    "memory per device); the smallest hardware that fits it: 1xA100-40GB")  # fmt: skip
     assert not run_dir.exists()
     plan_args = ["plan", "--model", str(tiny_model_dir), "--target-context", "2048", "--profile", "smoke", *hardware]
     assert main(plan_args) == 1  # `plan` still shows it, marked, with its failed check

@@ -87,3 +87,35 @@ def test_an_unregistered_stage_or_a_wrong_role_is_refused_with_its_line(tmp_path
         with pytest.raises(SopError, match=r"stages\.1\.role: stage 'toy_count' belongs to evaluator"):
             load_sop(_toy_sop(tmp_path, role="planner"))
         assert load_sop(_toy_sop(tmp_path)).stage("toy_count").role == "evaluator"
+
+
+def test_a_toy_eval_task_runs_through_the_workflow(tmp_path, tiny_model_dir):
+    """One registered function: the evaluator runs it (smoke evaluates every registered task on the extended model),
+    it lands in eval_report.json in registration order, and its figures reach the report's figures."""
+    from engine.evaluate import EVAL_TASKS, TaskContext, eval_task
+    from engine.evaluate.registry import unregister_task
+
+    def toy_figures(section: dict) -> dict:
+        return {"toy_context": section.get("context")}
+
+    @eval_task("toy_context", figures=toy_figures)
+    def toy_context(ctx: TaskContext) -> dict:
+        ctx.run.progress(1, f"{ctx.model.name}: toy_context")(1)
+        return {"context": ctx.model.context, "native": ctx.native}
+
+    from agents.evaluator import _figures
+
+    try:
+        assistant = Assistant(tmp_path)
+        result = assistant.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "r", approve=True, **TINY)
+        report = json.loads((tmp_path / "r" / "eval" / "eval_report.json").read_text())
+        figures = _figures(report)
+    finally:
+        unregister_task("toy_context")
+    assert "toy_context" not in EVAL_TASKS
+    assert result.status == "passed", result.failure
+    extended = report["models"]["extended"]
+    assert extended["toy_context"]["context"] == 2048 and extended["toy_context"]["native"] > 0
+    assert list(extended).index("toy_context") > list(extended).index("regression")  # registration order
+    assert "toy_context" not in report["models"]["base"]  # smoke's base model runs only perplexity + regression
+    assert figures["extended"]["toy_context"] == 2048

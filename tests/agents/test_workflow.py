@@ -94,7 +94,7 @@ def test_retry_changes():
 def test_plan_waits_for_approval_and_can_be_rejected(tmp_path, tiny_model_dir):
     assistant = Assistant(tmp_path)
     waiting = assistant.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "r", **TINY)
-    assert waiting.status == "awaiting_approval" and "RoPE linear x2" in waiting.plan_card
+    assert waiting.status == "awaiting_approval" and "RoPE choice (measured)" in waiting.plan_card
     assert assistant.status(tmp_path / "r").status == "awaiting_approval"
     rejected = assistant.reject(tmp_path / "r", "too expensive")
     assert rejected.status == "rejected" and rejected.failure == "plan rejected: too expensive"
@@ -270,17 +270,31 @@ def test_a_gpu_cluster_plan_is_refused_on_a_machine_without_those_gpus(tmp_path,
 # ---------------------------------------------------------------- the CLI, end to end on the tiny model
 
 
+def _assert_tensorboard_run(log_dir: Path, run_id: str, steps: int) -> None:
+    """The event files name the run by its id and hold one loss per optimizer step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
+    assert json.loads(events.Tensors("args/text_summary")[0].tensor_proto.string_val[0])["run_name"] == run_id
+
+
 def test_cli_end_to_end_with_exit_codes(tmp_path, tiny_model_dir, capsys):
     run_dir = tmp_path / "run"
     args = ["--model", str(tiny_model_dir), "--target-context", "2048", "--profile", "smoke", "--max-steps", "3"]
     assert main(["plan", *args, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["plan"]["rope_factor"] == 2.0 and all(c["passed"] for c in plan["checks"])
-    assert main(["run", *args, "--run-dir", str(run_dir)]) == 3  # no TTY and no --yes: waits for approval
+    # no TTY and no --yes: waits for approval; training is tracked in TensorBoard (offline, under the run)
+    assert main(["run", *args, "--run-dir", str(run_dir), "--report-to", "tensorboard"]) == 3
     assert "awaits plan approval" in capsys.readouterr().err
     assert main(["resume", str(run_dir), "--yes"]) == 0
     out = capsys.readouterr().out
-    assert "run passed" in out and "step 3: loss" in out and "gate evaluate: passed" in out
+    assert "run passed" in out and "training steps: 3/3, loss" in out and "gate evaluate: passed" in out
+    assert re.search(r"records built: \d+/\d+", out) and re.search(r"extended: perplexity: (\d+)/\1", out), out
+    assert "Warning" not in out + capsys.readouterr().err  # the libraries' warnings are filtered by default
+    _assert_tensorboard_run(run_dir / "train" / "tracking" / "tensorboard", run_dir.name, steps=3)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert set(manifest["artifacts"]) == {"spec", "plan", "dataset", "training", "evaluation", "final_report"}
     assert all(s == {"status": "passed", "attempts": 1} for s in manifest["stages"].values())

@@ -82,7 +82,7 @@ def test_chat_plan_approve_run_report_through_gradio_client(app_server):
     client = Client(app_server["url"], verbose=False)
     _, _, history, run_id = client.predict(f"extend {app_server['tiny']} to 2k", None, [], api_name="/chat")
     reply = _text(history[-1])
-    assert "RoPE linear x2" in reply and "waits for your approval" in reply and run_id
+    assert "RoPE choice (measured)" in reply and "waits for your approval" in reply and run_id
     history = client.predict(history, run_id, api_name="/approve")
     assert "continues in the background" in _text(history[-1])
     stages, losses, log, report, plots, downloads, status = _wait_for_report(client, run_id)
@@ -196,6 +196,15 @@ def test_real_browser_send_approve_and_see_the_plots(app_server):
         images = page.locator("#plots img")
         expect(images.first).to_be_visible(timeout=30_000)
         assert images.count() >= 2
+        expect(page.locator("#report table").first).to_be_visible()  # the answer first: base vs extended
+        for i in range(images.count()):  # each plot whole: its box has the image's own shape, or is letterboxed
+            shape = images.nth(i).evaluate(
+                "img => { const r = img.getBoundingClientRect(); return [img.naturalWidth, img.naturalHeight,"
+                " r.width, r.height, getComputedStyle(img).objectFit]; }"
+            )
+            natural_w, natural_h, box_w, box_h, fit = shape
+            assert box_w > 0 and box_h > 0 and natural_w > 0, shape
+            assert fit in ("contain", "scale-down") or abs(box_w / box_h - natural_w / natural_h) < 0.02, shape
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()

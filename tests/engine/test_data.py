@@ -359,6 +359,18 @@ def test_partial_output_never_looks_complete(tokenizer, tmp_path, monkeypatch):
 def test_bad_config_is_collected():
     with pytest.raises(ValueError, match="target_context.*ratios"):
         DataConfig(output_dir="x", target_context=10, longqa_ratio=0.9)
+    with pytest.raises(ValueError, match="`train_mix` must be one of longqa, plain, got 'qa'"):
+        DataConfig(output_dir="x", target_context=1024, train_mix="qa")
+
+
+def test_plain_train_mix_is_packed_text_only_and_eval_keeps_the_qa_mix(tokenizer, tmp_path):
+    """LongLoRA extends context on plain long text: no passkey or other retrieval record may be trained on."""
+    cfg = DataConfig(output_dir=str(tmp_path / "d"), target_context=1024, n_train=3, n_eval=4, seed=1,
+                     short_range=(200, 400), train_mix="plain")  # fmt: skip
+    result = prepare_data(cfg, tokenizer)
+    assert result.card["counts"]["train"] == {"packed_lm": 3} and result.card["config"]["train_mix"] == "plain"
+    assert set(result.card["counts"]["eval"]) - {"packed_lm"}  # the evaluation still has QA records
+    assert all(c.passed for c in result.checks), result.checks
 
 
 def test_json_records_are_used(tokenizer, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from engine.evaluate import EvalConfig, ModelUnderTest, evaluate, wrap_loaded
+from engine.evaluate.gates import effective_length, judge
 from engine.evaluate.generation import load_for_eval
 from engine.evaluate.longqa import heldout_token_stream, load_eval_split, qa_prompt
 from engine.evaluate.metrics import (
@@ -23,7 +24,6 @@ from engine.evaluate.metrics import (
 )
 from engine.evaluate.passkey import GARBAGE, NEEDLE, QUESTION, TASK_DESCRIPTION, passkey_items, run_passkey
 from engine.evaluate.perplexity import sliding_window_perplexity, windows
-from engine.evaluate.report import _gate, effective_length
 from engine.evaluate.ruler import RULER_TASKS, ruler_items, run_ruler
 from tests.conftest import tiny_llama
 from tests.engine.evaluate_fakes import ANSWERS, BYTE_VOCAB, ScriptedModel, byte_tokenizer, oracle_answer, wrong_answer
@@ -274,11 +274,11 @@ def test_gate_and_effective_length_hand_cases():
         output_dir="x", models=(ModelUnderTest("m", "r"),), lengths=(1024, 4096), gates={"ppl_ratio_max": 1.05}
     )
     ppl = {"perplexity": {"by_length": [{"length": 1024, "ppl": 10.0}, {"length": 4096, "ppl": 10.4}]}}
-    gate = _gate(cfg, {"m": ppl}, {"candidate": "m"}, native=1024)
+    gate = judge(cfg, {"m": ppl}, {"candidate": "m"}, native=1024)
     assert gate["passed"] and gate["checks"][0]["value"] == pytest.approx(1.04)
     ppl["perplexity"]["by_length"][1]["ppl"] = 10.6
-    assert not _gate(cfg, {"m": ppl}, {"candidate": "m"}, native=1024)["passed"]
-    assert not _gate(cfg, {"m": ppl}, {"candidate": "m"}, native=2048)["checks"][0]["passed"]  # not measured
+    assert not judge(cfg, {"m": ppl}, {"candidate": "m"}, native=1024)["passed"]
+    assert not judge(cfg, {"m": ppl}, {"candidate": "m"}, native=2048)["checks"][0]["passed"]  # not measured
 
 
 def test_failure_mid_evaluation_keeps_partial_results_marked_incomplete(tmp_path):
@@ -418,10 +418,13 @@ def test_cli_eval_exit_codes(tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "ok")]) == 0
     out = capsys.readouterr().out
     assert "status: complete" in out and "passkey" in out
+    assert "   base: passkey: 4/4, " in out  # progress as plain lines (not a terminal), one per task here
     assert json.loads((tmp_path / "ok" / "eval_report.json").read_text())["status"] == "complete"
-    # an untrained tiny model cannot find pass keys: the gate fails with exit 1 and names the check
-    assert main([*common, "--out", str(tmp_path / "gated"), "--gate", "passkey_min=0.95"]) == 1
-    assert "gate failed: passkey_min" in capsys.readouterr().err
+    # an untrained tiny model cannot find pass keys: the gate fails with exit 1 and names the check; --quiet prints
+    # nothing else
+    assert main([*common, "--out", str(tmp_path / "gated"), "--gate", "passkey_min=0.95", "--quiet"]) == 1
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err == "longpilot: gate failed: passkey_min\n"
     assert main([*common, "--out", str(tmp_path / "bad"), "--tasks", "vibes"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("longpilot: error: unknown tasks ['vibes']") and "\n" not in err

@@ -27,6 +27,7 @@ from engine.plan import (
     memory_per_device,
     plan_checks,
     total_params,
+    train_flops_per_token,
     trainable_params,
     trainable_state_bytes,
 )
@@ -134,7 +135,7 @@ def test_arch_from_config_json_v5_rope_parameters(tmp_path):
     "patch,drop,message",
     [
         ({"model_type": "gpt2"}, None, "gpt2"),
-        ({"sliding_window": 4096}, None, "sliding-window"),
+        ({"model_type": "mistral", "sliding_window": 32}, None, "sliding-window"),  # below the 64-token context
         ({}, "vocab_size", "vocab_size"),
     ],
 )
@@ -162,9 +163,14 @@ def test_flops_per_token_by_hand():
 
 
 def test_cpu_throughput_is_calibrated_on_the_measured_run():
-    # SmolLM2-135M at 16k with S2: 6 * 134,479,872 + 6 * 30 * 576 * 4096 = 1,231,552,512 FLOPs/token
-    assert flops_per_token(BUILTIN_ARCHS["smollm2-135m"], 16384) == 1_231_552_512
-    assert CPU_EFFECTIVE_TFLOPS == pytest.approx(57.5 * 1_231_552_512 * 4 / 3 / 1e12)  # 0.0944 TFLOP/s
+    # SmolLM2-135M at 16k with S2 (tied head: its weight gradient is the trained embedding's), by hand:
+    smol, head, lora = BUILTIN_ARCHS["smollm2-135m"], 49152 * 576, 921_600
+    d = 30 * (2 * 576**2 + 2 * 576 * 192 + 3 * 576 * 1536)  # decoder linears: q, o; k, v (GQA 3 x 64); MLP
+    attn = 2 * 30 * 576 * 4096  # causal attention forward in S2 groups of 4096
+    forward, backward = 2 * d + 2 * head + 2 * lora + attn, 2 * d + 2 * head + 2 * lora + 2.5 * attn
+    by_hand = forward + backward + (2 * lora + 2 * head) + (2 * d + 2 * lora + attn)  # + weight grads + recompute
+    assert train_flops_per_token(smol, 16384) == by_hand == 1_451_261_952
+    assert CPU_EFFECTIVE_TFLOPS == pytest.approx(57.5 * 1_451_261_952 / 1e12)  # 0.0834 TFLOP/s
     plan = make_plan("smollm2-135m", 16384, "smoke", "cpu")
     assert plan.tokens_per_s == pytest.approx(57.5, abs=0.05)
     assert plan.wall_time_s == pytest.approx(1 * 16384 / 57.5, rel=1e-3)  # smoke: one step
@@ -173,9 +179,10 @@ def test_cpu_throughput_is_calibrated_on_the_measured_run():
 def test_wall_time_of_the_8xa100_recipe_by_hand():
     plan = make_plan("llama-2-7b", 32768, "full", "8xA100-80GB")
     assert plan.tokens_per_step == 8 * 1 * 8 * 32768
-    tokens_per_s = 8 * 312e12 * 0.40 / (46_084_915_200 * 4 / 3)  # ~16,248 tokens/s
+    fpt = train_flops_per_token(L7B, 32768)
+    tokens_per_s = 8 * 312e12 * 0.52 / fpt  # ~26,428 tokens/s
     assert plan.tokens_per_s == pytest.approx(tokens_per_s, abs=0.1)
-    assert plan.wall_time_s == pytest.approx(1000 * 8 * 8 * 32768 / tokens_per_s, rel=1e-4)  # ~35.9 h
+    assert plan.wall_time_s == pytest.approx(1000 * 8 * 8 * 32768 / tokens_per_s, rel=1e-4)  # ~22.0 h
 
 
 # ----------------------------------------------------------------------------- memory

@@ -21,6 +21,7 @@ from engine import s2attn
 from engine.s2attn import MAX_MASK_ELEMENTS, S2_ATTENTION, s2_attention_forward
 from engine.train import train
 from tests.conftest import make_workspace, tiny_llama, train_config
+from tests.families import FAMILY_NAMES, tiny_family_model
 
 
 def reference_permission(
@@ -166,6 +167,15 @@ def test_rejects_heads_not_multiple_of_kv_heads():
         s2_attention_forward(fake_module(), q, k, v, None)
 
 
+def test_an_active_sliding_window_is_refused_and_an_inactive_one_changes_nothing():
+    """Mistral/Qwen layers pass their `sliding_window`: one shorter than the keys would be ignored silently."""
+    q, k, v = random_qkv(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="sliding windows"):
+        s2_attention_forward(fake_module(), q, k, v, None, sliding_window=8)
+    out, _ = s2_attention_forward(fake_module(), q, k, v, None, sliding_window=16)
+    assert torch.equal(out, s2_attention_forward(fake_module(), q, k, v, None)[0])
+
+
 def test_rejects_bad_ratio():
     q, k, v = random_qkv(1, 4, 2, 8)
     with pytest.raises(ValueError, match="s2_group_size_ratio"):
@@ -177,14 +187,29 @@ def test_registered_with_transformers():
     assert S2_ATTENTION in AttentionMaskInterface._global_mapping
 
 
-def test_model_level_s2_matches_reference_path_and_switches_with_mode():
-    """A whole tiny Llama: S2 in train mode equals the same weights run through the dense reference; eval == sdpa."""
+MODEL_CASES = [
+    # (family, heads, kv_heads, seq_len, pads): every family with odd heads, GQA 3:1, an odd length and right
+    # padding; Llama also with even heads, GQA 3:1 and left padding (the blockwise-mask path)
+    *((family, 3, 1, 29, "right") for family in FAMILY_NAMES),
+    ("llama", 6, 2, 30, "left"),
+]
+
+
+@pytest.mark.parametrize("family,heads,kv_heads,seq_len,pads", MODEL_CASES)
+def test_model_level_s2_matches_reference_path_and_switches_with_mode(family, heads, kv_heads, seq_len, pads):
+    """A whole tiny model of each family: S2 in train mode equals the same weights run through the dense reference
+    (forward and every gradient); eval == sdpa. Qwen2's biases and Qwen3's q/k norms and explicit head_dim sit in
+    the projections, before the attention function, so the same reference covers them."""
     torch.manual_seed(0)
-    ids = torch.randint(3, 128, (2, 30))
+    ids = torch.randint(3, 128, (2, seq_len))
     mask = torch.ones_like(ids)
-    mask[1, -6:] = 0
-    s2_model = tiny_llama(seed=1, attn=S2_ATTENTION, heads=6, kv_heads=2).double()
-    sdpa_model = tiny_llama(seed=1, attn="sdpa", heads=6, kv_heads=2).double()
+    if pads == "left":
+        mask[1, :6] = 0
+    else:
+        mask[1, -6:] = 0
+    shape = dict(heads=heads, kv_heads=kv_heads)
+    s2_model = tiny_family_model(family, seed=1, attn=S2_ATTENTION, **shape).double()
+    sdpa_model = tiny_family_model(family, seed=1, attn="sdpa", **shape).double()
 
     def reference_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         valid = (
@@ -196,21 +221,21 @@ def test_model_level_s2_matches_reference_path_and_switches_with_mode():
 
     AttentionInterface.register("s2_reference_test", reference_fn)
     AttentionMaskInterface.register("s2_reference_test", AttentionMaskInterface._global_mapping[S2_ATTENTION])
-    ref_model = tiny_llama(seed=1, attn="s2_reference_test", heads=6, kv_heads=2).double()
+    ref_model = tiny_family_model(family, seed=1, attn="s2_reference_test", **shape).double()
 
     s2_model.train(), ref_model.train()
     out = s2_model(ids, attention_mask=mask).logits
     ref = ref_model(ids, attention_mask=mask).logits
     valid_rows = mask.bool()
     torch.testing.assert_close(out[valid_rows], ref[valid_rows], rtol=1e-9, atol=1e-9)
-    out.sum().backward(), ref.sum().backward()
+    (out * valid_rows[..., None]).sum().backward(), (ref * valid_rows[..., None]).sum().backward()
     for (name, p), (_, rp) in zip(s2_model.named_parameters(), ref_model.named_parameters()):
         torch.testing.assert_close(p.grad, rp.grad, rtol=1e-8, atol=1e-9, msg=name)
 
     s2_model.eval()
-    torch.testing.assert_close(
-        s2_model(ids, attention_mask=mask).logits[valid_rows], sdpa_model(ids, attention_mask=mask).logits[valid_rows]
-    )
+    full = sdpa_model(ids, attention_mask=mask).logits[valid_rows]
+    torch.testing.assert_close(s2_model(ids, attention_mask=mask).logits[valid_rows], full)
+    assert not torch.allclose(out[valid_rows].detach(), full)  # train mode really was S2, not full attention
 
 
 def test_mistral_uses_the_same_attention_hook():

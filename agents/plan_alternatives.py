@@ -1,0 +1,148 @@
+"""The planner's levers and alternatives in the agents' terms: a Spec's lever fields for make_plan, the search's
+plans as plan-document entries with the exact `longpilot` command for each, and their lines on the plan card.
+
+Why apart from agents.planner: the search answers in engine terms (Levers, a Plan); the user acts through the CLI,
+the API and the app, so each alternative must carry the command that reproduces it and the Spec fields the app
+adopts. Those translations live here once.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from sop.schemas import Spec
+
+ZERO_WORDS = {"none": "no DeepSpeed", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3 + CPU offload"}
+LEVER_WORDS = {"precision": "precision", "n_devices": "GPUs", "per_device_batch_size": "batch",
+               "gradient_accumulation_steps": "accumulation", "lora_rank": "LoRA rank",
+               "gradient_checkpointing": "checkpointing", "group_size_ratio": "S2 ratio",
+               "target_context": "target"}  # fmt: skip
+
+
+def lever_kwargs(spec: Spec) -> dict[str, Any]:
+    """The Spec's lever fields as make_plan keyword arguments (unset ones keep make_plan's defaults)."""
+    from engine.lora import LoraPlusConfig
+
+    out: dict[str, Any] = {"gradient_checkpointing": spec.gradient_checkpointing}
+    if spec.lora_rank is not None:
+        out["lora"] = LoraPlusConfig(r=spec.lora_rank)
+    if spec.group_size_ratio is not None:
+        out["group_size_ratio"] = spec.group_size_ratio
+    return out
+
+
+def hardware_arg(hw: dict[str, Any]) -> str:
+    """What --hardware takes for a plan's hardware: its catalog name (NxGPU too), or custom:N,GiB,TFLOPS,MFU."""
+    if hw["name"].startswith("custom-"):
+        return f"custom:{hw['n_devices']},{hw['memory_gib']:g},{hw['peak_tflops']:g},{hw['mfu']:g}"
+    return hw["name"]
+
+
+def spec_fields(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any]:
+    """The Spec of an alternative: the request with the alternative's levers (what the app adopts)."""
+    fields = {**spec.model_dump(), "target_context": levers["target_context"], "precision": levers["precision"],
+              "batch_size": levers["per_device_batch_size"], "grad_accum": levers["gradient_accumulation_steps"],
+              "lora_rank": levers["lora_rank"], "gradient_checkpointing": levers["gradient_checkpointing"],
+              "group_size_ratio": levers["group_size_ratio"], "max_hours": None, "max_gib": None}  # fmt: skip
+    if hardware["name"].startswith("custom-"):
+        fields["custom_hardware"] = {k: hardware[k] for k in ("n_devices", "memory_gib", "peak_tflops", "mfu")}
+        fields["hardware"] = "custom"
+    else:
+        fields.update(hardware=hardware["name"], custom_hardware=None)
+    return fields
+
+
+def command_for(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any], verb: str = "run") -> str:
+    """The `longpilot` command line that plans exactly this alternative (every lever spelled out)."""
+    args = ["longpilot", verb, "--model", spec.base_model, "--target-context", str(levers["target_context"]),
+            "--hardware", hardware_arg(hardware), "--profile", spec.profile, "--precision", levers["precision"],
+            "--batch-size", str(levers["per_device_batch_size"]),
+            "--grad-accum", str(levers["gradient_accumulation_steps"]), "--lora-rank", str(levers["lora_rank"]),
+            "--group-size-ratio", f"{levers['group_size_ratio']:g}"]  # fmt: skip
+    if not levers["gradient_checkpointing"]:
+        args.append("--no-gradient-checkpointing")
+    if spec.attention != "s2":
+        args += ["--attention", spec.attention]
+    if spec.rope_method:
+        args += ["--rope-method", spec.rope_method]
+    if spec.corpus:
+        args += ["--corpus", *spec.corpus]
+    if spec.max_steps is not None:
+        args += ["--max-steps", str(spec.max_steps)]
+    if spec.seed:
+        args += ["--seed", str(spec.seed)]
+    return shlex.join(args)
+
+
+def search_document(spec: Spec, plan: Any, **make_plan_kwargs: Any) -> tuple[list[dict[str, Any]], dict | None]:
+    """(alternatives, search) for the plan document: empty when the plan fits and meets the budgets."""
+    from engine.plan_search import search
+
+    result = search(plan, max_hours=spec.max_hours, max_gib=spec.max_gib, **make_plan_kwargs)
+    if not result.reasons:
+        return [], None
+    alternatives = []
+    for alt in result.alternatives:
+        entry = alt.to_dict()
+        hw = alt.plan.to_dict()["hardware"]
+        entry.update(summary=summary(entry), command=command_for(spec, entry["levers"], hw),
+                     spec=spec_fields(spec, entry["levers"], hw))  # fmt: skip
+        alternatives.append(entry)
+    return alternatives, {**result.to_dict(), "max_hours": spec.max_hours, "max_gib": spec.max_gib}
+
+
+def summary(alt: dict[str, Any]) -> str:
+    """`precision bf16 (was fp32): 1xH100-80GB, no DeepSpeed, 60.3 GiB of 80, 0.2 min`: what changed, what it costs."""
+    changes = [f"{LEVER_WORDS[k]} {_word(new)} (was {_word(old)})" for k, (old, new) in alt["changes"].items()]
+    zero = ZERO_WORDS.get(alt["deepspeed_stage"], alt["deepspeed_stage"])
+    return (f"{'; '.join(changes)}: {alt['hardware']}, {zero}, {alt['memory_gib']:.1f} GiB of "
+            f"{alt['memory_cap_gib']:g}, {duration(alt['wall_time_s'])}")  # fmt: skip
+
+
+def duration(seconds: float) -> str:
+    """`44.08 h`, or `0.4 min` under an hour (a smoke plan's one step)."""
+    return f"{seconds / 3600:,.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def refusal_hint(doc: dict[str, Any]) -> str | None:
+    """What the search found, for a plan refused before its run: the best alternative, or the hardware it needs."""
+    found = doc.get("search") or {}
+    if doc.get("alternatives"):
+        best = doc["alternatives"][0]
+        return f"the best plan that fits: {best['summary']}: {best['command']}"
+    if found.get("smallest_hardware"):
+        return f"the smallest hardware that fits it: {found['smallest_hardware']}"
+    if found.get("needed_gib"):
+        return (f"no lever fits {doc['target_context']:,} tokens: it needs {found['needed_gib']:,.1f} GiB per device, "
+                "more than any catalog GPU")  # fmt: skip
+    return None
+
+
+def card_lines(doc: dict[str, Any]) -> list[str]:
+    """The plan card's lines for the attention modes side by side and for the search's answer."""
+    costs = doc.get("attention_costs") or {}
+    lines = []
+    if {"s2", "full"} <= set(costs):
+        s2, full = costs["s2"], costs["full"]
+        lines.append(f"  attention priced both ways: S2-Attn {duration(s2['wall_time_s'])} ({s2['tokens_per_s']:,.0f} "
+                     f"tokens/s) vs full {duration(full['wall_time_s'])} ({full['tokens_per_s']:,.0f} tokens/s), "
+                     "same memory")  # fmt: skip
+    found = doc.get("search")
+    if not found:
+        return lines
+    lines.append(f"  searched ({', '.join(found['reasons'])}): {len(doc['alternatives'])} plan(s) that fit")
+    for i, alt in enumerate(doc["alternatives"], 1):
+        lines += [f"    {i}. {alt['summary']}", f"       {alt['command']}"]
+    if not found.get("target_fits"):
+        hint = refusal_hint({**doc, "alternatives": []})
+        lines.append(f"  {hint}" if hint else "  no lever fits the target on this hardware")
+        if found.get("largest_target"):
+            lines.append(f"  the longest target that fits this GPU: {found['largest_target']:,} tokens")
+    return lines

@@ -1,0 +1,88 @@
+"""The planner a new user meets: the profile follows the hardware, every plan prices S2 and full attention, and a plan
+that does not fit (or misses a budget) comes with the plans that do, each with its command, in the card, `--json`,
+the run's refusal and the app's choices. Planning needs no weights: a few seconds in all."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from agents.api import Assistant, _check_fits
+from agents.chat import AssistantChat, ChatState
+from agents.cli import main
+from sop.schemas import Spec
+
+
+def _plan_json(capsys, *args: str) -> tuple[int, dict]:
+    rc = main(["plan", *args, "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_a_gpu_target_gets_its_gpu_profile_and_both_attention_modes(capsys):
+    assert main(["plan", "--model", "llama-3-8b", "--target-context", "65536", "--hardware", "1xH100-80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "(standard profile on 1xH100-80GB)" in out and "(fits)" in out and "DOES NOT FIT" not in out
+    assert "attention priced both ways: S2-Attn" in out and "vs full" in out
+    assert Spec(base_model="m", target_context=2, hardware="8xA100-80GB").profile == "full"
+    assert Spec(base_model="m", target_context=2, hardware="1xH100-80GB", profile="smoke").profile == "smoke"
+    assert Spec(base_model="m", target_context=2).profile == "smoke"  # no hardware: the CPU's
+
+
+def test_the_fp32_smoke_plan_on_an_h100_comes_with_a_bf16_plan_whose_command_reproduces_it(capsys):
+    rc, out = _plan_json(capsys, "--model", "llama-3-8b", "--target-context", "65536", "--hardware", "1xH100-80GB",
+                         "--profile", "smoke")  # fmt: skip
+    plan = out["plan"]
+    assert rc == 1 and not plan["fits"] and plan["search"]["reasons"] == ["does not fit"]
+    best = plan["alternatives"][0]
+    assert best["changes"] == {"precision": ["fp32", "bf16"]} and best["memory_gib"] <= 80
+    args = shlex.split(best["command"])
+    assert args[:2] == ["longpilot", "run"] and "--precision" in args
+    rc, again = _plan_json(capsys, *args[2:])
+    assert rc == 0 and again["plan"]["fits"] and again["plan"]["memory"]["total_gib"] == best["memory_gib"]
+    assert again["plan"]["wall_time_h"] == best["wall_time_h"] and not again["plan"]["alternatives"]
+
+
+def test_a_target_no_lever_reaches_is_answered_with_lower_targets_and_what_it_needs(capsys):
+    args = ["--model", "llama-3-8b", "--target-context", "262144", "--hardware", "8xA100-80GB", "--profile", "full"]
+    assert main(["plan", *args]) == 1
+    card = capsys.readouterr().out
+    assert "searched (does not fit)" in card and "no lever fits 262,144 tokens: it needs 146.0 GiB per device" in card
+    assert "--target-context 131072" in card
+    rc, out = _plan_json(capsys, *args)
+    search, alternatives = out["plan"]["search"], out["plan"]["alternatives"]
+    assert not search["target_fits"] and search["smallest_hardware"] is None and search["largest_target"] >= 131072
+    assert alternatives and all(a["memory_gib"] <= 80 and a["levers"]["target_context"] < 262144 for a in alternatives)
+
+
+def test_budgets_are_searched_and_a_refused_run_names_the_best_plan(capsys, tmp_path):
+    rc, out = _plan_json(capsys, "--model", "llama-2-7b", "--target-context", "65536", "--hardware", "8xA100-80GB",
+                         "--max-hours", "45")  # fmt: skip
+    plan = out["plan"]
+    assert rc == 0 and plan["fits"] and plan["search"]["reasons"] == ["over --max-hours"]
+    assert plan["profile"]["name"] == "full"
+    assert plan["alternatives"] and all(a["wall_time_h"] <= 45 for a in plan["alternatives"])
+    assert all("--max-hours" not in a["command"] for a in plan["alternatives"])
+    doc = Assistant(tmp_path).plan(base_model="llama-3-8b", target_context=65536, profile="smoke",
+                                   hardware="1xH100-80GB").plan  # what a run is refused with, before its directory
+    best = r"the best plan that fits: precision bf16 \(was fp32\).*: longpilot run --model llama-3-8b"
+    with pytest.raises(ValueError, match=best):
+        _check_fits(doc)
+
+
+def test_the_app_offers_the_alternatives_and_adopts_one(tmp_path, tiny_model_dir):
+    chat = AssistantChat(tmp_path / "runs", allowed_paths=(tiny_model_dir,))
+    state = ChatState()
+    spec = Spec(base_model="llama-3-8b", target_context=65536, hardware="1xH100-80GB", profile="smoke")
+    assert "Use this plan" in chat._offer_alternatives(spec, state)
+    assert state.alternatives[0]["label"].startswith("1. precision bf16 (was fp32)")
+    assert Spec(**state.alternatives[0]["spec"]).precision == "bf16"
+    assert chat.adopt("no such plan", state)[0] == "Choose one of the plans that fit first."
+    tiny = Spec(base_model=str(tiny_model_dir), target_context=2048, profile="smoke", hardware="cpu", max_steps=1,
+                rope_method="linear")  # a method given: no RoPE measurement in the plan stage
+    state.alternatives = [{"label": "1. the tiny one", "spec": tiny.model_dump()}]
+    reply, state = chat.adopt("1. the tiny one", state)
+    assert "waits for your approval" in reply and state.run_id
+    plan = json.loads((chat.runs_dir / state.run_id / "plan.json").read_text())
+    assert plan["target_context"] == 2048 and plan["attention_costs"]["full"]["wall_time_s"] > 0

@@ -1,0 +1,113 @@
+"""The console view of a run (agents.progress) in its three modes, from synthetic events, and the entry-point filter
+of third-party noise (agents.quiet). The CLI paths are exercised end to end in test_workflow and test_evaluate."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import warnings
+
+from rich.console import Console
+
+import agents.progress as progress
+from agents.progress import ProgressView, duration
+from agents.quiet import QUIET_ENV, quiet_third_party
+
+CHECKS_OK = [{"name": "train_completed", "passed": True, "detail": "status completed, 4 of 4 steps"}]
+CHECK_BAD = {"name": "train_loss_finite", "passed": False, "detail": "loss nan at step 3"}
+
+
+def _run_events(steps: int = 4) -> list[dict]:
+    return [
+        {"event": "stage_started", "stage": "prepare_data", "role": "data_engineer"},
+        *({"event": "progress", "task": "records", "done": i, "total": 8} for i in range(1, 9)),
+        {"event": "gate", "stage": "prepare_data", "passed": True, "checks": CHECKS_OK},
+        {"event": "stage_started", "stage": "train", "role": "trainer"},
+        {"event": "train_begin", "max_steps": steps},
+        *({"event": "train_step", "step": i, "loss": 4.0 - i / 10, "tokens_per_s": 950.0} for i in range(1, steps)),
+        {"event": "gate", "stage": "train", "passed": False, "checks": [*CHECKS_OK, CHECK_BAD]},
+        {"event": "run_failed", "failure": "stage train failed after 1 attempt(s)"},
+    ]
+
+
+def _render(mode, events, terminal: bool, verbose: bool = False) -> str:
+    out = io.StringIO()
+    with ProgressView(Console(file=out, force_terminal=terminal, width=120), mode=mode, verbose=verbose) as view:
+        for event in events:
+            view(event)
+    return out.getvalue()
+
+
+def test_plain_mode_prints_lines_a_log_can_hold(monkeypatch):
+    clock = iter(range(0, 10_000, 20))  # every reading of the clock is 20 s after the one before
+    monkeypatch.setattr(progress, "_now", lambda: float(next(clock)))
+    text = _render(None, _run_events(), terminal=False)  # not a terminal: plain lines, no escape codes
+    lines = text.splitlines()
+    assert "\x1b[" not in text and ">> train (trainer)" in lines
+    assert "   records built: 8/8, " in text  # the final count of a bar
+    # a running bar says its count, loss, tokens/s and ETA at most every 30 s; the stage ended at step 3 of 4
+    assert "   training steps: 2/4, loss 3.8000, 950 tok/s, 40s, ETA 40s" in lines, text
+    assert "   training steps: 3/4, loss 3.7000, 950 tok/s, 1m20s, ETA 27s" in lines  # its last count, at the gate
+    # a gate is one line with its tally; only the failed check is listed
+    assert "   gate prepare_data: passed (1/1 checks)" in lines and "   gate train: FAILED (1/2 checks)" in lines
+    assert "     XX train_loss_finite: loss nan at step 3" in lines and "train_completed" not in text
+    assert lines[-1] == "== run failed: stage train failed after 1 attempt(s)"
+
+
+def test_plain_mode_keeps_fast_bars_to_one_line():
+    text = _render("plain", _run_events(), terminal=False)
+    assert text.count("records built") == 1 and text.count("training steps") == 1
+
+
+def test_live_mode_draws_bars_on_a_terminal():
+    text = _render(None, _run_events(), terminal=True)
+    assert "\x1b[" in text and "━" in text  # rich's live bars, redrawn in place
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert re.search(r"training steps\s+━+.*3/4.*loss 3\.7000, 950 tok/s", plain), plain[-2000:]
+    assert re.search(r"records built\s+━+\s+8/8", plain) and ">> train (trainer)" in plain
+    assert "gate train: FAILED (1/2 checks)" in plain and "XX train_loss_finite" in plain
+
+
+def test_verbose_lists_every_check_and_quiet_prints_nothing():
+    verbose = _render("plain", _run_events(), terminal=False, verbose=True)
+    assert "     ok train_completed: status completed, 4 of 4 steps" in verbose
+    assert _render("quiet", _run_events(), terminal=True) == ""
+    assert _render("quiet", _run_events(), terminal=False) == ""
+
+
+def test_durations_are_short():
+    assert [duration(s) for s in (0.4, 45, 200, 3720)] == ["0s", "45s", "3m20s", "1h02m"]
+
+
+def test_third_party_noise_is_filtered_only_inside_an_entry_point(monkeypatch):
+    for key in QUIET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    level = logging.getLogger("transformers").level
+
+    def warn(module: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")  # what pytest does; the quiet filters go in front of it
+            with quiet_third_party():
+                warnings.warn_explicit("`gradient_checkpointing` is deprecated", FutureWarning, "x.py", 1, module)
+                assert os.environ["TQDM_DISABLE"] == "1"
+                assert logging.getLogger("transformers").level == logging.ERROR
+        return [str(w.message) for w in seen]
+
+    assert warn("transformers.training_args") == [] and warn("peft.utils.save_and_load") == []
+    assert warn("engine.train") == ["`gradient_checkpointing` is deprecated"]  # our own warnings still show
+    assert "TQDM_DISABLE" not in os.environ  # everything is restored after the command
+    assert logging.getLogger("transformers").level == level
+    with quiet_third_party(enabled=False):  # --verbose: nothing filtered
+        assert "TQDM_DISABLE" not in os.environ
+
+
+def test_the_cli_module_loads_no_torch_or_tqdm_before_main():
+    """tqdm reads TQDM_DISABLE only when imported; the CLI sets it inside main(), so importing agents.cli (what the
+    `longpilot` console script does first) must not import torch or tqdm."""
+    import subprocess
+    import sys
+
+    code = "import sys, agents.cli; sys.exit(bool({'torch', 'tqdm'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -27,6 +27,7 @@ from agents import data_engineer, evaluator, planner, trainer  # noqa: F401  (im
 from agents.errors import described
 from agents.files import read_complete_jsonl
 from agents.run_lock import driving
+from engine.checks import CheckResult
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec
 from sop.manifest import Manifest, TamperedArtifactError, iso_now, write_text_atomic
@@ -117,15 +118,15 @@ def _verify_artifacts(stage: StageSpec, run_dir: Path, manifest: Manifest, error
     for art in stage.produces:
         doc_path = run_dir / art.document_path
         if error is not None:
-            checks = [{"name": "stage_completed", "passed": False, "detail": error}]
+            checks = [CheckResult("stage_completed", False, error).to_dict()]
         elif not doc_path.is_file():
-            checks = [{"name": "document_present", "passed": False, "detail": f"{art.document_path} was not written"}]
+            checks = [CheckResult("document_present", False, f"{art.document_path} was not written").to_dict()]
         else:
             try:
                 document = SCHEMAS[art.schema_name].model_validate_json(doc_path.read_text())
             except ValueError as err:
                 first = str(err).splitlines()[:3]
-                checks = [{"name": f"schema_{art.schema_name}", "passed": False, "detail": " ".join(first)}]
+                checks = [CheckResult(f"schema_{art.schema_name}", False, " ".join(first)).to_dict()]
             else:
                 ctx = CheckContext(run_dir, run_dir / art.path, document, spec, plan)
                 checks = [run_check(ref.name, ctx) for ref in art.checks if ref.applies(spec["profile"])]

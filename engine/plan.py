@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,8 +30,10 @@ from engine.catalog import (
     resolve_arch,
     resolve_hardware,
 )
+from engine.checks import CheckResult
 from engine.launch import launcher_command
 from engine.lora import LoraPlusConfig, TrainableCounts
+from engine.plan_checks import plan_document_checks
 from engine.plan_cost import offload_seconds_per_step, step_costs, train_flops
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.train import TrainConfig
@@ -367,17 +368,9 @@ def make_plan(
     )  # fmt: skip
 
 
-def plan_checks(plan: Plan) -> list[tuple[str, bool, str]]:
-    """The plan's own sanity checks as (name, passed, detail); a failed check is data, not an exception."""
-    mem, cap, stage = plan.memory.total_gib, plan.hardware.memory_gib, plan.deepspeed_stage
-    native, target, factor, group = plan.arch.native_context, plan.target_context, plan.rope_factor, plan.group_size
-    expected, steps = math.floor(target * plan.group_size_ratio), plan.profile.max_steps
-    return [
-        ("memory_fits", mem <= cap, f"{mem:.1f} GiB predicted per device of {cap:g} GiB ({stage})"),
-        ("factor_consistent", factor * native >= target * (1 - 1e-9), f"{factor:g} x {native} vs {target}"),
-        ("group_size_valid", 2 <= group == expected, f"G = {group}, floor(L x ratio) = {expected}, need >= 2"),
-        ("steps_positive", steps > 0 and plan.tokens_per_step > 0, f"{steps} steps of {plan.tokens_per_step} tokens"),
-    ]
+def plan_checks(plan: Plan) -> list[CheckResult]:
+    """The plan's own sanity checks (engine.plan_checks, the same ones the SOP gate runs on plan.json)."""
+    return plan_document_checks(plan.to_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(args.arch, args.target, args.profile, args.hardware, output_dir=args.output_dir)
     except ValueError as err:
         parser.error(str(err))
-    checks = [{"name": name, "passed": ok, "detail": detail} for name, ok, detail in plan_checks(plan)]
+    checks = [c.to_dict() for c in plan_checks(plan)]
     print(json.dumps({**plan.to_dict(), "checks": checks}, indent=2))
     return 0
 

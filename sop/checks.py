@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from engine.checks import CheckResult
+
 CheckFn = Callable[["CheckContext"], tuple[bool, str]]
 CHECKS: dict[str, CheckFn] = {}
 RETRY_CHANGES: dict[str, Callable[[dict[str, Any]], str]] = {}
@@ -44,12 +46,12 @@ def check(name: str) -> Callable[[CheckFn], CheckFn]:
 
 
 def run_check(name: str, ctx: CheckContext) -> dict[str, Any]:
-    """Run one registered check; always returns {name, passed, detail}."""
+    """Run one registered check; always returns a CheckResult's JSON form {name, passed, detail}."""
     try:
         passed, detail = CHECKS[name](ctx)
     except Exception as err:  # a broken artifact must fail its check, not crash the gate
         passed, detail = False, f"check raised {type(err).__name__}: {err}"
-    return {"name": name, "passed": bool(passed), "detail": detail}
+    return CheckResult(name, bool(passed), detail).to_dict()
 
 
 def retry_change(name: str) -> Callable:
@@ -63,35 +65,20 @@ def retry_change(name: str) -> Callable:
 # ----------------------------------------------------------------------------- plan
 
 
-@check("plan_memory_fits")
-def plan_memory_fits(ctx: CheckContext) -> tuple[bool, str]:
-    plan = ctx.document
-    total, cap = plan.memory["total_gib"], plan.hardware["memory_gib"]
-    return total <= cap, f"{total:.1f} GiB predicted per device of {cap:g} GiB ({plan.deepspeed_stage})"
+def _plan_check(name: str) -> CheckFn:
+    """The SOP gate's view of one of engine.plan_checks' checks, run on plan.json as written."""
+
+    def run(ctx: CheckContext) -> tuple[bool, str]:
+        from engine.plan_checks import plan_document_checks
+
+        result = next(c for c in plan_document_checks(ctx.document.model_dump()) if c.name == name)
+        return result.passed, result.detail
+
+    return run
 
 
-@check("plan_factor_consistent")
-def plan_factor_consistent(ctx: CheckContext) -> tuple[bool, str]:
-    plan = ctx.document
-    native = plan.arch["native_context"]
-    scaled = plan.rope_factor * native  # the interpolated context must be the target: not less, not more
-    ok = abs(scaled - plan.target_context) <= 1e-6 * plan.target_context and plan.train_config["target_context"] == (
-        plan.target_context
-    )
-    return ok, f"factor {plan.rope_factor:g} x native {native} vs target {plan.target_context}"
-
-
-@check("plan_group_size_valid")
-def plan_group_size_valid(ctx: CheckContext) -> tuple[bool, str]:
-    plan = ctx.document
-    expected = math.floor(plan.target_context * plan.group_size_ratio)
-    return 2 <= plan.group_size == expected, f"G = {plan.group_size}, floor(L x ratio) = {expected}, need >= 2"
-
-
-@check("plan_steps_positive")
-def plan_steps_positive(ctx: CheckContext) -> tuple[bool, str]:
-    steps = ctx.document.train_config["max_steps"]
-    return steps > 0 and ctx.document.tokens_per_step > 0, f"{steps} steps of {ctx.document.tokens_per_step} tokens"
+for _name in ("memory_fits", "factor_consistent", "group_size_valid", "steps_positive"):
+    check(f"plan_{_name}")(_plan_check(_name))
 
 
 # ----------------------------------------------------------------------------- data

@@ -125,6 +125,8 @@ class Plan(_Strict):
 
 
 class CheckRecord(_Strict):
+    """engine.checks.CheckResult's JSON form, as manifests and data cards hold it."""
+
     name: str
     passed: bool
     detail: str = ""

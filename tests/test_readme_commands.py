@@ -199,6 +199,11 @@ def _check_search_card(r: Result, ctx: dict) -> None:
     assert all(line.rstrip() in printed for line in card), (card, r.out)
 
 
+def _check_revised(r: Result, ctx: dict) -> None:
+    assert "Revised plan:" in r.out and "LoRA rank 8 -> 16" in r.out and "trainable parameters" in r.out, r.tail()
+    assert "r=16" in r.out, r.out  # the revised card
+
+
 def _check_plan_text(r: Result, ctx: dict) -> None:
     assert "Plan: llama-2-7b 4096 -> 32768 tokens (full profile on 8xA100-80GB)" in r.out, r.tail()
     assert "launch: deepspeed --num_gpus=8" in r.out and "FAILED" not in r.out, r.out
@@ -511,6 +516,17 @@ COMMANDS: dict[str, Entry] = {
         "as written; exit 1 (the plan does not fit), the README's card lines printed",
         steps=(Step("longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full",
                     rc=1, check=_check_search_card),),  # fmt: skip
+    ),
+    'longpilot plan --model llama-2-7b --target-context 32768 --hardware 8xA100-80GB --request "use rank 16"': Entry(
+        "as written: the diff (rank 8 -> 16, trainable, memory, time) and the revised card",
+        steps=(Step('longpilot plan --model llama-2-7b --target-context 32768 --hardware 8xA100-80GB --request '
+                    '"use rank 16"', check=_check_revised),),  # fmt: skip
+    ),
+    'longpilot resume RUN_DIR --request "use rank 16"': Entry(
+        "on a fresh tiny run waiting for approval (not the shared one, which this would reject): exit 3, the revised "
+        "run waits",
+        steps=(Step(f"longpilot run --model {{tiny}} --target-context {TARGET} --run-dir {{tmp}}/revise", rc=3),
+               Step('longpilot resume {tmp}/revise --request "use rank 16"', rc=3, check=_check_revised)),
     ),
     "longpilot plan --model llama-2-7b --target-context 65536 --hardware 8xA100-80GB --max-hours 45": Entry(
         "as written (the plan fits, over the budget), the README's card lines printed",

@@ -114,11 +114,11 @@ def run(shapes: ExtensionShapes, work_dir: Path) -> Any:
         if train_s <= 0:
             raise BudgetExhausted(f"extension: {budget.remaining():.0f} s left, the run needs {shapes.reserve_s:.0f}")
         steps = steps_for(train_s, warm["tokens_per_s"], shapes.target, shapes.max_steps)
-        run_dir = work_dir / "run"
+        run_dir = work_dir / time.strftime("run-%Y%m%d-%H%M%S")  # a rerun never meets an earlier run's directory
         cmd = run_command(model, shapes, steps, run_dir)
         record.update(steps=steps, train_budget_s=round(train_s, 1), run_dir=str(run_dir),
                       command="longpilot " + shlex.join(cmd[3:]))  # fmt: skip
-        log_path = work_dir / "longpilot-run.log"
+        log_path = run_dir.with_name(run_dir.name + ".log")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         t0 = time.monotonic()
         try:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.catalog import TRAIN_MIXES
-from engine.data.checks import CheckResult, filler_problem, grounding_problem, run_all_checks
+from engine.checks import CheckResult
+from engine.data.checks import filler_problem, grounding_problem, run_all_checks
 from engine.data.corpus import CorpusStats, Document, QARecord, read_corpus
 from engine.data.grounded import (
     QAProposer,
@@ -486,7 +487,7 @@ def _data_card(cfg, dataset, stats: CorpusStats, rejected: Counter, checks, fold
             "decoded_with_replacement": stats.replaced_decoding,
         },
         "rejected": dict(sorted(rejected.items())),
-        "checks": [asdict(c) for c in checks],
+        "checks": [c.to_dict() for c in checks],
         "files": {
             str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in files

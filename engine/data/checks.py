@@ -4,16 +4,8 @@ exception), so the SOP can gate the next stage on them by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from engine.checks import CheckResult
 from engine.data.tasks import UNANSWERABLE
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    passed: bool
-    detail: str
 
 
 def _qa_rows(split):

@@ -293,7 +293,7 @@ def test_plan_checks_each_can_fail():
     broken = {
         "factor_consistent": replace(plan, rope_factor=2.0),
         "group_size_valid": make_plan("llama-2-7b", 32768, "full", "8xA100-80GB", group_size_ratio=1e-5),
-        "steps_positive": replace(plan, profile=replace(plan.profile, max_steps=0)),
+        "steps_positive": replace(plan, train_config={**plan.train_config, "max_steps": 0}),  # what is trained
     }
     for name, bad in broken.items():
         results = {n: (ok, detail) for n, ok, detail in plan_checks(bad)}

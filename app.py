@@ -67,7 +67,7 @@ def build_app(
         except Exception as err:  # never a stack trace in the chat
             reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
         history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
-        return "", None, history, state, state.run_id or gr.skip(), _choices(state)  # a question keeps the run
+        return "", None, history, state, state.run_id or gr.skip()  # a question keeps the run being watched
 
     def adopt(label, history, state):  # one of the planner's plans that fit (not preprocessed: see text_history)
         history = text_history(history)
@@ -151,11 +151,12 @@ def build_app(
             answer = gr.Textbox(label="answer", lines=6)
 
         outputs = [stages, loss, log, report, plots, downloads, status_md, files_seen]
-        send_io = [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box, alternatives]
+        send_io = [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box]
         adopt_btn.click(adopt, [alternatives, chatbot, state], [chatbot, state, run_box, alternatives],
                         api_name="adopt", preprocess=False)  # fmt: skip
-        send_btn.click(send, *send_io, api_name="chat", preprocess=False)
-        message.submit(send, *send_io, preprocess=False)
+        for sent in (send_btn.click(send, *send_io, api_name="chat", preprocess=False),
+                     message.submit(send, *send_io, preprocess=False)):  # fmt: skip
+            sent.then(_choices, state, alternatives, preprocess=False, api_visibility="private")  # choices
         decide_inputs = [chatbot, state, run_box]
         approve_btn.click(lambda h, s, r: decide(True, h, s, r), decide_inputs, [chatbot, state], api_name="approve",
                           preprocess=False)  # fmt: skip

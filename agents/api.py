@@ -125,6 +125,17 @@ def _check_fits(doc: dict[str, Any]) -> None:
                      "(more memory per device)" + (f"; {hint}" if hint else ""))  # fmt: skip
 
 
+def _check_budgets(doc: dict[str, Any]) -> None:
+    """A run given --max-hours / --max-gib keeps to them: a plan over a budget is refused, naming what meets it."""
+    over = [r for r in (doc.get("search") or {}).get("reasons", []) if r.startswith("over ")]
+    if over:
+        from agents.plan_alternatives import duration, refusal_hint
+
+        found = f"predicted {duration(doc['wall_time_s'])}, {doc['memory']['total_gib']:,.1f} GiB per device"
+        hint = refusal_hint(doc) or "no plan meets it: raise the budget or lower --target-context"
+        raise ValueError(f"the plan is {' and '.join(over)} ({found}): {hint}")
+
+
 def _check_runnable(spec: Spec, n_devices: int) -> None:
     """What a run needs beyond a plan, checked before its directory exists: weights on disk, the corpus (text in at
     least two files), the devices. (Planning alone needs none of these, so `plan` stays possible for models,
@@ -200,6 +211,7 @@ class Assistant:
         _check_runnable(spec, int(doc["hardware"]["n_devices"]))  # the model, corpus and devices are here
         if any(ref.name == "plan_memory_fits" for s in self.sop.stages for a in s.produces for ref in a.checks):
             _check_fits(doc)
+        _check_budgets(doc)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
         manifest = Manifest(run_dir)

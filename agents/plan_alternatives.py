@@ -120,8 +120,11 @@ def refusal_hint(doc: dict[str, Any]) -> str | None:
     if found.get("smallest_hardware"):
         return f"the smallest hardware that fits it: {found['smallest_hardware']}"
     if found.get("needed_gib"):
-        return (f"no lever fits {doc['target_context']:,} tokens: it needs {found['needed_gib']:,.1f} GiB per device, "
-                "more than any catalog GPU")  # fmt: skip
+        budget = found.get("max_gib") and found["needed_gib"] <= doc["hardware"]["memory_gib"]  # only it is short
+        where = f" within --max-gib {found['max_gib']:g}" if budget else ""
+        beyond = "" if budget else ", more than any catalog GPU"
+        needs = f"{found['needed_gib']:,.1f} GiB per device"
+        return f"no lever fits {doc['target_context']:,} tokens{where}: it needs {needs}{beyond}"
     return None
 
 

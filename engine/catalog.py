@@ -292,18 +292,14 @@ class PublishedRun:
 
 # LongLoRA (Chen et al., ICLR 2024), its efficiency table: Llama-2-7B to 65,536 tokens, 1000 steps of global batch 64
 # on 8 x A100-80GB with S2-Attn, FlashAttention-2 and DeepSpeed: 52.4 hours.
-PUBLISHED_RUNS: tuple[PublishedRun, ...] = (
-    PublishedRun("LongLoRA paper, efficiency table (S2-Attn + FlashAttention-2 + DeepSpeed)", "llama-2-7b", 65536,
-                 1000, 64, "8xA100-80GB", "s2", 52.4),  # fmt: skip
-)
+PUBLISHED_RUNS: tuple[PublishedRun, ...] = (PublishedRun("LongLoRA paper, efficiency table", "llama-2-7b", 65536, 1000,
+                                                         64, "8xA100-80GB", "s2", 52.4),)  # fmt: skip
 # A100 utilisation, fitted on that run (its only free constant): 1000 x 64 x 65,536 tokens x 58,774,781,952 FLOPs a
 # token (engine.plan.train_flops_per_token, S2 ratio 1/4; tests/engine/test_plan_cost.py checks it) in 52.4 h on
 # 8 x 312 TFLOP/s (bf16 dense datasheet peak) = 0.5236 of peak, rounded to 0.52.
 _LONGLORA = PUBLISHED_RUNS[0]
-A100_MFU = round(
-    _LONGLORA.steps * _LONGLORA.global_batch * _LONGLORA.target_context * 58_774_781_952
-    / (_LONGLORA.hours * 3600 * 8 * 312e12), 2
-)  # fmt: skip
+A100_MFU = round(_LONGLORA.steps * _LONGLORA.global_batch * _LONGLORA.target_context * 58_774_781_952
+                 / (_LONGLORA.hours * 3600 * 8 * 312e12), 2)  # fmt: skip
 # H100: no published LoRA run to fit. 790 TFLOP/s is the bf16 matmul peak measured on one H100 SXM; 0.40 of it (316
 # TFLOP/s, 32% of the 989 datasheet peak) follows FlashAttention-3 (Shah et al. 2024), which reports FlashAttention-2
 # at about 35% of the H100's peak. PCIe 5.0 x16 (64 GB/s a direction) links it to the host.
@@ -358,11 +354,10 @@ def default_profile(hardware: str, n_devices: int | None = None) -> str:
     """The run profile a request gets when it names hardware but no profile: smoke (fp32) only on the CPU."""
     if hardware in PROFILE_FOR_HARDWARE:
         return PROFILE_FOR_HARDWARE[hardware]
-    if n_devices is None:
-        try:
-            n_devices = resolve_hardware(hardware).n_devices
-        except ValueError:
-            n_devices = 1
+    try:
+        n_devices = n_devices or resolve_hardware(hardware).n_devices
+    except ValueError:  # "custom" without its fields: the Spec's own check names the problem
+        n_devices = 1
     return "full" if n_devices > 1 else "standard"
 
 

@@ -206,7 +206,7 @@ def search(
             pow2 = 1 << (lower.bit_length() - 1)
             targets = (lower, pow2) if base.arch.native_context < pow2 < lower else (lower,)
             found = _evaluate(base, req, max_hours, max_gib, targets, kwargs)
-        elsewhere = None if result["target_fits"] else smallest_hardware(base)
+        elsewhere = smallest_hardware(base) if needed is None or needed > base.hardware.memory_gib else None
         result.update(largest_target=lower, smallest_hardware=elsewhere)
     ranked = sorted(found, key=lambda a: (a.levers.n_devices != req.n_devices, a.plan.wall_time_s))
     return SearchResult(reasons, tuple(ranked[:top]), **result)

@@ -13,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Measured RoPE scores (engine.rope_choice) are cached per test session, never in the user's ~/.cache
 os.environ.setdefault("LONGPILOT_CACHE", tempfile.mkdtemp(prefix="longpilot-test-cache-"))
+# ...and not measured at all unless a test turns it on: a plan for the real SmolLM2 at 16k would cost minutes
+os.environ.setdefault("LONGPILOT_ROPE_SCORING", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -86,3 +86,13 @@ def test_the_app_offers_the_alternatives_and_adopts_one(tmp_path, tiny_model_dir
     assert "waits for your approval" in reply and state.run_id
     plan = json.loads((chat.runs_dir / state.run_id / "plan.json").read_text())
     assert plan["target_context"] == 2048 and plan["attention_costs"]["full"]["wall_time_s"] > 0
+
+
+def test_a_run_over_its_budget_is_refused_before_its_directory_exists(tmp_path, tiny_model_dir, capsys):
+    run_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_model_dir), "--target-context", "2048", "--profile", "smoke",
+            "--max-steps", "1", "--yes", "--run-dir", str(run_dir), "--max-gib", "0.5"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longpilot: error: the plan is over --max-gib (predicted "), err
+    assert "no lever fits 2,048 tokens within --max-gib 0.5: it needs" in err[0] and not run_dir.exists()

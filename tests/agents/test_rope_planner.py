@@ -47,7 +47,11 @@ def test_the_users_method_wins_and_nothing_is_measured_and_the_prior_says_so():
     assert (prior["method"], prior["by"]) == ("linear", "prior") and "no weights" in prior["reason"]
 
 
-def test_the_plan_stage_measures_chooses_and_shows_the_figures(tmp_path, tiny_model_dir):
+def test_the_plan_stage_measures_chooses_and_shows_the_figures(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("LONGPILOT_ROPE_SCORING", "off")
+    off = make_plan_document(Spec(base_model=str(tiny_model_dir), target_context=2048), tmp_path, measure_rope=True)
+    assert off["rope_choice"]["by"] == "prior" and "LONGPILOT_ROPE_SCORING=off" in off["rope_choice"]["reason"]
+    monkeypatch.setenv("LONGPILOT_ROPE_SCORING", "on")
     spec = Spec(base_model=str(tiny_model_dir), target_context=2048, profile="smoke")
     doc = make_plan_document(spec, tmp_path, measure_rope=True)
     choice = doc["rope_choice"]

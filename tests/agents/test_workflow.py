@@ -91,7 +91,8 @@ def test_retry_changes():
 # ---------------------------------------------------------------- approval and tampering on the real SOP
 
 
-def test_plan_waits_for_approval_and_can_be_rejected(tmp_path, tiny_model_dir):
+def test_plan_waits_for_approval_and_can_be_rejected(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("LONGPILOT_ROPE_SCORING", "on")  # the plan stage measures RoPE (cheap on the tiny model)
     assistant = Assistant(tmp_path)
     waiting = assistant.run(base_model=str(tiny_model_dir), run_dir=tmp_path / "r", **TINY)
     assert waiting.status == "awaiting_approval" and "RoPE choice (measured)" in waiting.plan_card
@@ -280,7 +281,8 @@ def _assert_tensorboard_run(log_dir: Path, run_id: str, steps: int) -> None:
     assert json.loads(events.Tensors("args/text_summary")[0].tensor_proto.string_val[0])["run_name"] == run_id
 
 
-def test_cli_end_to_end_with_exit_codes(tmp_path, tiny_model_dir, capsys):
+def test_cli_end_to_end_with_exit_codes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("LONGPILOT_ROPE_SCORING", "on")  # measured RoPE -> a rope-only row in the report
     run_dir = tmp_path / "run"
     args = ["--model", str(tiny_model_dir), "--target-context", "2048", "--profile", "smoke", "--max-steps", "3"]
     assert main(["plan", *args, "--json"]) == 0
@@ -303,6 +305,10 @@ def test_cli_end_to_end_with_exit_codes(tmp_path, tiny_model_dir, capsys):
                  "train/adapter/adapter_config.json", "passkey_heatmap.png", "ppl_vs_length.png"):  # fmt: skip
         assert (run_dir / name).exists(), name
     assert "quality gates need the standard profile on a GPU" in (run_dir / "report.md").read_text()
+    plan, report = (json.loads((run_dir / f).read_text()) for f in ("plan.json", "eval/eval_report.json"))
+    assert plan["rope_choice"]["by"] == "measured"  # the planner's rope-only scores -> a rope-only PPL row
+    assert report["models"]["rope_only"]["perplexity"]["by_length"]
+    assert f"| rope-only ({plan['rope_method']}) PPL |" in (run_dir / "report.md").read_text()
     assert main(["status", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "passed"
     assert main(["resume", str(run_dir)]) == 0  # a finished run: nothing redone

@@ -19,28 +19,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 
-from agents.app_guards import text_history, uploaded_or_refused, uploads_only  # noqa: E402
-from agents.chat import AssistantChat, ChatState  # noqa: E402
-from agents.errors import first_line  # noqa: E402
-from agents.model_chat import ModelChat  # noqa: E402
-from agents.run_view import list_runs, view_run, zip_atomic  # noqa: E402
-from agents.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR, inside  # noqa: E402
-
-STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
-
-
-def _files_signature(status: str, paths: list[str]) -> tuple:
-    """What the page last received of a run's files: unchanged files are not re-sent (Gradio hashes each one)."""
-    stats = ((p, Path(p).stat()) for p in paths if Path(p).is_file())
-    return (status, *((p, st.st_mtime_ns, st.st_size) for p, st in stats))
-
-
-def _choices(state: ChatState):
-    """The alternatives dropdown for this session: the planner's plans that fit, none chosen yet."""
-    return gr.update(choices=[a["label"] for a in state.alternatives], value=None)
+from agents.ui.app_callbacks import STAGE_COLUMNS, AppCallbacks  # noqa: E402
+from agents.ui.app_guards import uploads_only  # noqa: E402
+from agents.ui.chat import AssistantChat, ChatState  # noqa: E402
+from agents.ui.model_chat import ModelChat  # noqa: E402
+from agents.ui.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR  # noqa: E402
 
 
 def build_app(
@@ -59,48 +44,7 @@ def build_app(
     chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit, allowed_paths=(*allowed_paths, *model_roots),
                          upload_root=upload_root)  # fmt: skip
     model_chat = ModelChat(runs_dir, base_model)
-
-    def send(text, files, history, state):  # not preprocessed: files are FileData dicts (see text_history)
-        history = text_history(history)
-        try:
-            reply, state = chat.message(text, [f["path"] for f in files or []], state)
-        except Exception as err:  # never a stack trace in the chat
-            reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
-        history += [{"role": "user", "content": text or "(files)"}, {"role": "assistant", "content": reply}]
-        return "", None, history, state, state.run_id or gr.skip()  # a question keeps the run being watched
-
-    def adopt(label, history, state):  # one of the planner's plans that fit (not preprocessed: see text_history)
-        history = text_history(history)
-        try:
-            reply, state = chat.adopt(label, state)
-        except Exception as err:
-            reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
-        return history + [{"role": "assistant", "content": reply}], state, state.run_id or gr.skip(), _choices(state)
-
-    def decide(approved: bool, history, state, run_id):  # not preprocessed (see text_history)
-        history = text_history(history)
-        try:
-            reply = chat.approve(state, run_id) if approved else chat.reject(state, run_id)
-        except Exception as err:
-            reply = f"Something went wrong: {type(err).__name__}: {first_line(err)}"
-        return history + [{"role": "assistant", "content": reply}], state
-
-    def poll(run_id, seen=None):
-        empty = (pd.DataFrame(columns=STAGE_COLUMNS), pd.DataFrame({"step": [], "loss": []}), "", "", [], [], "")
-        if not run_id:
-            return (*empty, None)
-        try:
-            run_dir = inside(run_id.strip(), runs_dir)
-        except ValueError as err:
-            return (*empty[:-1], first_line(err), None)
-        if not (run_dir / "run.json").is_file():
-            return (*empty[:-1], f"no run `{run_id}` in {runs_dir}", None)
-        view = view_run(run_dir)
-        losses = pd.DataFrame(view.losses, columns=["step", "loss"])
-        signature = _files_signature(view.status, view.plots + view.downloads)
-        plots, downloads = (gr.skip(), gr.skip()) if signature == seen else (view.plots, view.downloads)
-        return (pd.DataFrame(view.stages, columns=STAGE_COLUMNS), losses, view.log, view.report_md or "",
-                plots, downloads, f"run `{view.run_id}`: **{view.status}**", signature)  # fmt: skip
+    on = AppCallbacks(runs_dir, chat, model_chat, upload_root)
 
     with gr.Blocks(title="LongPilot", analytics_enabled=False) as app:
         gr.Markdown("# LongPilot: extend an LLM's context window with LongLoRA")
@@ -152,73 +96,28 @@ def build_app(
 
         outputs = [stages, loss, log, report, plots, downloads, status_md, files_seen]
         send_io = [message, uploads, chatbot, state], [message, uploads, chatbot, state, run_box]
-        adopt_btn.click(adopt, [alternatives, chatbot, state], [chatbot, state, run_box, alternatives],
+        adopt_btn.click(on.adopt, [alternatives, chatbot, state], [chatbot, state, run_box, alternatives],
                         api_name="adopt", preprocess=False)  # fmt: skip
-        for sent in (send_btn.click(send, *send_io, api_name="chat", preprocess=False),
-                     message.submit(send, *send_io, preprocess=False)):  # fmt: skip
-            sent.then(_choices, state, alternatives, preprocess=False, api_visibility="private")  # choices
+        for sent in (send_btn.click(on.send, *send_io, api_name="chat", preprocess=False),
+                     message.submit(on.send, *send_io, preprocess=False)):  # fmt: skip
+            sent.then(on.choices, state, alternatives, preprocess=False, api_visibility="private")  # choices
         decide_inputs = [chatbot, state, run_box]
-        approve_btn.click(lambda h, s, r: decide(True, h, s, r), decide_inputs, [chatbot, state], api_name="approve",
-                          preprocess=False)  # fmt: skip
-        reject_btn.click(lambda h, s, r: decide(False, h, s, r), decide_inputs, [chatbot, state], api_name="reject",
-                         preprocess=False)  # fmt: skip
-        gr.Timer(2.0).tick(poll, [run_box, files_seen], outputs)
-        run_box.change(lambda r: poll(r), run_box, outputs, api_name="poll")  # a new run: send everything
-
-        def export(run_id):
-            from agents import Assistant
-
-            try:
-                run_dir = inside((run_id or "").strip(), runs_dir)
-                merged = run_dir / "downloads" / "merged"
-                if not merged.is_dir():
-                    Assistant(runs_dir).export(run_dir, merged)
-                zip_atomic(merged, run_dir / "downloads" / "merged.zip")
-            except Exception as err:
-                return (*poll(run_id)[:-2], f"export failed: {first_line(err)}", None)
-            return poll(run_id)
-
-        export_btn.click(export, run_box, outputs)
-        refresh_runs.click(lambda: list_runs(runs_dir), None, runs_table)
-        app.load(lambda: list_runs(runs_dir), None, runs_table)
+        approve_btn.click(lambda h, s, r: on.decide(True, h, s, r), decide_inputs, [chatbot, state],
+                          api_name="approve", preprocess=False)  # fmt: skip
+        reject_btn.click(lambda h, s, r: on.decide(False, h, s, r), decide_inputs, [chatbot, state],
+                         api_name="reject", preprocess=False)  # fmt: skip
+        gr.Timer(2.0).tick(on.poll, [run_box, files_seen], outputs)
+        run_box.change(lambda r: on.poll(r), run_box, outputs, api_name="poll")  # a new run: send everything
+        export_btn.click(on.export, run_box, outputs)
+        refresh_runs.click(on.list_runs, None, runs_table)
+        app.load(on.list_runs, None, runs_table)
         open_btn.click(lambda r: r, open_id, run_box)
-
-        def resume(run_id):
-            if not (run_id or "").strip():
-                return "Give a run id."
-            try:
-                return chat.resume(run_id.strip())
-            except Exception as err:
-                return f"Cannot resume: {first_line(err)}"
-
-        resume_btn.click(resume, open_id, runs_msg)
-        refresh_models.click(lambda: gr.Dropdown(choices=model_chat.choices()), None, choice)
-        app.load(lambda: gr.Dropdown(choices=model_chat.choices()), None, choice)  # runs finished since start-up
-
-        def load_doc(path):
-            if not path:
-                return gr.skip()
-            doc = uploaded_or_refused(path, upload_root)
-            if doc.stat().st_size > 2 * 2**20:
-                return "(file over 2 MiB: paste an excerpt instead)"
-            return doc.read_text(errors="replace")
-
-        doc_file.change(load_doc, doc_file, document)
-
-        def count(choice_, document_, question_):
-            try:
-                return model_chat.count(choice_, document_, question_)
-            except Exception as err:
-                return f"cannot load {choice_}: {first_line(err)}"
-
-        def ask_model(choice_, document_, question_):
-            try:
-                yield from model_chat.answer(choice_, document_, question_)
-            except Exception as err:
-                yield f"Could not answer: {type(err).__name__}: {first_line(err)}"
-
-        ask.click(count, [choice, document, question], tokens, api_name="count")
-        ask.click(ask_model, [choice, document, question], answer, api_name="ask")
+        resume_btn.click(on.resume, open_id, runs_msg)
+        refresh_models.click(on.model_choices, None, choice)
+        app.load(on.model_choices, None, choice)  # runs finished since start-up
+        doc_file.change(on.load_doc, doc_file, document)
+        ask.click(on.count, [choice, document, question], tokens, api_name="count")
+        ask.click(on.ask_model, [choice, document, question], answer, api_name="ask")
     return app
 
 

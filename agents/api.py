@@ -23,8 +23,7 @@ from typing import Any
 
 from langgraph.types import Command
 
-from agents.run_lock import driving
-from agents.workflow import (
+from agents.workflow.graph import (
     RUN_FILE,
     Roles,
     build_graph,
@@ -36,6 +35,7 @@ from agents.workflow import (
     set_aside_damaged_checkpoints,
     write_run_file,
 )
+from agents.workflow.run_lock import driving
 from sop.loader import DEFAULT_SOP, load_sop
 from sop.manifest import Manifest, iso_now
 from sop.schemas import Spec
@@ -114,7 +114,7 @@ def _check_fits(doc: dict[str, Any]) -> None:
     total, hw = doc["memory"]["total_gib"], doc["hardware"]
     if total <= hw["memory_gib"]:
         return
-    from agents.plan_alternatives import refusal_hint
+    from agents.roles.plan_alternatives import refusal_hint
 
     fixes = ["lower --target-context"]
     if doc["profile"]["per_device_batch_size"] > 1:
@@ -129,7 +129,7 @@ def _check_budgets(doc: dict[str, Any]) -> None:
     """A run given --max-hours / --max-gib keeps to them: a plan over a budget is refused, naming what meets it."""
     over = [r for r in (doc.get("search") or {}).get("reasons", []) if r.startswith("over ")]
     if over:
-        from agents.plan_alternatives import duration, refusal_hint
+        from agents.roles.plan_alternatives import duration, refusal_hint
 
         found = f"predicted {duration(doc['wall_time_s'])}, {doc['memory']['total_gib']:,.1f} GiB per device"
         hint = refusal_hint(doc) or "no plan meets it: raise the budget or lower --target-context"
@@ -168,12 +168,12 @@ class Assistant:
     def __init__(self, runs_dir: str | Path = "runs", *, sop_path: str | Path = DEFAULT_SOP, llm=None) -> None:
         self.runs_dir = Path(runs_dir)
         self.sop = load_sop(sop_path)
-        self.llm = llm  # an agents.llm.LLMClient, or None for fully deterministic roles
+        self.llm = llm  # an agents.llm.client.LLMClient, or None for fully deterministic roles
 
     # -------------------------------------------------------------- planning only
     def plan(self, spec: Spec | None = None, **fields: Any) -> PlanResult:
         """Plan without running anything (no run directory is created)."""
-        from agents.planner import make_plan_document, plan_card
+        from agents.roles.planner import make_plan_document, plan_card
         from sop.checks import CheckContext, run_check
         from sop.schemas import Plan
 
@@ -202,7 +202,7 @@ class Assistant:
                 above engine.plan.MAX_TARGET_CONTEXT), a plan that does not fit its hardware, a corpus without text
                 in two files, devices not here, or a run directory that cannot be made (a file in its place).
         """
-        from agents.planner import make_plan_document
+        from agents.roles.planner import make_plan_document
 
         spec = spec or Spec(**fields)
         run_dir = Path(run_dir) if run_dir else self.runs_dir / new_run_id(spec)

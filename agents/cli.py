@@ -18,7 +18,7 @@ import pydantic
 
 from agents.cli_eval import add_eval_parser, run_eval
 from agents.errors import described, first_line
-from agents.quiet import log_level, quiet_third_party, setup_logging
+from agents.ui.quiet import log_level, quiet_third_party, setup_logging
 from engine.catalog import PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES
 from engine.tracking import TRACKERS, check_tracker
 
@@ -62,7 +62,7 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--quiet and --verbose for the commands that run models (agents.quiet says what is filtered and why)."""
+    """--quiet and --verbose for the commands that run models (agents.ui.quiet says what is filtered and why)."""
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     loud.add_argument("-v", "--verbose", action="store_true",
@@ -133,7 +133,7 @@ def _spec_from_args(args: argparse.Namespace):
 
     fields: dict = {}
     if args.request:
-        from agents.request import parse_request
+        from agents.llm.request import parse_request
 
         parsed = parse_request(args.request, {"corpus": args.corpus} if args.corpus else None)
         if parsed.problems:
@@ -179,7 +179,7 @@ def _custom_hardware(text: str) -> dict:
 
 
 def _llm_for(spec):
-    from agents.llm import LLMClient, LLMSettings
+    from agents.llm.client import LLMClient, LLMSettings
 
     settings = LLMSettings.from_env_and_flags(spec.llm_base_url, spec.llm_model)
     return LLMClient(settings) if settings is not None else None
@@ -192,7 +192,7 @@ def _assistant(spec=None, runs_dir: str = "runs"):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from agents.revise import describe_revision, is_revision, revise_plan
+    from agents.llm.revise import describe_revision, is_revision, revise_plan
 
     # --model and --target-context given: a --request that reads as a revision ("use rank 16") revises that plan
     revision = args.request if args.model and args.target_context and is_revision(args.request) else None
@@ -217,7 +217,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _view(args: argparse.Namespace):
     """The progress view the output flags ask for: live on a terminal, plain lines otherwise, nothing with -q."""
-    from agents.progress import ProgressView
+    from agents.ui.progress import ProgressView
 
     plain = getattr(args, "no_progress", False)
     return ProgressView(mode="quiet" if args.quiet else "plain" if plain else None, verbose=args.verbose)
@@ -265,7 +265,7 @@ def _resume(args: argparse.Namespace) -> int:
     check_tracker(spec.report_to)
     assistant, view = _assistant(spec, str(run_dir.parent)), _view(args)
     if args.request:  # revise the waiting plan: a new run, planned (RoPE measured) and waiting, the old one rejected
-        from agents.revise import revise_run
+        from agents.llm.revise import revise_run
 
         result, changes = revise_run(assistant, run_dir, args.request)
         print("Revised plan:\n" + "\n".join(f"  - {line}" for line in changes))

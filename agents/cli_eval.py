@@ -8,7 +8,7 @@ import sys
 
 from rich.markup import escape
 
-from agents.progress import ProgressView
+from agents.ui.progress import ProgressView
 
 
 def _key_value(text: str) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """Answer one question about a document with a loaded model: the prompt in the training layout, greedy streaming.
 
-Why in the engine: building tensors and calling `generate` is model work; the app's Model chat (agents/model_chat.py)
+Why in the engine: building tensors and calling `generate` is model work; the app's Model chat (agents.ui.model_chat)
 only picks the model and relays text. Greedy decoding keeps a chat answer reproducible for the same model and input.
 """
 

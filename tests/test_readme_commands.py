@@ -165,7 +165,7 @@ def _manifest_all_passed(run_dir: Path) -> None:
 def _check_demo(r: Result, ctx: dict) -> None:
     demo = Path(ctx["demo"])
     assert (demo / "report.md").is_file() and "passed" in r.out, r.tail()
-    # about one screen, every stage named, none of the libraries' warnings or bars (agents.quiet)
+    # about one screen, every stage named, none of the libraries' warnings or bars (agents.ui.quiet)
     assert len((r.out + r.err).splitlines()) <= 40 and "Warning" not in r.out + r.err and "it/s" not in r.err, r.tail()
     assert all(f">> {stage} " in r.out for stage in ("plan", "prepare_data", "train", "evaluate", "report")), r.out
     _manifest_all_passed(demo)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.chat import AssistantChat, ChatState, first_line
-from agents.run_lock import RunBusyError, driving, is_driven
-from agents.run_view import list_runs, view_run
-from agents.uploads import NotUploadedError, safe_name, store_uploads, uploaded_file
+from agents.ui.chat import AssistantChat, ChatState, first_line
+from agents.ui.run_view import list_runs, view_run
+from agents.ui.uploads import NotUploadedError, safe_name, store_uploads, uploaded_file
+from agents.workflow.run_lock import RunBusyError, driving, is_driven
 
 
 class RecordingWorkers:
@@ -214,7 +214,7 @@ def test_store_uploads_and_chat_refuse_files_from_outside_the_upload_folder(uplo
 
 def test_status_hashes_the_artifacts_again_and_shows_a_changed_one(tmp_path, capsys):
     from agents.cli import main
-    from agents.workflow import write_run_file
+    from agents.workflow.graph import write_run_file
     from sop.manifest import Manifest
 
     run_dir = tmp_path / "runs" / "r1"

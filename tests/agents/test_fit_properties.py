@@ -12,8 +12,8 @@ import itertools
 
 import pytest
 
-from agents.evaluator import _longqa_cap
-from agents.planner import evaluation_settings, fit_to_tokenizer
+from agents.roles.evaluator import _longqa_cap
+from agents.roles.planner import evaluation_settings, fit_to_tokenizer
 from engine.data.build import DataConfig, check_buildable, prepare_data, short_range_for
 from engine.evaluate.passkey import passkey_items
 from engine.evaluate.ruler import ruler_items

@@ -1,4 +1,4 @@
-"""agents/llm.py against a real local chat-completions server with scripted replies (no live API, no SDK patching)."""
+"""agents.llm.client against a local chat-completions server with scripted replies (no live API, no SDK patching)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pydantic
 import pytest
 
-from agents.llm import (
+from agents.llm.client import (
     NO_KEY,
     LLMClient,
     LLMOutputError,

@@ -1,5 +1,5 @@
-"""The console view of a run (agents.progress) in its three modes, from synthetic events, and the entry-point filter
-of third-party noise (agents.quiet). The CLI paths are exercised end to end in test_workflow and test_evaluate."""
+"""The console view of a run (agents.ui.progress) in its three modes, from synthetic events, and the entry-point filter
+of third-party noise (agents.ui.quiet). The CLI paths are exercised end to end in test_workflow and test_evaluate."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import warnings
 
 from rich.console import Console
 
-import agents.progress as progress
-from agents.progress import ProgressView, duration
-from agents.quiet import QUIET_ENV, quiet_third_party
+import agents.ui.progress as progress
+from agents.ui.progress import ProgressView, duration
+from agents.ui.quiet import QUIET_ENV, quiet_third_party
 
 CHECKS_OK = [{"name": "train_completed", "passed": True, "detail": "status completed, 4 of 4 steps"}]
 CHECK_BAD = {"name": "train_loss_finite", "passed": False, "detail": "loss nan at step 3"}

@@ -103,7 +103,7 @@ def test_a_toy_eval_task_runs_through_the_workflow(tmp_path, tiny_model_dir):
         ctx.run.progress(1, f"{ctx.model.name}: toy_context")(1)
         return {"context": ctx.model.context, "native": ctx.native}
 
-    from agents.evaluator import _figures
+    from agents.roles.evaluator import _figures
 
     try:
         assistant = Assistant(tmp_path)

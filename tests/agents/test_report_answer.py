@@ -1,9 +1,9 @@
 """report.md leads with the answer: the models side by side at each length, the regression row, the gate's checks
-(engine.evaluate.summary), and a first sentence that says what the profile proves (agents.evaluator._answer)."""
+(engine.evaluate.summary), and a first sentence that says what the profile proves (agents.roles.evaluator._answer)."""
 
 from __future__ import annotations
 
-from agents.evaluator import _answer
+from agents.roles.evaluator import _answer
 from engine.evaluate.summary import comparison_markdown, gates_markdown
 
 GATE = {"passed": False, "checks": [

@@ -1,4 +1,4 @@
-"""agents.request: chat phrasings -> exact Spec fields, problems and questions; names pinned to engine.plan's."""
+"""agents.llm.request: chat phrasings -> exact Spec fields, problems and questions; names pinned to engine.plan's."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import request
-from agents.request import QUESTIONS, describe_spec, parse_request
+from agents.llm import request
+from agents.llm.request import QUESTIONS, describe_spec, parse_request
 from sop.schemas import Profile, Spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,5 +213,5 @@ def test_names_come_from_the_one_catalog():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, agents.request, engine; sys.exit('torch' in sys.modules or 'engine.plan' in sys.modules)"
+    code = "import sys, agents.llm.request, engine; sys.exit('torch' in sys.modules or 'engine.plan' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

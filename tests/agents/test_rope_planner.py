@@ -1,12 +1,12 @@
-"""The planner's RoPE decision (agents.rope_planner): the rule over scores, the plan it writes, the report table."""
+"""The planner's RoPE decision (agents.roles.rope_planner): the rule over scores, the plan it writes, the report."""
 
 from __future__ import annotations
 
 import json
 
 from agents.cli import main
-from agents.planner import make_plan_document, plan_card
-from agents.rope_planner import PI_RECOVERY_STEPS, choose_rope
+from agents.roles.planner import make_plan_document, plan_card
+from agents.roles.rope_planner import PI_RECOVERY_STEPS, choose_rope
 from engine.evaluate.rope_effect import rope_effect_rows, rope_effect_table
 from sop.schemas import Plan, Spec
 

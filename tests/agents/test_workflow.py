@@ -187,7 +187,7 @@ def test_an_unreadable_checkpoint_database_is_rebuilt_from_the_run_files(tmp_pat
 
 
 def test_rebuilt_state_replays_the_retry_changes_of_past_attempts(tmp_path, tiny_model_dir):
-    from agents.workflow import rebuild_state
+    from agents.workflow.graph import rebuild_state
     from sop.manifest import Manifest
 
     assistant = Assistant(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import agents.workflow  # noqa: F401  (the roles register the stage actions the SOP names)
+import agents.workflow.graph  # noqa: F401  (the roles register the stage actions the SOP names)
 from sop import CHECKS, CheckContext, Manifest, SopError, TamperedArtifactError, load_sop, run_check, sha256_path
 from sop.loader import DEFAULT_SOP, SOP_DIR
 from sop.schemas import SCHEMAS, DataCard, EvalReport, FinalReport, Plan, Spec, TrainSummary
@@ -127,7 +127,7 @@ def test_manifest_shape_and_tamper_detection(tmp_path):
 
 
 def _plan_doc(**changes) -> dict:
-    from agents.planner import make_plan_document
+    from agents.roles.planner import make_plan_document
 
     doc = make_plan_document(Spec(base_model="smollm2-135m", target_context=16384), Path("runs/x"))
     for key, value in changes.items():

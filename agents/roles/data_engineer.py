@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.files import move_aside
+from agents.workflow.files import move_aside
 from sop.schemas import Spec
 from sop.stages import StageContext, stage_action
 
@@ -25,7 +25,7 @@ def prepare(
     shutil.rmtree(run_dir / "data.partial", ignore_errors=True)  # prepare_data's own scratch space
     proposer = None
     if llm is not None and spec.corpus:
-        from agents.llm import qa_proposer
+        from agents.llm.client import qa_proposer
 
         proposer = qa_proposer(llm)
     cfg = DataConfig(

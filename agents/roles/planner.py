@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agents.plan_alternatives import card_lines, lever_kwargs, search_document
-from agents.rope_planner import rope_card_lines
+from agents.roles.plan_alternatives import card_lines, lever_kwargs, search_document
+from agents.roles.rope_planner import rope_card_lines
 from sop.schemas import Plan, Spec
 from sop.stages import StageContext, stage_action
 
@@ -109,7 +109,7 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
 def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = False) -> dict[str, Any]:
     """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory.
 
-    `measure_rope` scores the RoPE candidates rope-only before choosing (agents.rope_planner; minutes on a CPU for
+    `measure_rope` scores the RoPE candidates rope-only before choosing (rope_planner; minutes on a CPU for
     a 135M model at 16k): the run's plan stage does, `plan` and the run's pre-checks use the rule's prior.
     """
     from engine.catalog import custom_hardware
@@ -150,9 +150,9 @@ def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = 
 
 
 def _rope_choice(spec: Spec, doc: dict[str, Any], measure: bool) -> dict[str, Any]:
-    """How the run extends RoPE (agents.rope_planner): the user's method, measured candidates, or the prior."""
-    from agents.rope_planner import choose_rope
-    from agents.rope_planner import measure as measure_candidates
+    """How the run extends RoPE (agents.roles.rope_planner): the user's method, measured candidates, or the prior."""
+    from agents.roles.rope_planner import choose_rope
+    from agents.roles.rope_planner import measure as measure_candidates
 
     steps = int(doc["train_config"]["max_steps"])
     if spec.rope_method or not measure:

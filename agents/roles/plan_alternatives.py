@@ -1,7 +1,7 @@
 """The planner's levers and alternatives in the agents' terms: a Spec's lever fields for make_plan, the search's
 plans as plan-document entries with the exact `longpilot` command for each, and their lines on the plan card.
 
-Why apart from agents.planner: the search answers in engine terms (Levers, a Plan); the user acts through the CLI,
+Why apart from the planner: the search answers in engine terms (Levers, a Plan); the user acts through the CLI,
 the API and the app, so each alternative must carry the command that reproduces it and the Spec fields the app
 adopts. Those translations live here once.
 """

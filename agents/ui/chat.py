@@ -12,12 +12,12 @@ from typing import Any
 import pydantic
 
 from agents.api import Assistant, new_run_id
-from agents.background import BackgroundRuns
 from agents.errors import first_line
-from agents.request import describe_spec, parse_request
-from agents.run_lock import RunBusyError, driving, is_driven
-from agents.uploads import inside, store_uploads
-from agents.workflow import RUN_FILE, read_run_file, write_run_file
+from agents.llm.request import describe_spec, parse_request
+from agents.ui.uploads import inside, store_uploads
+from agents.workflow.background import BackgroundRuns
+from agents.workflow.graph import RUN_FILE, read_run_file, write_run_file
+from agents.workflow.run_lock import RunBusyError, driving, is_driven
 from sop.schemas import Spec
 
 
@@ -103,8 +103,8 @@ class AssistantChat:
         return self._start(parsed.spec, state, problems)
 
     def _revise(self, text: str, state: ChatState) -> str | None:
-        """Revise this session's waiting plan (agents.revise); None when the text asks no change of it."""
-        from agents.revise import read_revision, revise_run
+        """Revise this session's waiting plan (agents.llm.revise); None when the text asks no change of it."""
+        from agents.llm.revise import read_revision, revise_run
 
         run_dir = self.runs_dir / str(state.run_id)
         if not (run_dir / "spec.json").is_file() or read_run_file(run_dir).get("status") != "awaiting_approval":

@@ -1,8 +1,9 @@
 """Plan revision in conversation: "use rank 16", "only 2 GPUs", "finish in 10 hours", "what if 64k instead?".
 
 A revision is a change to the current Spec, read from a sentence: first by the deterministic rules below (offline,
-reproducible), then, for what they leave unread, by the configured LLM (agents.llm, a `RevisionDraft`). The revised
-Spec is planned again and the two plans are compared fact by fact, so the user sees what changed and what it costs:
+reproducible), then, for what they leave unread, by the configured LLM (agents.llm.client, a `RevisionDraft`).
+The revised Spec is planned again and the two plans are compared fact by fact, so the user sees what changed and
+what it costs:
 `LoRA rank 8 -> 16 (you asked: "use rank 16"); trainable 1,234 -> 2,468 (+4.7 MB in fp32); memory ...; time ...`.
 
 Rules (each match is blanked so one number is read once):
@@ -24,7 +25,7 @@ from typing import Any
 
 import pydantic
 
-from agents.plan_alternatives import duration
+from agents.roles.plan_alternatives import duration
 from sop.schemas import Spec
 
 _RANK = re.compile(r"\b(?:lora\s+)?(?:rank|r)\s*(?:=|of|to)?\s*(\d{1,4})\b")
@@ -237,7 +238,7 @@ def revise_run(assistant, run_dir, text: str, *, approve: bool | None = None, on
     from pathlib import Path
 
     from agents.api import new_run_id
-    from agents.workflow import read_run_file
+    from agents.workflow.graph import read_run_file
 
     run_dir = Path(run_dir)
     if read_run_file(run_dir).get("status") != "awaiting_approval":

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.files import move_aside
+from agents.workflow.files import move_aside
 from sop.schemas import FinalReport, Spec
 from sop.stages import StageContext, stage_action
 
@@ -89,7 +89,7 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
 
 def _rope_section(plan: dict[str, Any], report: dict[str, Any]) -> list[str]:
     """report.md's "what came from RoPE, what from training" table, and how the planner chose the method."""
-    from agents.rope_planner import score_line
+    from agents.roles.rope_planner import score_line
     from engine.evaluate.rope_effect import rope_effect_table
 
     table = rope_effect_table(report, plan["rope_method"])
@@ -132,7 +132,7 @@ def _plot_links(plots: dict[str, str]) -> list[str]:
 def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, narrative: str | None = None) -> Path:
     """report.md, answer first (the verdict, one table of the models at each length, the gate's checks, the plots;
     then what the profile proves, training, the full figures) and final_report.json (the facts, schema-checked)."""
-    from agents.planner import attention_phrase
+    from agents.roles.planner import attention_phrase
     from engine.evaluate.summary import comparison_markdown, gates_markdown, summary_table
 
     report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
@@ -203,7 +203,7 @@ def report_stage(ctx: StageContext) -> None:
     narrative = None
     if ctx.llm is not None:
         from agents.errors import first_line
-        from agents.llm import LLMError, narrate
+        from agents.llm.client import LLMError, narrate
 
         figures = json.loads((ctx.run_dir / "eval" / "eval_report.json").read_text())["comparison"]
         try:

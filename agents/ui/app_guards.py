@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from agents.uploads import NotUploadedError, safe_name, uploaded_file
+from agents.ui.uploads import NotUploadedError, safe_name, uploaded_file
 
 
 def uploaded_or_refused(path, root: Path) -> Path:

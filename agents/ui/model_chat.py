@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from agents.uploads import inside
+from agents.ui.uploads import inside
 
 
 class ModelChat:

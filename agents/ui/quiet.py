@@ -7,7 +7,7 @@ environment variable. What is filtered, and why it says nothing to a LongPilot u
     huggingface_hub, torch and deepspeed (e.g. the `gradient_checkpointing*` renames, `is_gradient_checkpointing`,
     peft's "Could not find a config file" for the embedded GGUF model): settings LongPilot chose, not the user;
   - their progress bars (GGUF de-quantisation, "Loading weights", Datasets' shard bars): our own view says what
-    each stage is doing (agents.progress);
+    each stage is doing (agents.ui.progress);
   - their INFO/WARNING log lines (errors still show).
 The environment variables are the libraries' own switches, read when they are imported, so a library imported
 later by this process or by a launched training process (torchrun) is quiet too; libraries already imported are

@@ -23,10 +23,10 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
-from agents import data_engineer, evaluator, planner, trainer  # noqa: F401  (importing registers their stages)
 from agents.errors import described
-from agents.files import read_complete_jsonl
-from agents.run_lock import driving
+from agents.roles import data_engineer, evaluator, planner, trainer  # noqa: F401  (importing registers their stages)
+from agents.workflow.files import read_complete_jsonl
+from agents.workflow.run_lock import driving
 from engine.checks import CheckResult
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
 from sop.loader import Sop, StageSpec

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.files import move_aside, read_complete_jsonl
+from agents.workflow.files import move_aside, read_complete_jsonl
 from sop.schemas import Spec
 from sop.stages import StageContext, stage_action
 

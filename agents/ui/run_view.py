@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.workflow import read_events, read_run_file
+from agents.workflow.graph import read_events, read_run_file
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Understanding requests: the deterministic request parser and the optional OpenAI-compatible LLM client."""

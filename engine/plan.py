@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.catalog import (
+    ATTENTION_MODES,
     BASE_MODEL_REFS,
     BUILTIN_ARCHS,
     HARDWARE,
@@ -45,7 +46,6 @@ CHECKPOINT_RECOMPUTE = 4 / 3
 # and the gradient w.r.t. the logits (4 + 4 + 4 bytes per logit) are alive together at the start of backward.
 LOSS_BYTES_PER_LOGIT = 12
 ZERO_STAGES = ("zero2", "zero3", "zero3_offload")  # engine/deepspeed/<stage>.json, cheapest first
-ATTENTION_MODES = ("s2", "full")  # training attention: S2-Attn (LongLoRA) or dense causal (its use_full_attn)
 # The longest target planned (16,777,216 tokens): 16x the ~1M-token contexts that LongLoRA-style fine-tunes reach.
 # Already there a 135M model needs 1,172 GiB per H100; past it the numbers stop meaning anything (a custom profile
 # can claim any memory) and the data and evaluation would need billions of tokens of text.

@@ -11,13 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.catalog import PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES, default_profile
+from engine.catalog import ATTENTION_MODES, PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES, default_profile
 from engine.tracking import TRACKERS
 
 Profile = Literal[PROFILE_NAMES]  # type: ignore[valid-type]  # engine.catalog names them once
 Device = Literal["auto", "cpu", "cuda"]
 RopeMethod = Literal[ROPE_METHODS]  # type: ignore[valid-type]  # engine.catalog names them once
 TrainMix = Literal[TRAIN_MIXES]  # type: ignore[valid-type]  # engine.catalog names them once
+Attention = Literal[ATTENTION_MODES]  # type: ignore[valid-type]  # engine.catalog names them once
 Tracker = Literal[TRACKERS]  # type: ignore[valid-type]  # engine.tracking names them once
 
 
@@ -41,7 +42,7 @@ class Spec(_Strict):
         None, description="for hardware=custom: n_devices (whole number), memory_gib, peak_tflops, mfu"
     )
     device: Device = Field("auto", description="where the engine runs: auto picks CUDA when available")
-    attention: Literal["s2", "full"] = Field(
+    attention: Attention = Field(
         "s2", description="training attention: s2 (S2-Attn, LongLoRA) or full (dense causal, its use_full_attn)"
     )
     train_mix: TrainMix = Field(
@@ -100,7 +101,7 @@ class Plan(_Strict):
     rope_factor: float = Field(gt=1.0)
     group_size_ratio: float = Field(gt=0, le=1)
     group_size: int
-    attention: Literal["s2", "full"] = "s2"
+    attention: Attention = "s2"
     lora: dict[str, Any]
     trainable: dict[str, int]
     deepspeed_stage: str

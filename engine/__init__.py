@@ -10,6 +10,8 @@ transformers under the name `s2_attention`.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
@@ -42,6 +44,22 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = sorted(_EXPORTS)
+# Verbs named like the modules that define them: importing `engine.train` would otherwise set the package attribute
+# `train` to the module (the import system does that for every submodule), shadowing the function.
+_VERBS_NAMED_LIKE_MODULES = frozenset({"train", "evaluate"})
+
+
+class _EnginePackage(types.ModuleType):
+    """The package keeps `engine.train` / `engine.evaluate` as the functions; the modules stay importable by name
+    (`from engine.train import TrainConfig`, `sys.modules`), which is how every caller reaches them."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _VERBS_NAMED_LIKE_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _EnginePackage
 
 
 def __getattr__(name: str) -> Any:

@@ -45,3 +45,19 @@ def test_no_monkey_patching_of_transformers_classes():
     for path in (ROOT / "engine").glob("*.py"):
         text = path.read_text()
         assert ".forward =" not in text and "LlamaAttention" not in text, path.name
+
+
+def test_the_four_verbs_are_functions_even_after_their_modules_are_imported():
+    """engine.train and engine.evaluate are also module names; the package attribute must stay the function."""
+    import subprocess
+    import sys
+
+    code = (
+        "import inspect, engine.train, engine.evaluate, engine.plan, engine.data\n"
+        "from engine.train import TrainConfig\n"
+        "from engine import evaluate, make_plan, prepare_data, train\n"
+        "assert all(inspect.isfunction(f) for f in (train, evaluate, make_plan, prepare_data)), "
+        "(train, evaluate, make_plan, prepare_data)\n"
+        "assert engine.train is train and TrainConfig.__module__ == 'engine.train_config'\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

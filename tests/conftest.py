@@ -21,22 +21,16 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-import engine  # noqa: E402,F401  (registers s2_attention)
+import engine.s2attn  # noqa: E402,F401  (registers s2_attention; `import engine` alone is lazy)
 from engine.train import TrainConfig  # noqa: E402
 
 
-def tiny_llama_config(
-    *,
-    heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int = 16,
-    layers: int = 2,
-    vocab: int = 128,
-    context: int = 64,
+def tiny_shape(
+    *, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, layers: int = 2, vocab: int = 128, context: int = 64,
     tie: bool = True,
-) -> LlamaConfig:
-    """A 2-layer Llama small enough for float64 reference checks on CPU."""
-    return LlamaConfig(
+) -> dict:
+    """The config fields every tiny test model shares (Llama and the other families of tests/families.py)."""
+    return dict(
         vocab_size=vocab,
         hidden_size=heads * head_dim,
         intermediate_size=2 * heads * head_dim,
@@ -51,6 +45,11 @@ def tiny_llama_config(
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def tiny_llama_config(**knobs) -> LlamaConfig:
+    """A 2-layer Llama small enough for float64 reference checks on CPU (knobs: see `tiny_shape`)."""
+    return LlamaConfig(**tiny_shape(**knobs))
 
 
 def tiny_llama(seed: int = 0, attn: str = "sdpa", **kwargs) -> torch.nn.Module:

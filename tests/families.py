@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
-from tests.conftest import tiny_llama_config
+from tests.conftest import tiny_llama_config, tiny_shape
 
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -32,21 +32,8 @@ def tiny_family_config(
         return tiny_llama_config(
             heads=heads, kv_heads=kv_heads, head_dim=head_dim, layers=layers, vocab=vocab, context=context, tie=tie
         )
-    shape = dict(
-        vocab_size=vocab,
-        hidden_size=heads * head_dim,
-        intermediate_size=2 * heads * head_dim,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=context,
-        tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    shape = tiny_shape(heads=heads, kv_heads=kv_heads, head_dim=head_dim, layers=layers, vocab=vocab, context=context,
+                       tie=tie)  # fmt: skip
     if family == "mistral":
         return MistralConfig(**shape, sliding_window=None)
     if family == "qwen2":

@@ -28,6 +28,7 @@ class TrainConfig:
     rope_method: str = "linear"
     s2_group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO
     use_s2_attention: bool = True  # False = full-attention LoRA+ (the paper's comparison)
+    sequence_parallel_size: int = 1  # Ulysses SP degree: ranks that share one sequence (DeepSpeed ALST); 1 = off
     lora: LoraPlusConfig = field(default_factory=LoraPlusConfig)
     max_steps: int = 1000
     per_device_batch_size: int = 1
@@ -56,6 +57,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "save_steps",
             "target_context",
+            "sequence_parallel_size",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"`{name}` must be positive, got {getattr(self, name)}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.byte_tokenizer import byte_tokenizer
 from bench.gpu_parts.budget import Budget, BudgetExhausted
 from bench.gpu_parts.training import TokenRows, llama_config, train_row
 from engine.plan import ArchConfig
@@ -48,20 +49,6 @@ class ExtensionShapes:
 GPU_SHAPES = ExtensionShapes("smollm2-135m", 32768, "cuda", 3, 190.0, 2000)
 TINY_SHAPES = ExtensionShapes(None, 1024, "cpu", 2, 20.0, 2)
 TINY_ARCH = ArchConfig(64, 128, 2, 4, 2, 16, 0, 256, 10000.0, True, "tiny-llama-byte-tokenizer")
-
-
-def byte_tokenizer():
-    """One token per byte plus <eos> (as tests/engine/evaluate_fakes.py): the tiny run's tokenizer. The embedded
-    SmolLM2 one would cost a GGUF conversion (10-20 s on a loaded 2-core CPU) and a 49,152-row embedding."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 def tiny_model_dir(path: Path, native: int) -> Path:

@@ -6,21 +6,9 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import PreTrainedTokenizerFast
+from bench.byte_tokenizer import BYTE_VOCAB, byte_tokenizer
 
-BYTE_VOCAB = 257  # 256 byte symbols + <eos>
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte, so lengths in tokens are lengths in bytes (easy to reason about in tests)."""
-    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+__all__ = ["BYTE_VOCAB", "byte_tokenizer"]  # re-exported: the tests import them from here
 
 
 def oracle_answer(prompt: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from engine.export_config import write_tool_config
 from engine.models import ModelSource
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ def merge_to_model_dir(
     """Merge LoRA and swap in trained embed/norm copies, then save a standalone safetensors model directory.
 
     The saved config carries the RoPE scaling and plain `attn_implementation` defaults, so
-    `AutoModelForCausalLM.from_pretrained(out_dir)` is all a user needs.
+    `AutoModelForCausalLM.from_pretrained(out_dir)` is all a user needs; `engine.export_config` adds the 4.x
+    `rope_scaling`/`rope_theta` spelling that vLLM and llama.cpp's converter read.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +235,7 @@ def merge_to_model_dir(
         if getattr(merged.config, attr, None) is not None:
             delattr(merged.config, attr)
     merged.save_pretrained(out, safe_serialization=True)
+    write_tool_config(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     log.info("merged model saved to %s", out)

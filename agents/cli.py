@@ -77,6 +77,8 @@ def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size-ratio", type=float, default=None, help="S2-Attn group G = L x ratio (default 0.25)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
                    help="keep every layer's activations (faster, far more memory)")  # fmt: skip
+    p.add_argument("--sequence-parallel", type=int, default=None, metavar="P",
+                   help="Ulysses sequence parallelism: P GPUs share each sequence (DeepSpeed ALST; default 1)")
     p.add_argument("--max-hours", type=float, default=None, help="time budget: list the plans within it")
     p.add_argument("--max-gib", type=float, default=None, help="memory budget per device: list the plans within it")
 
@@ -145,7 +147,8 @@ def _spec_from_args(args: argparse.Namespace):
              "grad_accum": args.grad_accum, "train_mix": args.train_mix, "rope_method": args.rope_method,
              "report_to": getattr(args, "report_to", None), "precision": args.precision, "lora_rank": args.lora_rank,
              "group_size_ratio": args.group_size_ratio, "gradient_checkpointing": args.gradient_checkpointing,
-             "max_hours": args.max_hours, "max_gib": args.max_gib}  # fmt: skip
+             "sequence_parallel": args.sequence_parallel, "max_hours": args.max_hours,
+             "max_gib": args.max_gib}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     if str(fields.get("hardware", "")).startswith("custom:"):
         fields["hardware"], fields["custom_hardware"] = "custom", _custom_hardware(fields["hardware"])

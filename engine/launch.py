@@ -26,8 +26,11 @@ LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
-def worker_command(config_path: str) -> list[str]:
-    return ["-m", "engine.launch", "train", "--config", config_path]
+def worker_command(config_path: str, sequence_parallel: int = 1) -> list[str]:
+    """What each worker runs; `--sequence-parallel P` (P > 1) makes the printed line say how the ranks share each
+    sequence, and the worker refuses a config that says otherwise (the config's `sequence_parallel_size` rules)."""
+    sp = ["--sequence-parallel", str(sequence_parallel)] if sequence_parallel > 1 else []
+    return ["-m", "engine.launch", "train", "--config", config_path, *sp]
 
 
 def launcher_command(
@@ -37,29 +40,37 @@ def launcher_command(
     hostfile: str | None = None,
     nnodes: int = 1,
     master_port: int = 29500,
+    sequence_parallel: int = 1,
 ) -> list[str]:
-    """The exact command line that starts `nproc` workers per node running `worker_command`."""
+    """The exact command line that starts `nproc` workers per node running `worker_command`; a sequence-parallel
+    degree must divide the world (nproc x nnodes), whose ranks it splits into groups sharing one sequence."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     if nproc <= 0 or nnodes <= 0:
         raise ValueError(f"nproc and nnodes must be positive, got {nproc} and {nnodes}")
+    if sequence_parallel <= 0 or (nproc * nnodes) % sequence_parallel:
+        raise ValueError(f"sequence parallel {sequence_parallel} must divide the {nproc * nnodes} processes: use a "
+                         "divisor of --nproc x --nnodes")  # fmt: skip
+    worker = worker_command(config_path, sequence_parallel)
     if launcher == "torchrun":
         return [
             "torchrun",
             f"--nproc_per_node={nproc}",
             f"--nnodes={nnodes}",
             f"--master_port={master_port}",
-            *worker_command(config_path),
+            *worker,
         ]
     if launcher == "deepspeed":
         host = ["--hostfile", hostfile] if hostfile else []
+        nodes = [f"--num_nodes={nnodes}"] if nnodes > 1 else []
         return [
             "deepspeed",
             *host,
+            *nodes,
             f"--num_gpus={nproc}",
             f"--master_port={master_port}",
             "--module",
-            *worker_command(config_path)[1:],
+            *worker[1:],
         ]
     return [
         "accelerate",
@@ -68,15 +79,18 @@ def launcher_command(
         f"--num_machines={nnodes}",
         f"--main_process_port={master_port}",
         "--module",
-        *worker_command(config_path)[1:],
+        *worker[1:],
     ]
 
 
-def _train(config_path: str) -> int:
+def _train(config_path: str, sequence_parallel: int | None = None) -> int:
     from engine.train import TrainConfig, TrainingDivergedError, train
 
     try:
         cfg = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
+        if sequence_parallel is not None and sequence_parallel != cfg.sequence_parallel_size:
+            raise ValueError(f"--sequence-parallel {sequence_parallel} disagrees with the config's "
+                             f"sequence_parallel_size {cfg.sequence_parallel_size}: launch the config as planned")
         result = train(cfg)
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
         print(f"longpilot train: error: {err}", file=sys.stderr)
@@ -85,11 +99,20 @@ def _train(config_path: str) -> int:
     return 0
 
 
+def _config_sequence_parallel(config_path: str) -> int:
+    """The config's `sequence_parallel_size` (1 when the file is absent or unreadable: `train` reports that)."""
+    try:
+        return int(json.loads(Path(config_path).read_text()).get("sequence_parallel_size", 1))
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.launch")
     sub = parser.add_subparsers(dest="mode", required=True)
     one = sub.add_parser("train", help="train in this process")
     one.add_argument("--config", required=True)
+    one.add_argument("--sequence-parallel", type=int, help="the config's sequence_parallel_size, checked")
     many = sub.add_parser("distributed", help="start N worker processes")
     many.add_argument("--config", required=True)
     many.add_argument("--nproc", type=int, default=2)
@@ -101,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.mode == "train":
-        return _train(args.config)
-    cmd = launcher_command(args.config, args.nproc, args.launcher, args.hostfile, args.nnodes, args.master_port)
+        return _train(args.config, args.sequence_parallel)
+    sp = _config_sequence_parallel(args.config)
+    try:
+        cmd = launcher_command(args.config, args.nproc, args.launcher, args.hostfile, args.nnodes, args.master_port,
+                               sequence_parallel=sp)
+    except ValueError as err:
+        parser.error(str(err))
     print(shlex.join(cmd))
     return 0 if args.dry_run else subprocess.call(cmd)
 

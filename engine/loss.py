@@ -20,7 +20,11 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torc
 
 
 def chunked_lm_nll(
-    hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module, chunk_tokens: int = 4096
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    chunk_tokens: int = 4096,
+    labels_shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of scored positions (labels != -100).
 
@@ -29,14 +33,18 @@ def chunked_lm_nll(
         labels: (B, T) token ids, -100 where no loss is wanted; shifted here, as in transformers' causal-LM loss.
         lm_head: the output projection (called per chunk, so peft/ZeRO wrappers keep working).
         chunk_tokens: tokens per projected chunk.
+        labels_shifted: `labels[:, t]` is already the target of position t (transformers' `shift_labels`, e.g. a
+            sequence-parallel shard, whose last target is the next shard's first token): no shift here.
 
     Returns:
         (sum of -log p in fp32, count) as tensors; only one chunk of logits is alive at a time.
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), d)
-    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    if not labels_shifted:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]  # (B, T-1, d), (B, T-1)
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T', d)
+    targets = labels.reshape(-1)  # (B*T',)
     n_valid = (targets != IGNORE_INDEX).sum()
     if not (torch.is_grad_enabled() and hidden.requires_grad):  # scoring: project only the labelled positions
         keep = targets != IGNORE_INDEX

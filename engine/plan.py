@@ -32,10 +32,26 @@ from engine.catalog import (
     resolve_hardware,
 )
 from engine.checks import CheckResult
-from engine.launch import launcher_command
 from engine.lora import LoraPlusConfig, TrainableCounts
 from engine.plan_checks import plan_document_checks
-from engine.plan_cost import offload_seconds_per_step, step_costs, train_flops
+from engine.plan_cost import offload_seconds_per_step, step_costs
+from engine.plan_params import (  # noqa: F401  (re-exported: counting's one home)
+    flops_per_token,
+    layer_bias_params,
+    layer_matmul_params,
+    layer_norm_params,
+    total_params,
+    train_flops_per_token,
+    trainable_params,
+)
+from engine.plan_sp import (
+    all_to_all_buffer_bytes,
+    all_to_all_seconds,
+    local_tokens,
+    plan_launch_command,
+    sp_notes,
+    sp_problem,
+)
 from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.train import TrainConfig
 
@@ -50,88 +66,6 @@ ZERO_STAGES = ("zero2", "zero3", "zero3_offload")  # engine/deepspeed/<stage>.js
 # Already there a 135M model needs 1,172 GiB per H100; past it the numbers stop meaning anything (a custom profile
 # can claim any memory) and the data and evaluation would need billions of tokens of text.
 MAX_TARGET_CONTEXT = 2**24
-
-
-# ----------------------------------------------------------------------------- parameters and FLOPs
-
-
-def _lora_shapes(a: ArchConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear layer in one decoder layer; GQA shrinks k/v to kv_heads * head_dim."""
-    q, kv, h, i = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, a.intermediate_size
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-
-
-def layer_matmul_params(a: ArchConfig) -> int:
-    """Weights of one decoder layer's linear layers: h*q + 2*h*kv + q*h + 3*h*i."""
-    return sum(n_in * n_out for n_in, n_out in _lora_shapes(a).values())
-
-
-def layer_norm_params(a: ArchConfig) -> int:
-    """Norm weights of one decoder layer: 2h (input and post-attention), + 2 * head_dim for Qwen3's q_norm/k_norm."""
-    return 2 * a.hidden_size + (2 * a.head_dim if a.qk_norm else 0)
-
-
-def layer_bias_params(a: ArchConfig) -> int:
-    """Bias terms of one decoder layer: q + 2 kv (Qwen2's q/k/v), h (o_proj), 2i + h (Llama's mlp_bias)."""
-    q, kv, h, i = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, a.intermediate_size
-    return (q + 2 * kv if a.qkv_bias else 0) + (h if a.o_bias else 0) + (2 * i + h if a.mlp_bias else 0)
-
-
-def total_params(a: ArchConfig) -> int:
-    """All base-model parameters: V*h (embed) + layers * (linears + biases + norms) + h (final norm) + V*h unless
-    tied."""
-    per_layer = layer_matmul_params(a) + layer_bias_params(a) + layer_norm_params(a)
-    lm_head = 0 if a.tied_embeddings else a.vocab_size * a.hidden_size
-    return a.vocab_size * a.hidden_size + a.num_layers * per_layer + a.hidden_size + lm_head
-
-
-def trainable_params(a: ArchConfig, lora: LoraPlusConfig = LoraPlusConfig()) -> TrainableCounts:
-    """LoRA+ trainables, counted as `engine.lora.count_trainable` counts a real model (total includes LoRA).
-
-    LoRA: layers * sum over targets of r * (in + out); embeddings: V*h (a tied lm_head is the same tensor, an untied
-    one stays frozen); norms: layers * layer_norm_params + h (peft's suffix "norm" catches q_norm/k_norm too).
-
-    Raises:
-        ValueError: a target module that a Llama decoder layer does not have.
-    """
-    shapes = _lora_shapes(a)
-    unknown = [t for t in lora.target_modules if t not in shapes]
-    if unknown:
-        raise ValueError(f"LoRA targets {unknown} are not Llama linear layers ({', '.join(shapes)})")
-    n_lora = a.num_layers * sum(lora.r * sum(shapes[t]) for t in lora.target_modules)
-    return TrainableCounts(
-        lora=n_lora,
-        embeddings=a.vocab_size * a.hidden_size if lora.train_embeddings else 0,
-        norms=a.num_layers * layer_norm_params(a) + a.hidden_size if lora.train_norms else 0,
-        other=0,
-        total_params=total_params(a) + n_lora,
-    )
-
-
-def flops_per_token(a: ArchConfig, seq_len: int, group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO) -> float:
-    """Model FLOPs per token as MFU is quoted (Kaplan et al. 2020; PaLM app. B; bench/ reports MFU with it): 6 N,
-    N = layers * layer_matmul_params + V*h, + causal attention 6 * layers * heads * head_dim * L (x G/L under S2).
-    Plans are priced on the work a LoRA step really executes: train_flops_per_token."""
-    n = a.num_layers * layer_matmul_params(a) + a.vocab_size * a.hidden_size
-    attention = 6 * a.num_layers * a.num_heads * a.head_dim * seq_len
-    return 6 * n + attention * (group_size_ratio if group_size_ratio else 1.0)
-
-
-def train_flops_per_token(a: ArchConfig, seq_len: int, group_size_ratio: float | None = DEFAULT_GROUP_SIZE_RATIO,
-                          lora: LoraPlusConfig = LoraPlusConfig(), checkpointing: bool = True) -> float:  # fmt: skip
-    """FLOPs per token one LoRA step on this frozen base executes (engine.plan_cost.train_flops: forward, input
-    gradients, LoRA weight gradients, recomputation); group_size_ratio None = full causal attention."""
-    span = group_size(seq_len, group_size_ratio) if group_size_ratio else seq_len
-    decoder, tied_trained = a.num_layers * layer_matmul_params(a), a.tied_embeddings and lora.train_embeddings
-    return sum(train_flops(a, span, decoder, trainable_params(a, lora).lora, tied_trained, checkpointing).values())
 
 
 # ----------------------------------------------------------------------------- memory
@@ -195,13 +129,15 @@ def memory_per_device(
     lora: LoraPlusConfig = LoraPlusConfig(),
     chunked_loss: bool = True, loss_chunk_tokens: int = 4096,
     runtime_overhead_gib: float = 1.5,
-    checkpointing: bool = True,
+    checkpointing: bool = True, sequence_parallel: int = 1,
 ) -> MemoryEstimate:
     """Peak training memory on one device, with gradient checkpointing (without: every layer keeps what a
     checkpointed one re-creates in backward, layers * recompute, and there is no recompute peak).
 
     peak = frozen weights + trainable state + kept activations * T + max(recompute * T, loss) + runtime overhead,
     T = batch * seq_len; loss = 12 * V * T bytes unchunked, 12 * V * min(T, chunk) for engine.loss's chunked loss.
+    With Ulysses sequence parallelism of degree P (engine.plan_sp) T = batch * ceil(seq_len / P) per rank, and the
+    layer being recomputed also holds the all-to-alls' other side (ZeRO still shards over all n_devices).
     Calibration (plain HF + peft + SDPA, unchunked, Llama-2-7B LoRA+ r=8 qkvo, bf16, batch 1, one H100): measured
     23.7 / 33.9 / 54.4 / 76.0 GiB at 16k / 32k / 64k / 100k, a slope of 671.6 KB/token; this model gives 670,720
     B/token (kept 286,720 + loss 384,000) and 26.4 / 36.6 / 57.1 / 78.6 GiB (+11 / +8 / +5 / +3 %, the 1.5 GiB
@@ -211,8 +147,9 @@ def memory_per_device(
     if zero not in ("none", *ZERO_STAGES):
         raise ValueError(f"unknown ZeRO stage {zero!r}: use none, {', '.join(ZERO_STAGES)}")
     w = 2 if precision == "bf16" else 4  # engine.train loads fp16 runs in fp32 (autocast)
-    tokens = batch * seq_len
+    tokens = batch * local_tokens(seq_len, sequence_parallel)  # this rank's share of each sequence
     kept, recompute = activation_bytes_per_token(a, w)
+    recompute += all_to_all_buffer_bytes(a, w, sequence_parallel)
     if not checkpointing:
         kept, recompute = (4 + w) * a.hidden_size + a.num_layers * recompute, 0
     loss = LOSS_BYTES_PER_LOGIT * a.vocab_size * (min(tokens, loss_chunk_tokens) if chunked_loss else tokens)
@@ -284,16 +221,19 @@ def make_plan(
     base_model_ref: str | None = None,
     zero: str | None = None,
     gradient_checkpointing: bool = True,
+    sequence_parallel: int = 1,
 ) -> Plan:
     """Plan a LongLoRA run: RoPE factor, S2 group, LoRA+, schedule, DeepSpeed stage, memory, time, config, command.
 
     The DeepSpeed stage is `zero`, or the cheapest that fits: ZeRO-2, else ZeRO-3, else ZeRO-3 + CPU offload (none on
     1 device, where a plan may then not fit). Wall time = steps * (tokens/step * train FLOPs/token / (n * peak * mfu)
-    + offload traffic), priced for S2-Attn and full attention both (`attention_costs`; memory is the same).
+    + offload traffic + all-to-all traffic), priced for S2-Attn and full attention both (`attention_costs`; memory
+    is the same). `sequence_parallel` P > 1: DeepSpeed Ulysses over groups of P ranks (engine.plan_sp), n / P data
+    parallel; the profile's per-device batch and accumulation are kept, so the global batch is (n / P) x batch x accum.
 
     Raises:
         ValueError: unknown arch/profile/hardware/RoPE method, target <= native context or above MAX_TARGET_CONTEXT,
-            or a ratio outside (0, 1].
+            or a ratio outside (0, 1], or a sequence-parallel degree the model or device count does not allow.
     """
     ref = arch if isinstance(arch, str) else None
     a = resolve_arch(arch) if isinstance(arch, str) else arch
@@ -314,25 +254,29 @@ def make_plan(
     if attention not in ATTENTION_MODES:
         raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(ATTENTION_MODES)}")
     group = group_size(target_context, group_size_ratio)  # raises on a ratio outside (0, 1]
+    if sp_error := sp_problem(a, hw.n_devices, sequence_parallel, target_context):
+        raise ValueError(sp_error)
 
     if not hw.gpu:
         profile = replace(profile, precision="fp32")  # bf16 matmuls are slow on CPU
     n, batch, accum = hw.n_devices, profile.per_device_batch_size, profile.gradient_accumulation_steps
-    stages = (zero,) if zero else ZERO_STAGES if n > 1 and profile.use_deepspeed else ("none",)
+    sp = sequence_parallel  # Ulysses runs on DeepSpeed: P > 1 takes a ZeRO stage whatever the profile says
+    stages = (zero,) if zero else ZERO_STAGES if n > 1 and (profile.use_deepspeed or sp > 1) else ("none",)
     for stage in stages:  # the first that fits, else the last
         memory = memory_per_device(
             a, target_context, batch=batch, precision=profile.precision, zero=stage, n_devices=n, lora=lora,
-            runtime_overhead_gib=hw.runtime_overhead_gib, checkpointing=gradient_checkpointing,
+            runtime_overhead_gib=hw.runtime_overhead_gib, checkpointing=gradient_checkpointing, sequence_parallel=sp,
         )  # fmt: skip
         if memory.total_gib <= hw.memory_gib:
             break
 
-    tokens_per_step = n * batch * accum * target_context
+    tokens_per_step = n // sp * batch * accum * target_context  # n / P data-parallel replicas
     flops = {m: train_flops_per_token(a, target_context, group_size_ratio if m == "s2" else None, lora,
                                       gradient_checkpointing) for m in ATTENTION_MODES}  # fmt: skip
     w, ckpt = 2 if profile.precision == "bf16" else 4, gradient_checkpointing
     offload = offload_seconds_per_step(total_params(a), w, hw, accum, ckpt) * (stage == "zero3_offload")
-    costs = step_costs(hw, profile.precision, tokens_per_step, profile.max_steps, flops, offload)
+    swaps = all_to_all_seconds(a, hw, sp, target_context, batch * accum, w, ckpt)
+    costs = step_costs(hw, profile.precision, tokens_per_step, profile.max_steps, flops, offload + swaps)
     size = f"{target_context // 1024}k" if target_context % 1024 == 0 else f"{round(target_context / 1000)}k"
     out_dir = output_dir or f"runs/{a.name.replace('/', '-')}-{size}"
     if base_model_ref is None and ref is not None and ref not in BUILTIN_ARCHS:  # a model dir or its config.json
@@ -342,20 +286,17 @@ def make_plan(
         output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data",
         base_model=base_model_ref or BASE_MODEL_REFS.get(a.name, a.name), target_context=target_context,
         rope_method=rope_method, s2_group_size_ratio=group_size_ratio, use_s2_attention=attention == "s2", lora=lora,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, sequence_parallel_size=sp,
         deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **schedule,
     )  # fmt: skip
-    config_path = f"{out_dir}/train_config.json"
-    if n == 1:
-        command = ["python", "-m", "engine.launch", "train", "--config", config_path]
-    else:
-        command = launcher_command(config_path, n, "torchrun" if stage == "none" else "deepspeed")
+    command = plan_launch_command(f"{out_dir}/train_config.json", hw, stage, sp)
     notes = [f"wall time: forward + input gradients + LoRA weight gradients{' + recompute' * ckpt} (plan_cost)"]
     if attention == "full":
         notes.append("full attention in training (no S2-Attn): attention FLOPs x1/ratio, LongLoRA's use_full_attn")
     if stage == "zero3_offload":
         notes.append(f"ZeRO-3 offload: {offload:,.0f} s a step of host<->GPU weight traffic counted, not overlapped")
-    data = {"n_train": max(profile.n_train or profile.max_steps * n * batch * accum, n * batch * accum),
+    notes += sp_notes(a, hw, sp, target_context, swaps)
+    data = {"n_train": max(profile.n_train or profile.max_steps * n // sp * batch * accum, n // sp * batch * accum),
             "n_eval": profile.n_eval}  # at least one optimizer step's worth of distinct records  # fmt: skip
     return Plan(
         arch=a, hardware=hw, profile=profile, target_context=target_context, rope_method=rope_method,

@@ -3,12 +3,15 @@
 Why a search rather than advice: "lower the target or buy more memory" leaves the user to do the arithmetic the
 planner already knows. Every lever here is one the engine executes (a TrainConfig field, a DeepSpeed JSON, a device
 count), each candidate is priced by the same engine.plan.make_plan as the request, and what comes back is a short
-list of plans that fit, ranked by predicted time, each saying what it changed. Sequence parallelism and activation
-offload are not levers: the engine has neither.
+list of plans that fit, ranked by predicted time, each saying what it changed. Activation offload is not a lever:
+the engine does not have it.
 
 Levers: precision (bf16 for an fp32 request on a GPU), the ZeRO stage and CPU offload (make_plan takes the cheapest
 stage that fits), per-device batch (accumulation keeps the global batch), LoRA rank, device count (1, 2, 4, 8 of the
-same GPU), and, with a time budget, gradient checkpointing off and a smaller S2 group (1/8); a lower target only when
+same GPU), the Ulysses sequence-parallel degree P (engine.plan_sp: every degree the model and device count allow;
+accumulation grows with P to keep the global batch, data parallel being n / P; a larger P is offered only when it is
+meaningfully faster than the smallest that fits, since its all-to-all traffic grows and beyond a node it crosses
+InfiniBand), and, with a time budget, gradient checkpointing off and a smaller S2 group (1/8); a lower target only when
 nothing fits at the one asked for. A target no lever reaches is answered with the smallest catalog hardware that
 holds it, or the memory per device it needs.
 """
@@ -22,6 +25,7 @@ from typing import Any
 from engine.catalog import GPU_KINDS, PROFILES, ArchConfig, HardwareProfile, Profile, resolve_arch, resolve_hardware
 from engine.catalog import with_devices as _with_devices
 from engine.plan import Plan, make_plan
+from engine.plan_sp import sp_degrees
 
 DEVICE_COUNTS = (1, 2, 4, 8)  # the counts of one GPU kind the search tries (a node holds up to 8)
 SMALL_GROUP_RATIO = 1 / 8  # LongLoRA's ablation also trained with G = L/8; only tried under a time budget
@@ -40,6 +44,7 @@ class Levers:
     gradient_checkpointing: bool
     group_size_ratio: float
     target_context: int
+    sequence_parallel: int = 1
 
     def changed_from(self, other: Levers) -> dict[str, tuple[Any, Any]]:
         """lever -> (requested, this candidate), for the levers that differ."""
@@ -85,7 +90,7 @@ def request_levers(plan: Plan) -> Levers:
     p, cfg = plan.profile, plan.train_config
     return Levers(p.precision, plan.hardware.n_devices, p.per_device_batch_size, p.gradient_accumulation_steps,
                   plan.lora.r, bool(cfg["gradient_checkpointing"]), plan.group_size_ratio,
-                  plan.target_context)  # fmt: skip
+                  plan.target_context, int(cfg.get("sequence_parallel_size", 1)))  # fmt: skip
 
 
 def plan_with(base: Plan, lv: Levers, **kwargs: Any) -> Plan:
@@ -95,12 +100,18 @@ def plan_with(base: Plan, lv: Levers, **kwargs: Any) -> Plan:
     hw = _with_devices(base.hardware, lv.n_devices) if lv.n_devices != base.hardware.n_devices else base.hardware
     return make_plan(base.arch, lv.target_context, profile, hw, lora=replace(base.lora, r=lv.lora_rank),
                      rope_method=base.rope_method, group_size_ratio=lv.group_size_ratio, attention=base.attention,
-                     gradient_checkpointing=lv.gradient_checkpointing, **kwargs)  # fmt: skip
+                     gradient_checkpointing=lv.gradient_checkpointing, sequence_parallel=lv.sequence_parallel,
+                     **kwargs)  # fmt: skip
 
 
-def _candidates(req: Levers, gpu: bool, timed: bool, targets: tuple[int, ...]) -> list[Levers]:
-    """Every combination of the levers' values; the global batch (devices x batch x accumulation) is kept."""
-    global_batch = req.n_devices * req.per_device_batch_size * req.gradient_accumulation_steps
+def global_batch(lv: Levers) -> int:
+    """Sequences an optimizer step sees: data-parallel replicas (devices / P) x batch x accumulation."""
+    return lv.n_devices // lv.sequence_parallel * lv.per_device_batch_size * lv.gradient_accumulation_steps
+
+
+def _candidates(req: Levers, a: ArchConfig, gpu: bool, timed: bool, targets: tuple[int, ...]) -> list[Levers]:
+    """Every combination of the levers' values; the global batch (devices / P x batch x accumulation) is kept."""
+    sequences = global_batch(req)
     precisions = {req.precision, "bf16"} if gpu else {req.precision}
     counts = sorted({req.n_devices, *DEVICE_COUNTS}) if gpu else [req.n_devices]  # the same GPU kind
     ranks = {req.lora_rank, max(1, req.lora_rank // 2)}
@@ -110,18 +121,20 @@ def _candidates(req: Levers, gpu: bool, timed: bool, targets: tuple[int, ...]) -
     out = []
     for prec, n, b, r, ck, g, t in itertools.product(precisions, counts, {req.per_device_batch_size, 1}, ranks,
                                                      ckpts, ratios, targets):  # fmt: skip
-        if global_batch % (n * b) == 0:
-            out.append(Levers(prec, n, b, global_batch // (n * b), r, ck, g, t))
+        for sp in sorted({req.sequence_parallel, *sp_degrees(a, n, t)} if gpu else {req.sequence_parallel}):
+            if n % sp == 0 and t % sp == 0 and sequences % (n // sp * b) == 0:
+                out.append(Levers(prec, n, b, sequences // (n // sp * b), r, ck, g, t, sp))
     return out
 
 
 def _dominated(c: Alternative, others: list[Alternative]) -> bool:
-    """Another plan changes a subset of c's levers, on no more devices, to no shorter a target, and is not
-    meaningfully slower."""
+    """Another plan changes a subset of c's levers, on no more devices and no larger a sequence-parallel degree, to
+    no shorter a target, and is not meaningfully slower."""
     for d in others:
         if d is c or d.levers.target_context < c.levers.target_context:
             continue
-        if set(d.changes) <= set(c.changes) and d.levers.n_devices <= c.levers.n_devices:
+        fewer = d.levers.n_devices <= c.levers.n_devices and d.levers.sequence_parallel <= c.levers.sequence_parallel
+        if set(d.changes) <= set(c.changes) and fewer:
             if d.plan.wall_time_s <= c.plan.wall_time_s * DOMINANCE_SLACK and (d.changes != c.changes or
                                                                               d.plan.wall_time_s < c.plan.wall_time_s):
                 return True  # fmt: skip
@@ -135,13 +148,15 @@ def _fits(plan: Plan, max_hours: float | None, max_gib: float | None) -> bool:
 
 def _probe(base: Plan, n_devices: int, target: int, hw: HardwareProfile | None = None) -> Plan | None:
     """The memory-cheapest plan for `target` on n devices (of `hw`'s kind, else the request's): bf16 on a GPU, batch
-    1, checkpointing, the request's rank and group; None when n does not divide the global batch."""
+    1, checkpointing, the largest sequence-parallel degree allowed, the request's rank and group; None when the
+    data-parallel degree does not divide the global batch."""
     req = request_levers(base)
-    global_batch = req.n_devices * req.per_device_batch_size * req.gradient_accumulation_steps
-    if global_batch % n_devices:
+    sequences = global_batch(req)
+    sp = max(sp_degrees(base.arch, n_devices, target)) if base.hardware.gpu else req.sequence_parallel
+    if n_devices % sp or sequences % (n_devices // sp):
         return None
     lv = replace(req, n_devices=n_devices, per_device_batch_size=1, target_context=target, gradient_checkpointing=True,
-                 gradient_accumulation_steps=global_batch // n_devices,
+                 gradient_accumulation_steps=sequences // (n_devices // sp), sequence_parallel=sp,
                  precision="bf16" if base.hardware.gpu else req.precision)  # fmt: skip
     return plan_with(replace(base, hardware=hw) if hw else base, lv)
 
@@ -171,7 +186,7 @@ def largest_target(base: Plan, max_hours: float | None = None, max_gib: float | 
 
 def smallest_hardware(base: Plan) -> str | None:
     """The catalog hardware with the least total memory (N x a GPU kind, N up to 64) whose memory-cheapest plan holds
-    the target, or None when no GPU kind has the memory per device (activations are not sharded by devices)."""
+    the target, or None when no GPU kind has the memory per device (with sequence parallelism over all of them)."""
     counts = (1, 2, 4, 8, 16, 32, 64)
     sizes = sorted((n * kind.memory_gib, n, name) for name, kind in GPU_KINDS.items() for n in counts)
     for _, n, name in sizes:
@@ -209,7 +224,28 @@ def search(
         elsewhere = smallest_hardware(base) if needed is None or needed > base.hardware.memory_gib else None
         result.update(largest_target=lower, smallest_hardware=elsewhere)
     ranked = sorted(found, key=lambda a: (a.levers.n_devices != req.n_devices, a.plan.wall_time_s))
+    if ranked and (why := sp_reason(base, ranked[0])):
+        result["extra"] = {"sequence_parallel": why}
     return SearchResult(reasons, tuple(ranked[:top]), **result)
+
+
+def sp_reason(base: Plan, alt: Alternative) -> str | None:
+    """Why the best plan uses its sequence-parallel degree P, when it changed it: the next smaller degree's memory
+    (it does not fit) and why no larger one (more all-to-all traffic, fewer data-parallel replicas)."""
+    lv = alt.levers
+    if "sequence_parallel" not in alt.changes or lv.sequence_parallel == 1:
+        return None
+    smaller = max(p for p in sp_degrees(base.arch, lv.n_devices, lv.target_context) if p < lv.sequence_parallel)
+    replicas = lv.n_devices // smaller * lv.per_device_batch_size
+    below = ""
+    if global_batch(lv) % replicas == 0:
+        under = plan_with(base, replace(lv, sequence_parallel=smaller,
+                                        gradient_accumulation_steps=global_batch(lv) // replicas))  # fmt: skip
+        below = f"; sequence parallel {smaller} would need {under.memory.total_gib:.1f} GiB per device"
+    return (f"sequence parallel {lv.sequence_parallel} is the smallest degree that fits{below}: each rank holds "
+            f"1/{lv.sequence_parallel} of every sequence's activations; a larger degree is offered only when more "
+            f"than {DOMINANCE_SLACK - 1:.0%} faster, as its all-to-all traffic grows (and crosses InfiniBand beyond "
+            f"{alt.plan.hardware.gpus_per_node} GPUs)")  # fmt: skip
 
 
 def _evaluate(
@@ -217,7 +253,7 @@ def _evaluate(
 ) -> list[Alternative]:
     """Price every candidate; keep those that fit and meet the budgets and that no simpler change beats."""
     fitting = []
-    for lv in _candidates(req, base.hardware.gpu, max_hours is not None, targets):
+    for lv in _candidates(req, base.arch, base.hardware.gpu, max_hours is not None, targets):
         if lv != req:
             plan = plan_with(base, lv, **kwargs)
             if _fits(plan, max_hours, max_gib):

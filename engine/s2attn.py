@@ -12,7 +12,9 @@ Exact semantics (pinned by tests against an independent dense float64 reference)
   code likewise uses a fixed ``sft_group_size``). Without ``s2_group_size`` (older configs) G = floor(L * r) of the
   batch's own length, as before. L is the padded batch length; G < 2 means plain causal attention. (With r = 1,
   G_t = target_context, so every batch is plain causal; the legacy rule still split the shifted heads at L/2.);
-* the last floor(H/2) query heads are *shifted*; the others are not (odd H works, GQA works);
+* the last floor(H/2) query heads are *shifted*; the others are not (odd H works, GQA works). Under Ulysses
+  sequence parallelism the function is given a block of heads over the whole sequence; H and the choice are then
+  the model's *global* ones (`engine.sequence_parallel.global_head_offset`), so P ranks together equal one;
 * unshifted heads attend causally inside [kG, (k+1)G); shifted heads inside [0, G//2), [G//2 + kG, G//2 + (k+1)G);
   the last segment of each kind is what remains. Nothing wraps around the end (the reference LongLoRA roll lets
   the first tokens see the last ones: future-token leakage);
@@ -36,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+
+from engine.sequence_parallel import global_head_offset
 
 S2_ATTENTION = "s2_attention"
 DEFAULT_GROUP_SIZE_RATIO = 0.25
@@ -266,7 +270,10 @@ def s2_attention_forward(
     if not module.training or seq_len != kv_len or group is None:
         out = _causal_sdpa(query, key, value, key_valid, right_padded, scaling, dropout)
     else:
-        split = num_heads - num_shifted_heads(num_heads)
+        # Under Ulysses SP this call holds global heads [first, first + num_heads) of `total`; the shifted set is
+        # global heads >= total - floor(total / 2) (engine.sequence_parallel).
+        first, total = global_head_offset(module, num_heads)
+        split = min(max(total - num_shifted_heads(total) - first, 0), num_heads)
         outs = []
         for heads, offset in ((slice(0, split), 0), (slice(split, num_heads), group // 2)):
             if heads.stop > heads.start:  # H = 1: nothing is shifted

@@ -69,6 +69,13 @@ class TrainConfig:
             problems.append(f"`report_to` must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
         if self.warmup_steps < 0:
             problems.append(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
+        if self.sequence_parallel_size > 1 and not self.deepspeed:
+            problems.append("`sequence_parallel_size` > 1 needs `deepspeed` (a DeepSpeed JSON): Ulysses SP runs on it")
+        if self.sequence_parallel_size > 1 and self.target_context % self.sequence_parallel_size:
+            problems.append(
+                f"`sequence_parallel_size` {self.sequence_parallel_size} must divide `target_context` "
+                f"{self.target_context} (every row is cut into that many equal shards)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -26,6 +26,13 @@ from engine.models import load_model
 from engine.precision import MasterWeights
 from engine.rope import apply_rope_extension, current_context
 from engine.s2attn import S2_ATTENTION
+from engine.sequence_parallel import (
+    check_dataset,
+    check_model,
+    check_world,
+    gradient_mean_ranks,
+    parallelism_config,
+)
 from engine.tracking import tracking_env
 from engine.train_config import TrainConfig
 from engine.trainer_parts import CompleteMarker, LongLoraTrainer, MetricsWriter, PadCollator
@@ -83,6 +90,7 @@ def load_train_dataset(cfg: TrainConfig, dataset=None):
         )
     if not any(any(t != IGNORE_INDEX for t in labels) for labels in dataset["labels"]):
         raise ValueError("dataset has no label tokens (every label is -100)")
+    check_dataset(dataset, cfg.sequence_parallel_size)
     return dataset
 
 
@@ -102,9 +110,16 @@ def precision_for(cfg: TrainConfig, device: torch.device) -> str:
 
 
 
+def attention_for(cfg: TrainConfig) -> str:
+    """The attention implementation `cfg` trains with (under Ulysses SP, the core function DeepSpeed wraps)."""
+    return S2_ATTENTION if cfg.use_s2_attention else "sdpa"
+
+
 def training_arguments(cfg: TrainConfig, device: torch.device, precision: str, ckpt_dir: Path) -> TrainingArguments:
-    """The Trainer's arguments for `cfg`: LongLoRA's optimiser settings, checkpointing, offline tracking."""
-    return TrainingArguments(
+    """The Trainer's arguments for `cfg`: LongLoRA's optimiser settings, checkpointing, offline tracking, and the
+    Ulysses SP configuration (engine.sequence_parallel) when `sequence_parallel_size` > 1."""
+    sp = cfg.sequence_parallel_size
+    args = TrainingArguments(
         output_dir=str(ckpt_dir),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_batch_size,
@@ -135,14 +150,21 @@ def training_arguments(cfg: TrainConfig, device: torch.device, precision: str, c
         log_level="error" if cfg.quiet else "passive",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # DeepSpeed's Ulysses layer is built for one micro-batch size: a short last batch would not fit it
+        dataloader_drop_last=sp > 1,
         deepspeed=cfg.deepspeed,
+        parallelism_config=parallelism_config(sp, attention_for(cfg)),
     )
+    if sp > 1:  # world_size sets up the process group; leave that to the Trainer otherwise
+        check_world(args.world_size, sp)
+        gradient_mean_ranks(args.hf_deepspeed_config.config, args.world_size, sp)  # refuses what it cannot scale
+    return args
 
 
 def prepare_model(cfg: TrainConfig, model: torch.nn.Module | None, args: TrainingArguments, precision: str):
     """Load (or adopt) the base model, extend its RoPE to the target, select S2-Attn (or dense attention) and wrap it
     with LoRA+. Returns (base model, peft model, fp32 masters or None, attention implementation)."""
-    attn = S2_ATTENTION if cfg.use_s2_attention else "sdpa"
+    attn = attention_for(cfg)
     dtype = LOAD_DTYPE[precision]
     if cfg.deepspeed:
         _init_deepspeed_comm(args)
@@ -154,6 +176,7 @@ def prepare_model(cfg: TrainConfig, model: torch.nn.Module | None, args: Trainin
     else:
         model.set_attn_implementation(attn)
         model.to(dtype)
+    check_model(model.config, cfg.sequence_parallel_size)
     model.config.s2_group_size_ratio = cfg.s2_group_size_ratio
     model.config.s2_group_size = int(cfg.target_context * cfg.s2_group_size_ratio)  # G_t for every batch length
     model.config.use_cache = False
@@ -177,9 +200,10 @@ def build_trainer(
             model=peft_model,
             args=args,
             train_dataset=train_data,
-            data_collator=PadCollator(pad_id),
+            data_collator=PadCollator(pad_id, cfg.target_context if cfg.sequence_parallel_size > 1 else None),
             callbacks=[MetricsWriter(out / "metrics.jsonl"), CompleteMarker(), *callbacks],
             loss_chunk_tokens=cfg.loss_chunk_tokens,
+            sequence_parallel_size=cfg.sequence_parallel_size,
         )
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # the Trainer prints every log dict when tqdm is off

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 
 from engine.checkpoints import COMPLETE_MARKER
 from engine.loss import IGNORE_INDEX, FinalHiddenCapture, chunked_lm_nll
+from engine.sequence_parallel import count_shift_labels, gradient_mean_ranks
 
 
 class NonFiniteStep(Exception):
@@ -26,12 +27,18 @@ class NonFiniteStep(Exception):
 
 @dataclass
 class PadCollator:
-    """Right-pads a batch to its longest sequence: input_ids with `pad_id`, labels with -100, attention_mask 0."""
+    """Right-pads a batch to its longest sequence: input_ids with `pad_id`, labels with -100, attention_mask 0.
+
+    Under Ulysses SP (`sp_width` set, to the target context) every batch is padded to that one width and gets
+    `position_ids` 0..T-1: DeepSpeed's adapter gathers the batches of all ranks of a group (gloo, the CPU backend,
+    only gathers equal shapes) and cuts each row into P shards that must keep their global positions.
+    """
 
     pad_id: int
+    sp_width: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        width = self.sp_width or max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -40,7 +47,10 @@ class PadCollator:
             ids[i, :n] = torch.as_tensor(r["input_ids"])
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = torch.as_tensor(r["attention_mask"]) if "attention_mask" in r else 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.sp_width:
+            batch["position_ids"] = torch.arange(width).expand(len(rows), -1).contiguous()  # (B, T)
+        return batch
 
 
 # ----------------------------------------------------------------------------- Trainer pieces
@@ -57,24 +67,52 @@ class LongLoraTrainer(Trainer):
     in a long record no longer outweighs packed text token for token, and accumulation 4 x batch 1 equals batch 4.
     The Trainer then treats the loss as already scaled for accumulation (no division by the steps), and the logged
     loss, the sum of the micro-batch losses averaged over ranks, is the per-token mean of the accumulated batch.
+
+    Under Ulysses sequence parallelism (`sequence_parallel_size` P > 1, engine.sequence_parallel) each rank scores
+    its shard of `shift_labels`, the count is taken over those shards, and W becomes DeepSpeed's gradient divisor,
+    W/P or W by ZeRO stage (`engine.sequence_parallel.gradient_mean_ranks`; see `training_step` for the log).
     """
 
-    def __init__(self, *args, loss_chunk_tokens: int = 4096, **kwargs) -> None:
+    def __init__(self, *args, loss_chunk_tokens: int = 4096, sequence_parallel_size: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.sequence_parallel_size = sequence_parallel_size
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch (we take no loss kwargs)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """The Trainer's count, except under SP: there its batches hold `shift_labels` shards, which it does not
+        count (it expects `labels`), and its divisor P assumes replicated batches; count them exactly instead."""
+        if self.sequence_parallel_size == 1:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        return count_shift_labels(batch_samples, self.accelerator.gather).to(device)
+
+    def _gradient_mean_ranks(self) -> int:
+        """What DeepSpeed/DDP divide the summed gradients by (engine.sequence_parallel.gradient_mean_ranks)."""
+        ds_config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else None
+        return gradient_mean_ranks(ds_config, self.accelerator.num_processes, self.sequence_parallel_size)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step. The Trainer logs the mean of the returned values over all W ranks; each returns its
+        share of the loss times the gradient divisor D (`compute_loss`), so W / D makes that mean the loss again
+        (1 without SP; P under SP with ZeRO 0-2, whose divisor is W/P)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        return loss * (self.accelerator.num_processes / self._gradient_mean_ranks())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         causal_lm = self.accelerator.unwrap_model(model)
         causal_lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
-        labels = inputs.pop("labels")
+        if "shift_labels" in inputs:  # Ulysses: this rank's shard of the row's labels, shifted before sharding
+            inputs.pop("labels", None)
+            labels, shifted = inputs.pop("shift_labels"), True
+        else:
+            labels, shifted = inputs.pop("labels"), False
         capture = FinalHiddenCapture(causal_lm.get_decoder().norm)
         try:
             outputs = model(**inputs, logits_to_keep=1, use_cache=False)
             # accelerate autocasts only model.forward; the lm_head matmuls here belong to the same bf16 forward.
             with self.accelerator.autocast():
                 total, count = chunked_lm_nll(
-                    capture.pop(), labels, causal_lm.get_output_embeddings(), self.loss_chunk_tokens
+                    capture.pop(), labels, causal_lm.get_output_embeddings(), self.loss_chunk_tokens, shifted
                 )
         finally:
             capture.remove()
@@ -82,10 +120,10 @@ class LongLoraTrainer(Trainer):
             loss = total / count.clamp(min=1)
         else:
             loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
-            if self.args.average_tokens_across_devices:
+            if self.args.average_tokens_across_devices or self.sequence_parallel_size > 1:
                 # The count is global but DDP and DeepSpeed average gradients over ranks: undo that mean, as the
-                # Trainer's own compute_loss does.
-                loss = loss * self.accelerator.num_processes
+                # Trainer's own compute_loss does. Under SP the divisor depends on the ZeRO stage (W/P or W).
+                loss = loss * self._gradient_mean_ranks()
         return (loss, outputs) if return_outputs else loss
 
 

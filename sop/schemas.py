@@ -61,6 +61,9 @@ class Spec(_Strict):
     gradient_checkpointing: bool = Field(True, description="re-run each layer's forward in backward (less memory)")
     group_size_ratio: float | None = Field(None, gt=0, le=1, description="S2-Attn group G = L x ratio (default 1/4)")
     lora_rank: int | None = Field(None, gt=0, le=1024, description="LoRA rank (default 8)")
+    sequence_parallel: int = Field(
+        1, gt=0, le=1024, description="Ulysses sequence-parallel degree: GPUs that share each sequence (1 = off)"
+    )
     max_hours: float | None = Field(None, gt=0, description="time budget: the planner searches for plans within it")
     max_gib: float | None = Field(None, gt=0, description="memory budget per device, searched like --max-hours")
     report_to: Tracker = Field(

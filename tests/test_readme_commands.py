@@ -199,6 +199,15 @@ def _check_search_card(r: Result, ctx: dict) -> None:
     assert all(line.rstrip() in printed for line in card), (card, r.out)
 
 
+def _check_sp_cluster(r: Result, ctx: dict) -> None:
+    """The README's cluster plan: it fits, and its launch line is the hostfile one the README shows."""
+    block = next(m.group(2) for m in FENCE.finditer(README.read_text()) if m.group(1) == "text" and
+                 "--hostfile hostfile" in m.group(2))  # fmt: skip
+    printed = [line.rstrip() for line in r.out.splitlines()]
+    assert all(line.rstrip() in printed for line in block.splitlines() if line.strip()), (block, r.out)
+    assert "(fits)" in r.out and "sequence parallel 8 (Ulysses, data parallel 2)" in r.out, r.out
+
+
 def _check_revised(r: Result, ctx: dict) -> None:
     assert "Revised plan:" in r.out and "LoRA rank 8 -> 16" in r.out and "trainable parameters" in r.out, r.tail()
     assert "r=16" in r.out, r.out  # the revised card
@@ -352,6 +361,8 @@ EVAL_SHORT = (
     f"--longqa-max-items 1 --longqa-max-tokens 1024 --ppl-tokens {TARGET} --ppl-stride 1024 --no-progress"
 )
 LAUNCH = "python -m engine.launch distributed --config run.json --nproc 2"
+SP_CLUSTER = ("longpilot plan --model llama-3-8b --target-context 1048576 --hardware 16xA100-80GB --grad-accum 64 "
+              "--sequence-parallel 8")
 
 COMMANDS: dict[str, Entry] = {
     # ------------------------------------------------------------ fenced ```bash blocks
@@ -516,6 +527,10 @@ COMMANDS: dict[str, Entry] = {
         "as written; exit 1 (the plan does not fit), the README's card lines printed",
         steps=(Step("longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full",
                     rc=1, check=_check_search_card),),  # fmt: skip
+    ),
+    SP_CLUSTER: Entry(
+        "as written (16 GPUs on two nodes, planned only): it fits and prints the README's hostfile launch line",
+        steps=(Step(SP_CLUSTER, check=_check_sp_cluster),),
     ),
     'longpilot plan --model llama-2-7b --target-context 32768 --hardware 8xA100-80GB --request "use rank 16"': Entry(
         "as written: the diff (rank 8 -> 16, trainable, memory, time) and the revised card",

@@ -2,9 +2,9 @@
 
 Why no LLM: the chat app, the CLI and the Python API must understand "extend smollm2 to 16k on cpu" offline and
 reproducibly; an LLM, when one is configured, is only needed for what this parser leaves in `missing`/`problems`.
-Rules are regexes applied in a fixed order (paths, model, device/hardware, seed, then lengths), and each match is
-blanked out of the text, so a number that belongs to a model name ("SmolLM2 135M"), a path, hardware ("8xA100 80GB")
-or a seed is never read as the target context.
+Rules are regexes applied in a fixed order (paths, model, device/hardware, seed, sequence-parallel degree, then
+lengths), and each match is blanked out of the text, so a number that belongs to a model name ("SmolLM2 135M"), a
+path, hardware ("8xA100 80GB"), a seed or "sequence parallel 4" is never read as the target context.
 
 Lengths: "k" means 1024 and "m" means 1024**2, as context windows are powers of two: 16k = 16384, 32k = 32768,
 100k = 102400, 1M = 1048576. A bare number is tokens ("32768"). "from 4k" (or "4k native") is the model's current
@@ -65,6 +65,7 @@ _GPUS = re.compile(rf"\b{_COUNT}\s*(?:x\s*)?gpus?\b")
 _NO_GPU = re.compile(r"\b(?:no|without(?:\s+an?)?)\s+gpus?\b")
 _MEMORY = re.compile(r"\b(40|80)\s*gi?b\b")
 _SEED = re.compile(r"\bseed\s*(?:=|:|of|is)?\s*(-?\d{1,18})\b")  # bounded digits: int() and float() never overflow
+_SP = re.compile(r"\b(?:sequence[- ]parallel(?:ism)?|ulysses)\s*(?:=|:|of|degree)?\s*(\d{1,4})\b")  # "ulysses 4"
 _LENGTH = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3}){1,4}|\d{1,12}(?:\.\d{1,6})?)\s*([km])?(?!\w)")
 _NOT_LENGTH = re.compile(
     r"\s*(?:x\b|gi?b\b|gpus?\b|cards?\b|nodes?\b|steps?\b|epochs?\b|layers?\b|b\b|%|native|original)"
@@ -310,6 +311,9 @@ def parse_request(
     if seed := _SEED.search(rest):
         fields["seed"] = int(seed.group(1))
         rest = _blank(rest, *seed.span())
+    if sp := _SP.search(rest):
+        fields["sequence_parallel"] = int(sp.group(1))
+        rest = _blank(rest, *sp.span())
     _target(rest, fields, models, problems)
     if "upload" in rest and not uploads:
         problems.append("you mention uploaded files, but none arrived: attach them again or name a path")

@@ -17,14 +17,15 @@ ZERO_WORDS = {"none": "no DeepSpeed", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zer
 LEVER_WORDS = {"precision": "precision", "n_devices": "GPUs", "per_device_batch_size": "batch",
                "gradient_accumulation_steps": "accumulation", "lora_rank": "LoRA rank",
                "gradient_checkpointing": "checkpointing", "group_size_ratio": "S2 ratio",
-               "target_context": "target"}  # fmt: skip
+               "target_context": "target", "sequence_parallel": "sequence parallel"}  # fmt: skip
 
 
 def lever_kwargs(spec: Spec) -> dict[str, Any]:
     """The Spec's lever fields as make_plan keyword arguments (unset ones keep make_plan's defaults)."""
     from engine.lora import LoraPlusConfig
 
-    out: dict[str, Any] = {"gradient_checkpointing": spec.gradient_checkpointing}
+    out: dict[str, Any] = {"gradient_checkpointing": spec.gradient_checkpointing,
+                           "sequence_parallel": spec.sequence_parallel}  # fmt: skip
     if spec.lora_rank is not None:
         out["lora"] = LoraPlusConfig(r=spec.lora_rank)
     if spec.group_size_ratio is not None:
@@ -44,7 +45,8 @@ def spec_fields(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any]) ->
     fields = {**spec.model_dump(), "target_context": levers["target_context"], "precision": levers["precision"],
               "batch_size": levers["per_device_batch_size"], "grad_accum": levers["gradient_accumulation_steps"],
               "lora_rank": levers["lora_rank"], "gradient_checkpointing": levers["gradient_checkpointing"],
-              "group_size_ratio": levers["group_size_ratio"], "max_hours": None, "max_gib": None}  # fmt: skip
+              "group_size_ratio": levers["group_size_ratio"], "sequence_parallel": levers["sequence_parallel"],
+              "max_hours": None, "max_gib": None}  # fmt: skip
     if hardware["name"].startswith("custom-"):
         fields["custom_hardware"] = {k: hardware[k] for k in ("n_devices", "memory_gib", "peak_tflops", "mfu")}
         fields["hardware"] = "custom"
@@ -62,6 +64,8 @@ def command_for(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any], ve
             "--group-size-ratio", f"{levers['group_size_ratio']:g}"]  # fmt: skip
     if not levers["gradient_checkpointing"]:
         args.append("--no-gradient-checkpointing")
+    if levers["sequence_parallel"] > 1:
+        args += ["--sequence-parallel", str(levers["sequence_parallel"])]
     if spec.attention != "s2":
         args += ["--attention", spec.attention]
     if spec.rope_method:
@@ -148,4 +152,6 @@ def card_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  {hint}" if hint else "  no lever fits the target on this hardware")
         if found.get("largest_target"):
             lines.append(f"  the longest target that fits this GPU: {found['largest_target']:,} tokens")
+    if found.get("sequence_parallel"):
+        lines.append(f"  why: {found['sequence_parallel']}")
     return lines

@@ -173,6 +173,12 @@ def attention_phrase(plan: dict[str, Any]) -> str:
     return f"S2-Attn group {plan['group_size']} (ratio {plan['group_size_ratio']:g})"
 
 
+def sequence_parallel_phrase(plan: dict[str, Any]) -> str:
+    """`, sequence parallel 4 (Ulysses, data parallel 2)` on the card when the plan shares sequences across GPUs."""
+    sp = int(plan["train_config"].get("sequence_parallel_size", 1))
+    return f", sequence parallel {sp} (Ulysses, data parallel {plan['hardware']['n_devices'] // sp})" if sp > 1 else ""
+
+
 def plan_card(plan: dict[str, Any]) -> str:
     """A readable summary of a plan (CLI, chat)."""
     mem = plan["memory"]
@@ -186,7 +192,7 @@ def plan_card(plan: dict[str, Any]) -> str:
         f" + embeddings + norms: {t['trainable']:,} trainable of {t['total_params']:,}",
         f"  {plan['train_config']['max_steps']} steps x {plan['tokens_per_step']:,} tokens, lr "
         f"{plan['train_config']['learning_rate']:g}, {plan['train_config']['precision']}, DeepSpeed "
-        f"{plan['deepspeed_stage']}",
+        f"{plan['deepspeed_stage']}{sequence_parallel_phrase(plan)}",
         f"  predicted {mem['total_gib']:.1f} GiB per device of {plan['hardware']['memory_gib']:g} "
         f"({'fits' if plan['fits'] else 'DOES NOT FIT'}), {plan['tokens_per_s']:,.0f} tokens/s, "
         f"{plan['wall_time_s'] / 60:.1f} min",

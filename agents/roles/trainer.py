@@ -83,14 +83,14 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     try:
         n_devices = int(plan["hardware"]["n_devices"])
         if n_devices > 1:  # the plan's global batch needs one process per device: launched as the plan says
-            return _train_distributed(out / "train_config.json", n_devices, spec.device)
+            return _train_distributed(out / "train_config.json", n_devices, spec.device, cfg.sequence_parallel_size)
         return engine_train(cfg, model=model)
     finally:
         stop.set()
         follower.join(timeout=5)
 
 
-def _train_distributed(config_path: Path, n_devices: int, device: str) -> None:
+def _train_distributed(config_path: Path, n_devices: int, device: str, sequence_parallel: int = 1) -> None:
     """Run the training config on `n_devices` local processes (torchrun; DeepSpeed ZeRO from the config) and wait.
 
     On a machine without CUDA (or with --device cpu) the processes train on CPU with DeepSpeed's CPU accelerator,
@@ -100,7 +100,8 @@ def _train_distributed(config_path: Path, n_devices: int, device: str) -> None:
     from engine.launch import launcher_command
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = launcher_command(str(config_path), n_devices, "torchrun", master_port=_free_port())
+    cmd = launcher_command(str(config_path), n_devices, "torchrun", master_port=_free_port(),
+                           sequence_parallel=sequence_parallel)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     if device == "cpu" or not torch.cuda.is_available():

@@ -45,15 +45,16 @@ def test_the_fp32_smoke_plan_on_an_h100_comes_with_a_bf16_plan_whose_command_rep
 
 
 def test_a_target_no_lever_reaches_is_answered_with_lower_targets_and_what_it_needs(capsys):
-    args = ["--model", "llama-3-8b", "--target-context", "262144", "--hardware", "8xA100-80GB", "--profile", "full"]
+    # 2^24 tokens: beyond sequence parallel 8 too (262,144 fits with it: tests/engine/test_plan_sp.py)
+    args = ["--model", "llama-3-8b", "--target-context", str(2**24), "--hardware", "8xA100-80GB", "--profile", "full"]
     assert main(["plan", *args]) == 1
     card = capsys.readouterr().out
-    assert "searched (does not fit)" in card and "no lever fits 262,144 tokens: it needs 146.0 GiB per device" in card
-    assert "--target-context 131072" in card
+    assert "searched (does not fit)" in card and "no lever fits 16,777,216 tokens: it needs 1,190.5 GiB per" in card
+    assert "--target-context 1048576" in card
     rc, out = _plan_json(capsys, *args)
     search, alternatives = out["plan"]["search"], out["plan"]["alternatives"]
-    assert not search["target_fits"] and search["smallest_hardware"] is None and search["largest_target"] >= 131072
-    assert alternatives and all(a["memory_gib"] <= 80 and a["levers"]["target_context"] < 262144 for a in alternatives)
+    assert not search["target_fits"] and search["smallest_hardware"] is None and search["largest_target"] >= 2**20
+    assert alternatives and all(a["memory_gib"] <= 80 and a["levers"]["target_context"] < 2**24 for a in alternatives)
 
 
 def test_budgets_are_searched_and_a_refused_run_names_the_best_plan(capsys, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydantic
 
 from agents.cli_eval import add_eval_parser, run_eval
+from agents.cli_serve import add_serve_parser, run_serve
 from agents.errors import described, first_line
 from agents.ui.quiet import log_level, quiet_third_party, setup_logging
 from engine.catalog import ATTENTION_MODES, PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=1, help="S2-Attn training steps (default 1)")
     _add_output_flags(demo)
     _add_output_flags(add_eval_parser(sub))
+    add_serve_parser(sub)
     return parser
 
 
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(log_level(quiet, verbose) if quiet or verbose or args.command in ("run", "resume") else logging.INFO)
     try:
         commands = {"run": _run, "plan": _plan, "resume": _resume, "status": _status, "export": _export,
-                    "app": _app, "demo": _demo, "eval": lambda a: run_eval(a, _view(a))}  # fmt: skip
+                    "app": _app, "demo": _demo, "eval": lambda a: run_eval(a, _view(a)),
+                    "serve": run_serve}  # fmt: skip
         with quiet_third_party(enabled=not verbose):
             return commands[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -225,6 +225,9 @@ def _check_awaiting(r: Result, ctx: dict) -> None:
     assert spec["base_model"] == ctx["tiny"] and spec["target_context"] == TARGET, spec  # flags win over --request
     assert len(spec["corpus"]) == 2 and spec["device"] == "cpu" and spec["request_text"], spec
     assert (spec["attention"], spec["batch_size"], spec["grad_accum"]) == ("s2", 1, 1), spec
+    levers = ("rope_method", "train_mix", "precision", "lora_rank", "group_size_ratio", "sequence_parallel",
+              "max_hours", "max_gib")  # fmt: skip
+    assert [spec[k] for k in levers] == ["linear", "longqa", "fp32", 8, 0.25, 1, 24, 64], spec
 
 
 def _check_resumed(r: Result, ctx: dict) -> None:
@@ -317,6 +320,26 @@ def _check_gpu_suite_tiny(r: Result, ctx: dict) -> None:
     assert "| 1. S2 vs dense attention | status | complete" in r.out, r.tail()
 
 
+SERVE_KEY = "sk-readme-key"
+
+
+def _check_serve(r: Result, ctx: dict) -> None:
+    """While `longpilot serve` runs: the SDK with the key lists the base, the finished run and the --adapter, and
+    chats with the run's adapter; a wrong key gets 401; the key is not in the server's output."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{ctx['port']}/v1", api_key=SERVE_KEY, max_retries=0)
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == ctx["tiny"] and {"run", "extra"} <= set(ids), ids
+    reply = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           temperature=0)  # fmt: skip
+    assert reply.usage.completion_tokens >= 1 and reply.choices[0].finish_reason in ("stop", "length"), reply
+    wrong = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert SERVE_KEY not in r.out, r.out
+
+
 def _plan_table_rows() -> list[tuple[str, ...]]:
     """The README's planner-prediction table: (model, target, factor, zero, memory, tokens/s, wall time)."""
     rows = re.findall(r"^\| (Llama-[\w.-]+) -> ([\d,]+)[^|]*\|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|$",
@@ -352,7 +375,10 @@ def _run_plan_table(ctx: dict) -> None:
 RUN_CMD = (
     "longpilot run --model smollm2-135m --target-context 16384 [--corpus DOCS ...] [--profile smoke|standard|full] "
     "[--hardware cpu|1xH100-80GB|8xA100-80GB|8xA100-40GB] [--device auto|cpu|cuda] [--seed N] [--max-steps N] "
-    '[--batch-size N] [--grad-accum N] [--attention s2|full] [--llm none|URL --llm-model NAME] '
+    "[--batch-size N] [--grad-accum N] [--attention s2|full] [--rope-method linear|yarn|dynamic] "
+    "[--train-mix longqa|plain] [--precision bf16|fp32] [--lora-rank N] [--group-size-ratio R] "
+    "[--sequence-parallel P] [--max-hours H] [--max-gib G] [--report-to none|tensorboard|wandb|mlflow] "
+    '[--llm none|URL --llm-model NAME] '
     '[--request "extend smollm2 to 16k"] [--run-dir DIR] [--yes]'
 )
 RUN = "longpilot resume RUN_DIR [--yes]"  # the entry that leaves a finished run in {run}
@@ -413,8 +439,9 @@ COMMANDS: dict[str, Entry] = {
             Step(
                 f"longpilot run --model {{tiny}} --target-context {TARGET} --corpus {{corpus}} {{corpus2}} "
                 "--profile smoke --hardware cpu --device cpu --seed 0 --max-steps 1 --batch-size 1 --grad-accum 1 "
-                "--attention s2 --llm none "
-                "--request 'extend smollm2 to 16k' --run-dir {run}",
+                "--attention s2 --rope-method linear --train-mix longqa --precision fp32 --lora-rank 8 "
+                "--group-size-ratio 0.25 --sequence-parallel 1 --max-hours 24 --max-gib 64 --report-to none "
+                "--llm none --request 'extend smollm2 to 16k' --run-dir {run}",
                 rc=3,
                 check=_check_awaiting,
             ),
@@ -479,6 +506,20 @@ COMMANDS: dict[str, Entry] = {
                 check=_check_app_plain,
                 via="serve",
                 cwd="{repo}",
+            ),
+        ),
+    ),
+    "longpilot serve [--host 127.0.0.1] [--port 8000] [--model BASE] [--runs-dir runs] [--max-loaded N] "
+    "[--api-key KEY] [--adapter NAME=DIR ...]": Entry(
+        "every option once: the tiny model, runs dir = the tmp folder (the finished shared run is served as `run`), "
+        "--adapter extra=<run's adapter>, a key, a free port; while it serves, the openai SDK lists and chats",
+        after=(RUN,),
+        steps=(
+            Step(
+                "longpilot serve --host 127.0.0.1 --port {port} --model {tiny} --runs-dir {tmp} --max-loaded 1 "
+                f"--api-key {SERVE_KEY} --adapter extra={{run}}/train/adapter",
+                check=_check_serve,
+                via="serve",
             ),
         ),
     ),
@@ -829,6 +870,15 @@ def _check_evaluate(ns: dict, ctx: dict) -> None:
     assert Path("eval/eval_report.json").is_file()
 
 
+def _check_serve_block(ns: dict, ctx: dict) -> None:
+    try:
+        assert ns["reply"].usage.total_tokens > ns["reply"].usage.prompt_tokens, ns["reply"]
+        assert ns["chunk"].choices[0].finish_reason in ("stop", "length"), ns["chunk"]  # the stream's last chunk
+    finally:
+        ns["_server"].stop()
+        ns["_worker"].close()
+
+
 def _tiny(ctx: dict) -> str:
     return repr(ctx["tiny"])
 
@@ -866,6 +916,14 @@ PY_BLOCKS: dict[str, PyBlock] = {
         "the tiny model at 2048 (smoke: one step); plan, run (stops for approval), approve, status",
         subs=(('"smollm2-135m"', "{tiny}"), ("target_context=16384", f"target_context={TARGET}")),
         check=_check_assistant,
+    ),
+    "from openai import OpenAI": PyBlock(
+        "against a server started in-process on the tiny model (agents.serve, a free port, no key), model = the tiny "
+        "model's id; the server is stopped by the check",
+        subs=(('"http://127.0.0.1:8000/v1"', "_server.base_url"), ('"smollm2-135m"', "{tiny}")),
+        preamble="from agents.serve import build_server_app, start_in_thread\n"
+        "_app, _worker = build_server_app({tiny}, runs_dir=None)\n_server = start_in_thread(_app)\n",
+        check=_check_serve_block,
     ),
     "from engine import EvalConfig, ModelUnderTest, evaluate": PyBlock(
         "lengths (1024, 2048), the tiny model, rope_only to 2048, extended = the training block's adapter "

@@ -1,0 +1,27 @@
+"""Serving many LongLoRA adapters of one base from one process (agents.serve puts HTTP in front of it).
+
+    pool = ModelPool("smollm2-135m", max_loaded=4)
+    pool.register("my-run", "runs/my-run/train/adapter")
+    worker = ServingWorker(pool)
+    job = worker.submit("my-run", worker.tokenize(chat_ids, [{"role": "user", "content": "Hi"}]),
+                        SamplingParams(max_tokens=32, temperature=0))
+    print(job.result().text)
+"""
+
+from engine.serving.generate import Completion, SamplingParams, chat_ids, generate, text_ids
+from engine.serving.pool import ModelPool, UnknownModelError
+from engine.serving.worker import DEFAULT_MAX_TOKENS, ContextLengthError, Job, ServingWorker
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Completion",
+    "ContextLengthError",
+    "Job",
+    "ModelPool",
+    "SamplingParams",
+    "ServingWorker",
+    "UnknownModelError",
+    "chat_ids",
+    "generate",
+    "text_ids",
+]

@@ -1,0 +1,178 @@
+"""One copy of the base weights, many LongLoRA adapters: the S-LoRA idea, for adapters that carry their own RoPE.
+
+A LongLoRA adapter is more than LoRA: it carries its own RoPE scaling (the adapter directory's config.json
+`rope_parameters`) and its own trained embeddings and norms (peft `modules_to_save`). vLLM's and LoRAX's multi-LoRA
+paths support neither, so they need a merged model per adapter. Here every adapter is loaded by name into ONE
+`PeftModel` over one base (peft switches LoRA and the `modules_to_save` copies with the active adapter), and the
+model's rotary-embedding module is swapped for one built from that adapter's config, exactly what `from_pretrained`
+with the adapter's config builds. The base itself runs under `disable_adapter()` with the base's own rotary module.
+
+Not thread-safe on purpose: one worker (engine.serving.worker) owns the pool and runs one request at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import PretrainedConfig
+
+from engine.lora import check_adapter_base
+from engine.models import load_model
+from engine.rope import current_context
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModelError(KeyError):
+    """A model id the pool does not serve."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _rotary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute) of every rotary-embedding module (the same test as engine.rope.apply_rope_extension)."""
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child).__name__.endswith("RotaryEmbedding")]  # fmt: skip
+    if not slots:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module")
+    return slots
+
+
+def _tied_to_input_embedding(model: torch.nn.Module) -> set[str]:
+    """Names of modules sharing the input embedding's weight (a tied lm_head), read from the plain model."""
+    weight = model.get_input_embeddings().weight
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if module is not model.get_input_embeddings() and getattr(module, "weight", None) is weight}  # fmt: skip
+
+
+def _rotary_like(base: torch.nn.Module, config: PretrainedConfig) -> torch.nn.Module:
+    """A rotary module of the base's class built from `config`, on the base module's device and buffer dtype."""
+    buffer = getattr(base, "inv_freq", None)
+    module = type(base)(config=config)
+    return module if buffer is None else module.to(device=buffer.device, dtype=buffer.dtype)
+
+
+class ModelPool:
+    """The base model plus up to `max_loaded` adapters (least recently used evicted), each with its own RoPE.
+
+    Args:
+        base_ref: alias, local model directory or cached hub id (engine.models.resolve_model).
+        base_id: the model id clients use for the base (default `base_ref`).
+        max_loaded: adapters kept in memory; loading one more evicts the least recently used (the new one is loaded
+            before the old one is deleted, so for a moment there are max_loaded + 1).
+    """
+
+    def __init__(
+        self,
+        base_ref: str,
+        *,
+        base_id: str | None = None,
+        max_loaded: int = 4,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        self.base_ref, self.base_id, self.max_loaded = base_ref, base_id or base_ref, max_loaded
+        self.model, self.tokenizer = load_model(base_ref, device=device, dtype=dtype, attn_implementation="sdpa")
+        self._slots = _rotary_slots(self.model)
+        self._base_rotary = [getattr(parent, name) for parent, name in self._slots]
+        self._tied = _tied_to_input_embedding(self.model)
+        self._base_config = copy.deepcopy(self.model.config)  # the base's own RoPE fields, restored for base requests
+        self._registry: dict[str, tuple[Path, PretrainedConfig]] = {}
+        self._registry_lock = threading.Lock()  # registration comes from HTTP threads, use from the worker
+        self._loaded: OrderedDict[str, list[torch.nn.Module]] = OrderedDict()  # LRU: adapter -> its rotary modules
+        self.peft: PeftModel | None = None
+
+    # ------------------------------------------------------------------ registry (no weights loaded)
+    def register(self, model_id: str, adapter_dir: str | Path) -> None:
+        """Serve `adapter_dir` as `model_id`; its config is checked against the base now, weights load on first use.
+
+        Raises:
+            ValueError: the id is taken by another directory, or the adapter does not fit this base (one line).
+        """
+        adapter_dir = Path(adapter_dir)
+        with self._registry_lock:
+            known = self._registry.get(model_id)
+            if model_id == self.base_id or (known is not None and known[0] != adapter_dir):
+                raise ValueError(f"model id {model_id!r} is already served by another model")
+            if known is None:
+                _, config = check_adapter_base(adapter_dir, self.base_ref)
+                self._registry[model_id] = (adapter_dir, config)
+
+    def model_ids(self) -> list[str]:
+        with self._registry_lock:
+            return [self.base_id, *self._registry]
+
+    def context(self, model_id: str) -> int:
+        """The context `model_id` is configured for (its RoPE-extended config for an adapter)."""
+        return current_context(self._base_config if model_id == self.base_id else self._entry(model_id)[1])
+
+    def loaded(self) -> list[str]:
+        """Adapters in memory, least recently used first."""
+        return list(self._loaded)
+
+    def _entry(self, model_id: str) -> tuple[Path, PretrainedConfig]:
+        with self._registry_lock:
+            if model_id not in self._registry:
+                raise UnknownModelError(f"the model {model_id!r} does not exist")
+            return self._registry[model_id]
+
+    # ------------------------------------------------------------------ activation (worker thread only)
+    @contextmanager
+    def activate(self, model_id: str) -> Iterator[torch.nn.Module]:
+        """Yield the model set up for `model_id`: its LoRA, its embedding/norm copies and its RoPE (the base: none of
+        them). Only one activation at a time (the caller serialises)."""
+        if model_id == self.base_id:
+            rotary = self._base_rotary
+            adapter_off = self.peft.disable_adapter() if self.peft is not None else nullcontext()
+        else:
+            rotary = self._load(model_id)
+            self.peft.set_adapter(model_id)
+            adapter_off = nullcontext()
+        for (parent, name), module in zip(self._slots, rotary):
+            setattr(parent, name, module)  # an instance attribute: the class is untouched
+        config = self._base_config if model_id == self.base_id else self._entry(model_id)[1]
+        for key in ("rope_parameters", "max_position_embeddings"):  # what generate() reads as the model's length
+            setattr(self.model.config, key, getattr(config, key))
+        with adapter_off, torch.no_grad():
+            yield self.peft if self.peft is not None else self.model
+
+    def _load(self, model_id: str) -> list[torch.nn.Module]:
+        """The adapter's rotary modules, loading its weights first if it is not in memory (LRU)."""
+        if model_id in self._loaded:
+            self._loaded.move_to_end(model_id)
+            return self._loaded[model_id]
+        adapter_dir, config = self._entry(model_id)
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=model_id).eval()
+        else:
+            peft_config = PeftConfig.from_pretrained(adapter_dir)
+            peft_config.inference_mode = True
+            if self._tied and getattr(peft_config, "ensure_weight_tying", False):
+                # peft finds the tied lm_head only on the plain model: on a second adapter it would keep the base's
+                # lm_head while the embedding trains (outputs differ from the adapter alone); say it explicitly.
+                peft_config.modules_to_tie = set(self._tied)
+            self.peft.add_adapter(model_id, peft_config)
+            try:
+                self.peft.load_adapter(adapter_dir, adapter_name=model_id)
+            except Exception:  # unreadable weights: leave no half-loaded adapter behind (the next try starts clean)
+                self.peft.delete_adapter(model_id)
+                raise
+        rotary = [_rotary_like(base, config) for base in self._base_rotary]
+        self._loaded[model_id] = rotary
+        while len(self._loaded) > self.max_loaded:
+            evicted, _ = self._loaded.popitem(last=False)
+            self.peft.delete_adapter(evicted)
+            log.info("evicted adapter %s (max_loaded %d)", evicted, self.max_loaded)
+        log.info("loaded adapter %s from %s (context %d)", model_id, adapter_dir, current_context(config))
+        return rotary

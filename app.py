@@ -2,6 +2,7 @@
 the extended model over a long document. Layout and calls into the agents API only.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--runs-dir runs] [--auth user:password]   # or: longpilot app
+    python app.py --model-server http://127.0.0.1:8000/v1   # Model chat through `longpilot serve` (or any such server)
 Runs continue in worker processes and are read back from their directories, so a reloaded page or another browser
 re-attaches by run id. Binds to loopback, never shares, analytics off; files served only from the runs directory.
 Files are taken only as uploads through Gradio's upload route: a client naming a path on the server is refused.
@@ -25,6 +26,7 @@ from agents.ui.app_callbacks import STAGE_COLUMNS, AppCallbacks  # noqa: E402
 from agents.ui.app_guards import uploads_only  # noqa: E402
 from agents.ui.chat import AssistantChat, ChatState  # noqa: E402
 from agents.ui.model_chat import ModelChat  # noqa: E402
+from agents.ui.model_chat_server import ServerModelChat, check_server_url, server_key  # noqa: E402
 from agents.ui.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR  # noqa: E402
 
 
@@ -35,15 +37,19 @@ def build_app(
     base_model: str = "smollm2-135m",
     upload_limit: int | None = None,
     allowed_paths: tuple[Path, ...] = (),
+    model_server: str | None = None,
+    model_server_key: str | None = None,
 ):
-    """The Blocks app. Paths named in chat must lie in `runs_dir`, `allowed_paths` or the base model's own folder."""
+    """The Blocks app. Paths named in chat must lie in `runs_dir`, `allowed_paths` or the base model's own folder.
+    `model_server` (an OpenAI-compatible /v1 URL): Model chat answers through it instead of loading models here."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     model_roots = (Path(base_model),) if Path(base_model).exists() else ()
     upload_root = Path(get_upload_folder())  # where Gradio's upload route stores what a browser sends
     chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit, allowed_paths=(*allowed_paths, *model_roots),
                          upload_root=upload_root)  # fmt: skip
-    model_chat = ModelChat(runs_dir, base_model)
+    model_chat = (ServerModelChat(model_server, model_server_key or "not-needed") if model_server
+                  else ModelChat(runs_dir, base_model))  # fmt: skip
     on = AppCallbacks(runs_dir, chat, model_chat, upload_root)
 
     with gr.Blocks(title="LongPilot", analytics_enabled=False) as app:
@@ -84,7 +90,8 @@ def build_app(
             runs_msg = gr.Markdown()
         with gr.Tab("Model chat"):
             with gr.Row():
-                choice = gr.Dropdown(model_chat.choices(), value=model_chat.choices()[0], label="model")
+                offered = model_chat.choices()
+                choice = gr.Dropdown(offered, value=offered[0] if offered else None, label="model")
                 refresh_models = gr.Button("Refresh models")
             document = gr.Textbox(label="document (paste)", lines=8)
             doc_file = uploads_only(gr.File(label="or upload a text file", file_types=[".txt", ".md", ".py", ".rst"]))
@@ -130,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default="smollm2-135m", help="model offered in the Model chat tab")
     parser.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                         help="a folder whose files chat requests may name (models, docs); repeatable")  # fmt: skip
+    parser.add_argument("--model-server", default=None, metavar="URL",
+                        help="Model chat via this OpenAI-compatible server (http://127.0.0.1:8000/v1)")  # fmt: skip
+    parser.add_argument("--model-server-key-env", default=None, metavar="VAR",
+                        help="env variable holding the server's key (default LONGPILOT_MODEL_SERVER_KEY)")  # fmt: skip
     args = parser.parse_args(argv)
     auth = None
     if args.auth:
@@ -145,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [str(p) for p in allowed if not p.is_dir()]:
         print(f"longpilot app: error: --allow-path {missing[0]} is not a directory", file=sys.stderr)
         return 2
+    try:
+        server = check_server_url(args.model_server) if args.model_server else None
+        key = server_key(args.model_server_key_env) if server else None
+    except ValueError as err:
+        print(f"longpilot app: error: {err}", file=sys.stderr)
+        return 2
     runs = Path(args.runs_dir).resolve()
     limit = int(os.environ.get("LONGPILOT_UPLOAD_LIMIT_BYTES", MAX_UPLOAD_BYTES))
-    app = build_app(runs, base_model=args.base_model, upload_limit=limit, allowed_paths=allowed)
+    app = build_app(runs, base_model=args.base_model, upload_limit=limit, allowed_paths=allowed, model_server=server,
+                    model_server_key=key)  # fmt: skip
     # Gradio's own cap sits well above ours, so an oversized file reaches the chat and gets a sentence, not a popup.
     app.queue().launch(server_name=args.host, server_port=args.port, auth=auth, share=False,
                        allowed_paths=[str(runs)], max_file_size=UPLOAD_TRANSPORT_FACTOR * limit)  # fmt: skip

@@ -196,19 +196,34 @@ def _assistant(spec=None, runs_dir: str = "runs"):
     return Assistant(runs_dir=runs_dir, llm=_llm_for(spec) if spec is not None else None)
 
 
+def _llm_flagged(args: argparse.Namespace) -> bool:
+    return bool(args.llm) and args.llm.strip().lower() != "none"
+
+
 def _plan(args: argparse.Namespace) -> int:
+    from agents.llm.client import LLMError
     from agents.llm.revise import describe_revision, is_revision, revise_plan
 
-    # --model and --target-context given: a --request that reads as a revision ("use rank 16") revises that plan
-    revision = args.request if args.model and args.target_context and is_revision(args.request) else None
+    # --model and --target-context given: a --request that reads as a revision ("use rank 16") revises that plan;
+    # one the rules cannot read is asked of the LLM when one is configured (agents.llm.revise.read_revision)
+    text, ruled = args.request, is_revision(args.request)
+    revision = text if args.model and args.target_context and (ruled or _llm_flagged(args)) else None
     if revision:
         args.request = None
     spec = _spec_from_args(args)
     changes = None
     if revision:
-        revised = revise_plan(_assistant(spec), spec, revision)
-        spec, result, changes = revised.spec, revised.result, revised.changes
-    else:
+        try:
+            revised = revise_plan(_assistant(spec), spec, revision)
+            spec, result, changes = revised.spec, revised.result, revised.changes
+        except (LLMError, ValueError) as err:
+            if ruled:
+                raise
+            print(f"longpilot: the LLM read no change in {text!r} ({first_line(err)}); planning the request as the "
+                  "rules read it", file=sys.stderr)  # fmt: skip
+            args.request = text
+            spec = _spec_from_args(args)
+    if changes is None:
         result = _assistant(spec).plan(spec)
     if args.json:
         print(json.dumps({"spec": spec.model_dump(), "plan": result.plan, "checks": result.checks,

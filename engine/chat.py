@@ -11,13 +11,21 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.prompts import PromptRenderer
+from engine.prompts import PromptRenderer, grounded_turn
+
+
+def chat_user_turn(document: str, question: str) -> str:
+    """The one user turn a chat asks: a long-QA training record's content, or the bare question without a document.
+
+    Why a string: an OpenAI-compatible server that renders one user message with the same chat template (or, without
+    one, engine.prompts' one-turn layout, as engine.serving.generate.chat_ids does) gets exactly `chat_prompt_ids`.
+    """
+    return grounded_turn(document, question) if document.strip() else question
 
 
 def chat_prompt_ids(tokenizer, document: str, question: str) -> list[int]:
-    """The token ids the model sees: a long-QA training record's layout, or the bare question without a document."""
-    render = PromptRenderer(tokenizer)
-    return render.prompt_ids(document, question) if document.strip() else render.raw_prompt_ids(question)
+    """The token ids the model sees for `chat_user_turn(document, question)`."""
+    return PromptRenderer(tokenizer).raw_prompt_ids(chat_user_turn(document, question))
 
 
 def stream_answer(model: torch.nn.Module, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:

@@ -8,9 +8,14 @@ and the app's Model chat renders its document + question here, so all three give
 
 from __future__ import annotations
 
-from engine.data.tasks import UNANSWERABLE
-
 INSTRUCTION = "Answer the question using only the document(s) above. If the answer is not there, reply: {none}."
+
+
+def grounded_turn(context: str, question: str) -> str:
+    """The user turn of a grounded question: what a chat client sends as its one message to get the trained layout."""
+    from engine.data.tasks import UNANSWERABLE  # here: engine.data's records import this module (no import cycle)
+
+    return f"{context}\n\n{INSTRUCTION.format(none=UNANSWERABLE)}\nQuestion: {question}"
 
 
 class PromptRenderer:
@@ -23,7 +28,7 @@ class PromptRenderer:
 
     def prompt_ids(self, context: str, question: str) -> list[int]:
         """A grounded question about `context`: the layout of every long-QA training and evaluation record."""
-        return self.raw_prompt_ids(f"{context}\n\n{INSTRUCTION.format(none=UNANSWERABLE)}\nQuestion: {question}")
+        return self.raw_prompt_ids(grounded_turn(context, question))
 
     def raw_prompt_ids(self, content: str) -> list[int]:
         """One user turn plus the generation prompt; without a chat template, `content` then "Answer: "."""

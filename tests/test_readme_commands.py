@@ -320,6 +320,12 @@ def _check_gpu_suite_tiny(r: Result, ctx: dict) -> None:
     assert "| 1. S2 vs dense attention | status | complete" in r.out, r.tail()
 
 
+def _check_serve_bench_tiny(r: Result, ctx: dict) -> None:
+    rows = json.loads((Path(ctx["tmp"]) / "serve.json").read_text())
+    assert [row["clients"] for row in rows] == ["sequential", 1, 4, 8], r.tail()
+    assert all(row["same"] for row in rows[1:]) and "tokens/s" in r.out, r.tail()
+
+
 SERVE_KEY = "sk-readme-key"
 
 
@@ -606,10 +612,21 @@ COMMANDS: dict[str, Entry] = {
                  check=_check_gpu_suite_tiny, via="process", cwd="{repo}"),  # fmt: skip
         ),
     ),
+    "python -m bench.serve": Entry(
+        "not run here", exempt="serving benchmark on the embedded 135M with two adapters: minutes on CPU"
+    ),
+    "python -m bench.serve --tiny": Entry(
+        "with --requests 3 --max-tokens 2 --out <tmp> (the default 12 x 16 is tests/bench/test_serve.py's job)",
+        steps=(
+            Step("python -m bench.serve --tiny --requests 3 --max-tokens 2 --out {tmp}/serve.json",
+                 check=_check_serve_bench_tiny, via="process", cwd="{repo}"),  # fmt: skip
+        ),
+    ),
 }
 
 EXEMPT = {"make test", "make test-slow", "make test-gpu", "make bench",
-          'make test TORCH_PIP_ARGS="--index-url <CUDA wheel index>"', "python bench/eval.py"}  # fmt: skip
+          'make test TORCH_PIP_ARGS="--index-url <CUDA wheel index>"', "python bench/eval.py",
+          "python -m bench.serve"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- running the table

@@ -19,7 +19,7 @@ class ModelChat:
         self._lock = threading.Lock()
 
     def choices(self) -> list[str]:
-        done = sorted(p.parent.parent.name for p in self.runs_dir.glob("*/train/adapter/adapter_config.json"))
+        done = sorted(p.parents[2].name for p in self.runs_dir.glob("*/train/adapter/adapter_config.json"))  # <run>
         return [f"base: {self.base_model}"] + [f"run: {r}" for r in done]
 
     def _load(self, choice: str):

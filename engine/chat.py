@@ -36,10 +36,23 @@ def stream_answer(model: torch.nn.Module, tokenizer, prompt_ids: list[int], max_
     device = next(model.parameters()).device
     kwargs = dict(input_ids=torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
                   streamer=streamer, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    thread = threading.Thread(target=lambda: torch.no_grad()(model.generate)(**kwargs), daemon=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        """Generate; on an error, end the stream anyway (else the loop below would wait forever) and keep it."""
+        try:
+            with torch.no_grad():
+                model.generate(**kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread below
+            failure.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     text = ""
     for piece in streamer:
         text += piece
         yield text
     thread.join()
+    if failure:
+        raise failure[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents.serve.models_index import ModelsIndex
 from engine.serving import ContextLengthError, SamplingParams, ServingWorker, UnknownModelError, chat_ids, text_ids
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -77,8 +80,8 @@ class _Message(BaseModel):
         """Plain text; a list of content parts must be text parts (no images here)."""
         if isinstance(self.content, str):
             return self.content
-        if any(part.get("type") != "text" for part in self.content):
-            raise ApiError(400, "only text content parts are supported", param="messages")
+        if any(part.get("type") != "text" or not isinstance(part.get("text", ""), str) for part in self.content):
+            raise ApiError(400, "only text content parts (a string in `text`) are supported", param="messages")
         return "".join(part.get("text", "") for part in self.content)
 
 
@@ -135,6 +138,12 @@ def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = N
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return JSONResponse(ApiError(err.status_code, str(err.detail), kind).body(), status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:  # still OpenAI's shape, the server lives
+        log.exception("request to %s failed", request.url.path)
+        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", "server_error").body(),
+                            status_code=500)  # fmt: skip
+
     @app.get("/")
     def health() -> dict[str, str]:
         """Liveness (no key needed, names nothing)."""
@@ -150,13 +159,21 @@ def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = N
     def chat(body: ChatRequest):
         _known(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = worker.tokenize(chat_ids, messages)
+        ids = _tokens(chat_ids, messages, "messages")
         return _answer(body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     def complete(body: CompletionRequest):
         _known(body.model)
-        return _answer(body, worker.tokenize(text_ids, body.text()), body.max_tokens or 16, chat=False)
+        return _answer(body, _tokens(text_ids, body.text(), "prompt"), body.max_tokens or 16, chat=False)
+
+    def _tokens(fn, text, param: str) -> list[int]:
+        """Token ids, or a 400 for text no tokenizer can encode (a lone UTF-16 surrogate survives JSON decoding)."""
+        try:
+            return worker.tokenize(fn, text)
+        except (UnicodeError, TypeError) as err:
+            raise ApiError(400, f"the {param} cannot be tokenised ({type(err).__name__}): is it valid Unicode text? "
+                           "A lone surrogate such as \\ud800 is not", param=param)  # fmt: skip
 
     def _known(model_id: str) -> None:
         if not index.knows(model_id):

@@ -15,6 +15,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts; outside it raises deep inside generation
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -36,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (torch's range), got {self.seed}")
 
 
 @dataclass(frozen=True)

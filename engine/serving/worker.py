@@ -77,6 +77,8 @@ class ServingWorker:
             ContextLengthError: the prompt does not fit, naming the prompt's tokens and the model's context.
         """
         context, n = self.pool.context(model_id), len(prompt_ids)
+        if n == 0:  # generate() cannot start from nothing (a tokenizer without BOS turns "" into no tokens)
+            raise ValueError("the prompt is empty: it has no tokens to continue")
         if max_tokens is None:
             if n >= context:
                 raise ContextLengthError(f"the prompt has {n} tokens and model {model_id!r} has a context of "

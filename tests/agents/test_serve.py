@@ -4,6 +4,8 @@ OpenAI's shape."""
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 import threading
 
@@ -167,3 +169,79 @@ def test_exposure_warning_only_off_loopback_without_key():
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
     assert exposure_warning("0.0.0.0", KEY) is None
     assert "without --api-key" in exposure_warning("0.0.0.0", None)
+
+
+# ---------------------------------------------------------------- hostile clients
+_MSG = [{"role": "user", "content": "hi"}]
+_GOOD = {"model": "b", "messages": _MSG, "max_tokens": 4, "temperature": 0}
+HOSTILE_CHAT = [  # (what is wrong, the body): each must be refused in OpenAI's shape, never a 500
+    ("not JSON", b"{"), ("a list", b"[]"), ("null", b"null"), ("a string", b'"x"'),
+    ("no model", {"messages": _MSG}), ("model not a string", {**_GOOD, "model": 5}),
+    ("max_tokens 0", {**_GOOD, "max_tokens": 0}), ("max_tokens -1", {**_GOOD, "max_tokens": -1}),
+    ("max_tokens 10^30", {**_GOOD, "max_tokens": 10**30}), ("max_tokens text", {**_GOOD, "max_tokens": "ten"}),
+    ("max_tokens 1.5", {**_GOOD, "max_tokens": 1.5}), ("temperature -1", {**_GOOD, "temperature": -1}),
+    ("temperature NaN", b'{"model": "b", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+    ("temperature Infinity",
+     b'{"model": "b", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}'),
+    ("top_p 0", {**_GOOD, "top_p": 0}), ("seed 2^70", {**_GOOD, "seed": 2**70, "temperature": 1}),
+    ("5 stops", {**_GOOD, "stop": ["a"] * 5}), ("empty stop", {**_GOOD, "stop": [""]}),
+    ("stop int", {**_GOOD, "stop": [1]}),
+    ("n 2", {**_GOOD, "n": 2}), ("no messages", {**_GOOD, "messages": []}),
+    ("unknown role", {**_GOOD, "messages": [{"role": "hacker", "content": "x"}]}),
+    ("image part", {**_GOOD, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+    ("text part not a string", {**_GOOD, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
+    ("content null", {**_GOOD, "messages": [{"role": "user", "content": None}]}),
+    ("lone surrogate", {**_GOOD, "messages": [{"role": "user", "content": "\u0000\ud800"}]}),
+    ("2 MB prompt", {**_GOOD, "messages": [{"role": "user", "content": "x" * 2_000_000}]}),
+    ("stream_options not an object", {**_GOOD, "stream_options": "x"}),
+    ("max_completion_tokens 0", {**_GOOD, "max_completion_tokens": 0}),
+    ("model id of 10,000 characters", {**_GOOD, "model": "x" * 10_000}),
+]
+HOSTILE_COMPLETION = [
+    ("empty prompt", {"model": "b", "prompt": "", "max_tokens": 4}), ("no prompts", {"model": "b", "prompt": []}),
+    ("token ids", {"model": "b", "prompt": [1, 2, 3]}), ("two prompts", {"model": "b", "prompt": ["a", "b"]}),
+    ("prompt null", {"model": "b", "prompt": None}),
+]
+
+
+def _post(srv, path: str, body) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(srv.base_url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+def _refused_in_shape(r: httpx.Response) -> bool:
+    error = r.json().get("error") if r.headers.get("content-type", "").startswith("application/json") else None
+    shaped = isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+    return 400 <= r.status_code < 500 and shaped
+
+
+def test_hostile_bodies_are_refused_in_openai_shape_and_the_server_keeps_answering_the_same(server):
+    srv, _, _, _ = server
+    before = _post(srv, "/chat/completions", _GOOD).json()["choices"][0]["message"]["content"]
+    wrong = [(what, r.status_code, r.text[:120]) for path, table in (("/chat/completions", HOSTILE_CHAT),
+                                                                     ("/completions", HOSTILE_COMPLETION))
+             for what, body in table if not _refused_in_shape(r := _post(srv, path, body))]  # fmt: skip
+    assert not wrong, wrong
+    assert _post(srv, "/chat/completions", _GOOD).json()["choices"][0]["message"]["content"] == before
+
+
+def test_seeded_random_field_mutations_never_reach_a_500(server):
+    """Every field of a good request replaced by hostile values, 60 seeded draws: a 200 or a 4xx, never a crash."""
+    srv, _, _, _ = server
+    rng = random.Random(20261201)
+    values = [None, -1, 0, 2**70, -(2**70), 1.5, float("inf"), "", "x" * 5000, [], {}, [None], True, {"a": [1]},
+              "\ud800"]
+    fields = [*_GOOD, "top_p", "seed", "stop", "stream", "stream_options", "n", "max_completion_tokens"]
+    bad = []
+    for _ in range(60):
+        body = dict(_GOOD)
+        for name in rng.sample(fields, rng.randint(1, 3)):
+            body[name] = rng.choice(values)
+        try:
+            payload = json.dumps(body, allow_nan=True).encode()
+        except ValueError:
+            continue
+        r = _post(srv, "/chat/completions", payload)
+        if r.status_code != 200 and not _refused_in_shape(r):
+            bad.append((body if len(str(body)) < 300 else str(body)[:300], r.status_code, r.text[:200]))
+    assert not bad, bad

@@ -238,7 +238,9 @@ def revise_run(assistant, run_dir, text: str, *, approve: bool | None = None, on
     from pathlib import Path
 
     from agents.api import new_run_id
-    from agents.workflow.graph import read_run_file
+    from agents.errors import first_line
+    from agents.workflow.graph import claim_decision, read_run_file
+    from agents.workflow.run_lock import RunBusyError
 
     run_dir = Path(run_dir)
     if read_run_file(run_dir).get("status") != "awaiting_approval":
@@ -253,6 +255,12 @@ def revise_run(assistant, run_dir, text: str, *, approve: bool | None = None, on
     result = assistant.run(new_spec, run_dir=run_dir.parent / new_run_id(new_spec), approve=None)
     changes = plan_changes(old, json.loads((result.run_dir / "plan.json").read_text()), revision, spec)
     if result.status == "awaiting_approval":
+        try:  # the old plan may have been approved (or rejected) while this one was planned: then it stands
+            claim_decision(run_dir, "rejecting")
+        except (ValueError, RunBusyError) as err:
+            assistant.reject(result.run_dir, f"dropped: run {run_dir.name} was decided while this was planned")
+            raise ValueError(f"{first_line(err).rstrip('.')}: it was decided while the revision was planned, so the "
+                             f"revised plan (run {result.run_id}) is dropped") from None  # fmt: skip
         assistant.reject(run_dir, f"revised as run {result.run_id}: {text.strip()}")
         if approve:
             result = assistant.approve(result.run_dir, on_event=on_event)

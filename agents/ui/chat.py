@@ -16,8 +16,8 @@ from agents.errors import first_line
 from agents.llm.request import describe_spec, parse_request
 from agents.ui.uploads import inside, store_uploads
 from agents.workflow.background import BackgroundRuns
-from agents.workflow.graph import RUN_FILE, read_run_file, write_run_file
-from agents.workflow.run_lock import RunBusyError, driving, is_driven
+from agents.workflow.graph import RUN_FILE, claim_decision, read_run_file
+from agents.workflow.run_lock import RunBusyError, is_driven
 from sop.schemas import Spec
 
 
@@ -115,8 +115,10 @@ class AssistantChat:
             if not revision.fields and not revision.problems:
                 return None
             result, changes = revise_run(self.assistant, run_dir, text, revision=revision)
-        except (ValueError, RuntimeError) as err:  # the old plan still waits
-            return f"I can't revise that: {first_line(err)}. Run `{state.run_id}` still waits for your approval."
+        except (ValueError, RuntimeError) as err:  # the old plan still waits, unless it was decided meanwhile
+            waits = read_run_file(run_dir).get("status") == "awaiting_approval"
+            after = f" Run `{state.run_id}` still waits for your approval." if waits else ""
+            return f"I can't revise that: {first_line(err).rstrip('.')}.{after}"
         if result.status != "awaiting_approval":
             return f"The revised plan failed: {result.failure or result.status}; run `{state.run_id}` still waits."
         old, state.run_id = state.run_id, result.run_id
@@ -185,11 +187,7 @@ class AssistantChat:
             run_dir = inside(run_id, self.runs_dir)
             if not (run_dir / RUN_FILE).is_file():
                 return None, f"No run called `{run_id}`."
-            with driving(run_dir):
-                status = read_run_file(run_dir).get("status")
-                if status != "awaiting_approval":
-                    return None, f"Run `{run_id}` is not waiting for approval (it is {status})."
-                write_run_file(run_dir, status=decision)
+            claim_decision(run_dir, decision)
         except (ValueError, RunBusyError) as err:
             return None, first_line(err)
         return run_dir, ""

@@ -88,6 +88,21 @@ def write_run_file(run_dir: Path, **fields: Any) -> None:
     write_text_atomic(run_dir / RUN_FILE, json.dumps(data, indent=2) + "\n")
 
 
+def claim_decision(run_dir: Path, decision: str) -> None:
+    """Mark a run whose plan waits for approval as `decision` ("approved", "rejecting"), checked and written under the
+    run's lock: of two deciders (Approve and a revision that finished planning, two clicks) exactly one wins.
+
+    Raises:
+        ValueError: the run is no longer waiting (the sentence names what it is now).
+        RunBusyError: another process drives it right now.
+    """
+    with driving(run_dir):
+        status = read_run_file(run_dir).get("status")
+        if status != "awaiting_approval":
+            raise ValueError(f"Run `{run_dir.name}` is not waiting for approval (it is {status}).")
+        write_run_file(run_dir, status=decision)
+
+
 def run_dir_of(config: dict) -> Path:
     """The run directory comes with every call (not from the checkpointed state), so a moved run still resumes."""
     return Path(config["configurable"]["run_dir"])

@@ -114,3 +114,30 @@ def test_the_chat_revises_its_waiting_plan_and_the_llm_reads_what_the_rules_cann
         assert "revises a context-extension training plan" in json.dumps(server.requests[0].body)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("decision", ["approved", "rejecting"])
+def test_a_plan_decided_while_its_revision_is_planned_stands_and_the_revision_is_dropped(
+    tmp_path, tiny_model_dir, monkeypatch, decision
+):
+    """The app's race: Approve (or Reject) is pressed while a revision is still planning. The decision wins: the old
+    run is not rejected behind the user's back, the revised plan is dropped, and the chat does not claim the old
+    plan still waits."""
+    chat, state = AssistantChat(tmp_path, allowed_paths=(tiny_model_dir.parent,)), ChatState()
+    _, state = chat.message(f"extend {tiny_model_dir} to 2048 tokens", None, state)
+    first = state.run_id
+    plan_revision = chat.assistant.run
+
+    def decided_meanwhile(spec, **kwargs):
+        result = plan_revision(spec, **kwargs)  # the revised plan is ready ...
+        run_dir, why = chat._claim_waiting(first, decision)  # ... and the user's click landed first
+        assert run_dir is not None, why
+        return result
+
+    monkeypatch.setattr(chat.assistant, "run", decided_meanwhile)
+    reply, state = chat.message("use rank 4", None, state)
+    assert "was decided while the revision was planned" in reply and "still waits" not in reply, reply
+    assert read_run_file(tmp_path / first)["status"] == decision  # the click stands
+    revised = [d for d in tmp_path.iterdir() if d.name != first and (d / "plan.json").is_file()]
+    assert len(revised) == 1 and read_run_file(revised[0])["status"] == "rejected"  # nothing left waiting
+    assert state.run_id == first

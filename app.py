@@ -26,7 +26,7 @@ from agents.ui.app_callbacks import STAGE_COLUMNS, AppCallbacks  # noqa: E402
 from agents.ui.app_guards import uploads_only  # noqa: E402
 from agents.ui.chat import AssistantChat, ChatState  # noqa: E402
 from agents.ui.model_chat import ModelChat  # noqa: E402
-from agents.ui.model_chat_server import ServerModelChat, check_server_url, server_key  # noqa: E402
+from agents.ui.model_chat_server import NO_KEY, ServerModelChat, check_server_url, server_key  # noqa: E402
 from agents.ui.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def build_app(
     upload_root = Path(get_upload_folder())  # where Gradio's upload route stores what a browser sends
     chat = AssistantChat(runs_dir, llm=llm, upload_limit=upload_limit, allowed_paths=(*allowed_paths, *model_roots),
                          upload_root=upload_root)  # fmt: skip
-    model_chat = (ServerModelChat(model_server, model_server_key or "not-needed") if model_server
+    model_chat = (ServerModelChat(model_server, model_server_key or NO_KEY) if model_server
                   else ModelChat(runs_dir, base_model))  # fmt: skip
     on = AppCallbacks(runs_dir, chat, model_chat, upload_root)
 

@@ -111,9 +111,9 @@ def _check_run_dir(run_dir: Path) -> None:
 def _check_fits(doc: dict[str, Any]) -> None:
     """The plan's memory fits its hardware: else the plan gate would fail it after the run directory exists. (`plan`
     still prints such a plan, marked DOES NOT FIT.) Same test as the SOP check plan_memory_fits."""
-    total, hw = doc["memory"]["total_gib"], doc["hardware"]
-    if total <= hw["memory_gib"]:
+    if doc["fits"]:  # engine.plan: the predicted total within the device's memory
         return
+    total, hw = doc["memory"]["total_gib"], doc["hardware"]
     from agents.roles.plan_alternatives import refusal_hint
 
     fixes = ["lower --target-context"]

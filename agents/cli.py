@@ -158,7 +158,7 @@ def _spec_from_args(args: argparse.Namespace):
                if key not in fields]  # fmt: skip
     if missing:
         raise ValueError(f"missing {' and '.join(missing)} (or say it in --request)")
-    if args.llm and args.llm.lower() != "none":
+    if _llm_flagged(args):
         fields.update(llm_base_url=args.llm, llm_model=args.llm_model)
     try:
         return Spec(**fields)

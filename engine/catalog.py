@@ -87,6 +87,11 @@ def rope_original_context(max_position_embeddings: int, rope: Mapping[str, Any] 
     return int((rope or {}).get("original_max_position_embeddings") or max_position_embeddings)
 
 
+def per_layer_rope(rope: Mapping[str, Any] | None) -> bool:
+    """Whether `rope_parameters` are given per layer type (a dict of dicts, no `rope_type` of its own)."""
+    return bool(rope) and "rope_type" not in rope and any(isinstance(v, dict) for v in rope.values())
+
+
 def rope_type_of(rope: Mapping[str, Any] | None) -> str:
     """`rope_type` of v5 `rope_parameters`, or `type` of a v4 `rope_scaling` dict; "default" when unscaled."""
     return (rope or {}).get("rope_type") or (rope or {}).get("type") or "default"

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from engine.catalog import per_layer_rope, rope_type_of
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -54,12 +56,12 @@ def legacy_rope_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     rope = dict(config.get("rope_parameters") or {})
     if not rope:
         return {}
-    if "rope_type" not in rope and any(isinstance(v, dict) for v in rope.values()):
+    if per_layer_rope(rope):
         raise ValueError("per-layer rope_parameters cannot be written as one rope_scaling dict for vLLM/llama.cpp")
     fields: dict[str, Any] = {}
     if "rope_theta" in rope:
         fields["rope_theta"] = rope.pop("rope_theta")
-    rope_type = rope.get("rope_type", "default")
+    rope_type = rope_type_of(rope)
     if rope_type == "default":
         fields["rope_scaling"] = None
         return fields
@@ -79,7 +81,7 @@ def write_tool_config(model_dir: str | Path) -> dict[str, Any]:
         return fields
     config.update(fields)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    limit = TOOL_LIMITS.get((fields.get("rope_scaling") or {}).get("rope_type", ""))
+    limit = TOOL_LIMITS.get(rope_type_of(fields.get("rope_scaling")))
     if limit:
         log.warning("exported RoPE scaling: %s", limit)
     return fields

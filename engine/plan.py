@@ -37,9 +37,7 @@ from engine.plan_checks import plan_document_checks
 from engine.plan_cost import offload_seconds_per_step, step_costs
 from engine.plan_params import (  # noqa: F401  (re-exported: counting's one home)
     flops_per_token,
-    layer_bias_params,
     layer_matmul_params,
-    layer_norm_params,
     total_params,
     train_flops_per_token,
     trainable_params,

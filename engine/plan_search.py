@@ -121,8 +121,8 @@ def _candidates(req: Levers, a: ArchConfig, gpu: bool, timed: bool, targets: tup
     out = []
     for prec, n, b, r, ck, g, t in itertools.product(precisions, counts, {req.per_device_batch_size, 1}, ranks,
                                                      ckpts, ratios, targets):  # fmt: skip
-        for sp in sorted({req.sequence_parallel, *sp_degrees(a, n, t)} if gpu else {req.sequence_parallel}):
-            if n % sp == 0 and t % sp == 0 and sequences % (n // sp * b) == 0:
+        for sp in sp_degrees(a, n, t):  # the degrees valid here (on CPU, n = 1: only 1); the request's among them
+            if sequences % (n // sp * b) == 0:
                 out.append(Levers(prec, n, b, sequences // (n // sp * b), r, ck, g, t, sp))
     return out
 

@@ -33,11 +33,14 @@ class PromptRenderer:
     def raw_prompt_ids(self, content: str) -> list[int]:
         """One user turn plus the generation prompt; without a chat template, `content` then "Answer: "."""
         if self.has_template:
-            out = self.tok.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            return list(out["input_ids"] if isinstance(out, dict) else out)
+            return self.template_ids([{"role": "user", "content": content}])
         return self.tok(content + "\nAnswer: ", add_special_tokens=False)["input_ids"]
+
+    def template_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """`messages` through the tokenizer's chat template, with the generation prompt (needs `has_template`): the
+        one rendering a served chat (engine.serving.generate.chat_ids) and a trained prompt share."""
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(out["input_ids"] if isinstance(out, dict) else out)
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]

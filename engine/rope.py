@@ -18,6 +18,7 @@ from engine.catalog import (
     ROPE_METHODS,
     active_sliding_window,
     configured_context,
+    per_layer_rope,
     rope_factor,
     rope_original_context,
 )
@@ -82,7 +83,7 @@ def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMetho
     if method not in ROPE_METHODS:
         raise ValueError(f"unknown RoPE method {method!r}; choose one of {', '.join(ROPE_METHODS)}")
     params = dict(config.rope_parameters or {})
-    if "rope_type" not in params and any(isinstance(v, dict) for v in params.values()):
+    if per_layer_rope(params):
         raise ValueError("per-layer rope_parameters are not supported for context extension")
     existing = params.get("rope_type", "default")
     if existing == LLAMA3 and method == "linear":
@@ -121,13 +122,18 @@ def apply_rope_extension(model: torch.nn.Module, target_context: int, method: Ro
     the extended config would have built.
     """
     extension = extend_rope(model.config, target_context, method)
-    rebuilt = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding"):
-                device = child.inv_freq.device if hasattr(child, "inv_freq") else None
-                setattr(parent, name, type(child)(config=model.config).to(device))
-                rebuilt += 1
-    if rebuilt == 0:
-        raise ValueError(f"{type(model).__name__} has no rotary embedding module to rebuild")
+    for parent, name in rotary_slots(model):
+        child = getattr(parent, name)
+        device = child.inv_freq.device if hasattr(child, "inv_freq") else None
+        setattr(parent, name, type(child)(config=model.config).to(device))
     return extension
+
+
+def rotary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(parent, attribute name) of every rotary-embedding module: what is rebuilt when the RoPE config changes
+    (here and per adapter in engine.serving.pool). One-line ValueError when the model has none."""
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child).__name__.endswith("RotaryEmbedding")]  # fmt: skip
+    if not slots:
+        raise ValueError(f"{type(model).__name__} has no rotary embedding module to rebuild")
+    return slots

@@ -77,6 +77,9 @@ class LongLoraTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_chunk_tokens = loss_chunk_tokens
         self.sequence_parallel_size = sequence_parallel_size
+        ds_config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else None
+        # What DeepSpeed/DDP divide the summed gradients by: fixed for the run (engine.sequence_parallel)
+        self.gradient_divisor = gradient_mean_ranks(ds_config, self.accelerator.num_processes, sequence_parallel_size)
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch (we take no loss kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -86,17 +89,12 @@ class LongLoraTrainer(Trainer):
             return super()._get_num_items_in_batch(batch_samples, device)
         return count_shift_labels(batch_samples, self.accelerator.gather).to(device)
 
-    def _gradient_mean_ranks(self) -> int:
-        """What DeepSpeed/DDP divide the summed gradients by (engine.sequence_parallel.gradient_mean_ranks)."""
-        ds_config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else None
-        return gradient_mean_ranks(ds_config, self.accelerator.num_processes, self.sequence_parallel_size)
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step. The Trainer logs the mean of the returned values over all W ranks; each returns its
         share of the loss times the gradient divisor D (`compute_loss`), so W / D makes that mean the loss again
         (1 without SP; P under SP with ZeRO 0-2, whose divisor is W/P)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        return loss * (self.accelerator.num_processes / self._gradient_mean_ranks())
+        return loss * (self.accelerator.num_processes / self.gradient_divisor)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         causal_lm = self.accelerator.unwrap_model(model)
@@ -123,7 +121,7 @@ class LongLoraTrainer(Trainer):
             if self.args.average_tokens_across_devices or self.sequence_parallel_size > 1:
                 # The count is global but DDP and DeepSpeed average gradients over ranks: undo that mean, as the
                 # Trainer's own compute_loss does. Under SP the divisor depends on the ZeRO stage (W/P or W).
-                loss = loss * self._gradient_mean_ranks()
+                loss = loss * self.gradient_divisor
         return (loss, outputs) if return_outputs else loss
 
 

@@ -15,6 +15,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from engine.prompts import PromptRenderer
+
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts; outside it raises deep inside generation
 
 
@@ -53,13 +55,11 @@ class Completion:
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat: the tokenizer's own chat template with the generation prompt; without a template, the
     messages' contents (non-user roles prefixed `role: `) in engine.prompts' one-turn layout."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(out["input_ids"] if isinstance(out, dict) else out)
-    from engine.prompts import PromptRenderer  # lazy: engine.prompts once closed an import cycle via engine.data
-
+    render = PromptRenderer(tokenizer)
+    if render.has_template:
+        return render.template_ids(messages)
     text = "\n\n".join(m["content"] if m["role"] == "user" else f"{m['role']}: {m['content']}" for m in messages)
-    return PromptRenderer(tokenizer).raw_prompt_ids(text)
+    return render.raw_prompt_ids(text)
 
 
 def text_ids(tokenizer, prompt: str) -> list[int]:

@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 
 from engine.lora import check_adapter_base
 from engine.models import load_model
-from engine.rope import current_context
+from engine.rope import current_context, rotary_slots
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-def _rotary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """(parent, attribute) of every rotary-embedding module (the same test as engine.rope.apply_rope_extension)."""
-    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child).__name__.endswith("RotaryEmbedding")]  # fmt: skip
-    if not slots:
-        raise ValueError(f"{type(model).__name__} has no rotary embedding module")
-    return slots
 
 
 def _tied_to_input_embedding(model: torch.nn.Module) -> set[str]:
@@ -84,7 +75,7 @@ class ModelPool:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         self.base_ref, self.base_id, self.max_loaded = base_ref, base_id or base_ref, max_loaded
         self.model, self.tokenizer = load_model(base_ref, device=device, dtype=dtype, attn_implementation="sdpa")
-        self._slots = _rotary_slots(self.model)
+        self._slots = rotary_slots(self.model)
         self._base_rotary = [getattr(parent, name) for parent, name in self._slots]
         self._tied = _tied_to_input_embedding(self.model)
         self._base_config = copy.deepcopy(self.model.config)  # the base's own RoPE fields, restored for base requests

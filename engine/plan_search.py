@@ -152,12 +152,13 @@ def _probe(base: Plan, n_devices: int, target: int, hw: HardwareProfile | None =
     data-parallel degree does not divide the global batch."""
     req = request_levers(base)
     sequences = global_batch(req)
-    sp = max(sp_degrees(base.arch, n_devices, target)) if base.hardware.gpu else req.sequence_parallel
+    gpu = (hw or base.hardware).gpu  # the kind probed, which may be a GPU for a CPU request (smallest_hardware)
+    sp = max(sp_degrees(base.arch, n_devices, target)) if gpu else req.sequence_parallel
     if n_devices % sp or sequences % (n_devices // sp):
         return None
     lv = replace(req, n_devices=n_devices, per_device_batch_size=1, target_context=target, gradient_checkpointing=True,
                  gradient_accumulation_steps=sequences // (n_devices // sp), sequence_parallel=sp,
-                 precision="bf16" if base.hardware.gpu else req.precision)  # fmt: skip
+                 precision="bf16" if gpu else req.precision)  # fmt: skip
     return plan_with(replace(base, hardware=hw) if hw else base, lv)
 
 

@@ -99,7 +99,7 @@ def _train_distributed(config_path: Path, n_devices: int, device: str, sequence_
 
     from engine.launch import launcher_command
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # agents/roles/trainer.py -> the repository
     cmd = launcher_command(str(config_path), n_devices, "torchrun", master_port=_free_port(),
                            sequence_parallel=sequence_parallel)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]

@@ -230,3 +230,16 @@ def test_a_request_names_the_degree():
     parsed = parse_request("extend llama-3-8b to 256k on 8xA100-80GB with sequence parallel 4")
     assert parsed.fields["sequence_parallel"] == 4 and parsed.fields["target_context"] == 262144
     assert not parsed.problems
+
+
+def test_a_cpu_request_too_long_for_any_single_gpu_is_pointed_at_gpus_with_sequence_parallelism():
+    """smallest_hardware probes GPU kinds for a CPU request: with the probed kind's levers (bf16, SP), not the CPU's.
+    Llama-2-7B at 524,288 tokens fits 4xA100-80GB only with sequence parallelism; probed as fp32 without SP (the old
+    bug), no catalog hardware held it."""
+    base, found = search_request("llama-2-7b", 524288, "smoke", "cpu")
+    assert not base.fits and found.smallest_hardware is not None, found
+    n, kind = found.smallest_hardware.split("x", 1)
+    assert kind in ("A100-80GB", "A100-40GB", "H100-80GB"), found.smallest_hardware
+    fits = {p: make_plan("llama-2-7b", 524288, "standard", found.smallest_hardware, sequence_parallel=p).fits
+            for p in sp_degrees(base.arch, int(n), 524288)}  # standard: bf16, batch 1, on that GPU
+    assert not fits[1] and any(fits.values()), fits  # it holds the target only with sequence parallelism

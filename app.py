@@ -22,12 +22,12 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 import gradio as gr  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 
-from agents.ui.app_callbacks import STAGE_COLUMNS, AppCallbacks  # noqa: E402
-from agents.ui.app_guards import uploads_only  # noqa: E402
-from agents.ui.chat import AssistantChat, ChatState  # noqa: E402
-from agents.ui.model_chat import ModelChat  # noqa: E402
-from agents.ui.model_chat_server import NO_KEY, ServerModelChat, check_server_url, server_key  # noqa: E402
-from agents.ui.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR  # noqa: E402
+from agents.app.callbacks import STAGE_COLUMNS, AppCallbacks  # noqa: E402
+from agents.app.chat import AssistantChat, ChatState  # noqa: E402
+from agents.app.guards import uploads_only  # noqa: E402
+from agents.app.model_chat import ModelChat  # noqa: E402
+from agents.app.model_chat_server import NO_KEY, ServerModelChat, check_server_url, server_key  # noqa: E402
+from agents.app.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR  # noqa: E402
 
 
 def build_app(

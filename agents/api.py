@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 from langgraph.types import Command
 
+from agents.run_files import new_run_id
 from agents.workflow.graph import (
     RUN_FILE,
     Roles,
@@ -81,11 +80,6 @@ class RunStatus:
                 "last_events": self.last_events}  # fmt: skip
 
 
-def new_run_id(spec: Spec) -> str:
-    name = Path(spec.base_model).name.replace("/", "-") or "model"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{spec.target_context // 1024}k-{uuid.uuid4().hex[:4]}"  # unique
-
-
 def _initial_state(run_dir: Path, approve: bool | None) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "run_id": run_dir.name, "auto_approve": bool(approve), "status": "running"}
 
@@ -111,7 +105,7 @@ def _check_run_dir(run_dir: Path) -> None:
 def _check_fits(doc: dict[str, Any]) -> None:
     """The plan's memory fits its hardware: else the plan gate would fail it after the run directory exists. (`plan`
     still prints such a plan, marked DOES NOT FIT.) Same test as the SOP check plan_memory_fits."""
-    if doc["fits"]:  # engine.plan: the predicted total within the device's memory
+    if doc["fits"]:  # engine.planning.plan: the predicted total within the device's memory
         return
     total, hw = doc["memory"]["total_gib"], doc["hardware"]
     from agents.roles.plan_alternatives import refusal_hint
@@ -143,7 +137,7 @@ def _check_runnable(spec: Spec, n_devices: int) -> None:
     import torch
 
     from engine.data.corpus import check_corpus
-    from engine.models import resolve_model
+    from engine.model.loading import resolve_model
 
     resolve_model(spec.base_model)  # alias, local directory or offline-cached hub id; one-line ValueError otherwise
     if missing := [p for p in spec.corpus if not Path(p).expanduser().exists()]:
@@ -168,7 +162,7 @@ class Assistant:
     def __init__(self, runs_dir: str | Path = "runs", *, sop_path: str | Path = DEFAULT_SOP, llm=None) -> None:
         self.runs_dir = Path(runs_dir)
         self.sop = load_sop(sop_path)
-        self.llm = llm  # an agents.llm.client.LLMClient, or None for fully deterministic roles
+        self.llm = llm  # an agents.language.client.LLMClient, or None for fully deterministic roles
 
     # -------------------------------------------------------------- planning only
     def plan(self, spec: Spec | None = None, **fields: Any) -> PlanResult:
@@ -199,8 +193,8 @@ class Assistant:
 
         Raises:
             ValueError: one line, before the run directory exists: bad input (unknown model, target <= native or
-                above engine.plan.MAX_TARGET_CONTEXT), a plan that does not fit its hardware, a corpus without text
-                in two files, devices not here, or a run directory that cannot be made (a file in its place).
+                above engine.planning.plan.MAX_TARGET_CONTEXT), a plan that does not fit its hardware, a corpus without
+                text in two files, devices not here, or a run directory that cannot be made (a file in its place).
         """
         from agents.roles.planner import make_plan_document
 
@@ -289,7 +283,7 @@ class Assistant:
 
     def export(self, run_dir: str | Path, out_dir: str | Path) -> Path:
         """Merge the verified adapter into a standalone model directory (plain transformers loads it)."""
-        from engine.lora import load_adapter, merge_to_model_dir
+        from engine.model.lora import load_adapter, merge_to_model_dir
 
         run_dir, out = Path(run_dir), Path(out_dir)
         if out.exists() and any(out.iterdir()):

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.data import DataConfig, prepare_data  # noqa: E402
 from engine.data.corpus import stdlib_dir  # noqa: E402
-from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
+from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
 
 CORPUS_MB = 100
 TARGET = 32768

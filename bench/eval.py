@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.data.corpus import stdlib_dir  # noqa: E402
-from engine.evaluate import EvalConfig, ModelUnderTest, evaluate  # noqa: E402
+from engine.evaluation import EvalConfig, ModelUnderTest, evaluate  # noqa: E402
 
 MODEL = "smollm2-135m"
 LENGTHS = [4096, 16384, 32768] if torch.cuda.is_available() else [4096, 16384]

@@ -6,7 +6,7 @@
 Parts, each under its own time budget (a part whose next piece of work does not fit stops cleanly and keeps what it
 measured; a failing part is one line in the JSON and the next part still runs):
   1. attention: S2-Attn vs dense causal SDPA fwd+bwd at 8k/16k/32k/64k, 32 heads x 128, bf16;
-  2. llama7b: a Llama-2-7B-shaped random bf16 model, LoRA+ and gradient checkpointing through engine.train at
+  2. llama7b: a Llama-2-7B-shaped random bf16 model, LoRA+ and gradient checkpointing through engine.training.train at
      16k/32k/64k (S2 and dense) and the longest length the planner fits: tokens/s, MFU, peak vs predicted memory;
   3. extension: the embedded SmolLM2-135M extended 8k -> 32k by `longpilot run --profile window --train-mix plain
      --device cuda`, steps sized from a measured warm-up, then base vs extended from the run's own evaluation.

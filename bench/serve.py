@@ -2,7 +2,7 @@
 
     python -m bench.serve           # embedded SmolLM2-135M + two LongLoRA adapters (RoPE x2 and x4), CPU minutes
     python -m bench.serve --tiny    # a tiny random model and two tiny adapters in a temp dir (seconds)
-The real server (agents.serve) runs on a free loopback port; clients are the official `openai` SDK, one thread
+The real server (agents.server) runs on a free loopback port; clients are the official `openai` SDK, one thread
 each. The same requests (greedy /v1/completions, spread round-robin over the base and the two adapters) are sent
 one after another first, then by 1, 4 and 8 concurrent clients; every concurrent answer is checked against its
 sequential answer ("same" column). The adapters are random LoRA+ initialisations with small random noise on every
@@ -36,10 +36,11 @@ PROMPTS = ("The history of the printing press", "def fibonacci(n):", "Long-conte
 
 def make_adapter(base_ref: str, out_dir: Path, factor: int, seed: int, noise: float = 0.02) -> Path:
     """A LongLoRA adapter of `base_ref` with RoPE x`factor`: LoRA+ initialised, every trained tensor nudged by
-    `noise` * N(0, 1) (seeded), saved as one PEFT directory with the extended config (engine.lora.save_adapter)."""
-    from engine.lora import apply_lora_plus, save_adapter
-    from engine.models import load_model, resolve_model
-    from engine.rope import apply_rope_extension, current_context
+    `noise` * N(0, 1) (seeded), saved as one PEFT directory with the extended config
+    (engine.model.lora.save_adapter)."""
+    from engine.model.loading import load_model, resolve_model
+    from engine.model.lora import apply_lora_plus, save_adapter
+    from engine.model.rope import apply_rope_extension, current_context
 
     model, tokenizer = load_model(base_ref, device="cpu", dtype=torch.float32)
     apply_rope_extension(model, factor * current_context(model.config))
@@ -103,7 +104,7 @@ def run(base_ref: str, adapters: dict[str, Path], n_requests: int, max_tokens: i
     """Serve base + adapters, measure sequential then each client count; (rows, the base's model id)."""
     import openai
 
-    from agents.serve import build_server_app, start_in_thread
+    from agents.server import build_server_app, start_in_thread
 
     app, worker = build_server_app(base_ref, runs_dir=None, adapters=adapters, max_loaded=len(adapters), device="cpu")
     server = start_in_thread(app)

@@ -1,4 +1,4 @@
-"""LongLoRA training throughput through engine.train: tokens/s and peak memory, S2-Attn vs dense, one table.
+"""LongLoRA training throughput through engine.training.train: tokens/s and peak memory, S2-Attn vs dense, one table.
 
     python bench/train.py                 # embedded SmolLM2-135M; CPU: 4k and 16k, GPU: 16k..64k
 Knobs are the globals below. Each row is one short run with the real training entry point (RoPE, S2, LoRA+,
@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.gpu_parts.training import TokenRows, train_row  # noqa: E402
-from engine.models import load_tokenizer, resolve_model  # noqa: E402
-from engine.smoke import stdlib_text_tokens  # noqa: E402
+from engine.model.loading import load_tokenizer, resolve_model  # noqa: E402
+from engine.training.smoke import stdlib_text_tokens  # noqa: E402
 
 MODEL = "smollm2-135m"
 LENGTHS = [16384, 32768, 65536] if torch.cuda.is_available() else [4096, 16384]

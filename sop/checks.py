@@ -66,10 +66,10 @@ def retry_change(name: str) -> Callable:
 
 
 def _plan_check(name: str) -> CheckFn:
-    """The SOP gate's view of one of engine.plan_checks' checks, run on plan.json as written."""
+    """The SOP gate's view of one of engine.planning.checks' checks, run on plan.json as written."""
 
     def run(ctx: CheckContext) -> tuple[bool, str]:
-        from engine.plan_checks import plan_document_checks
+        from engine.planning.checks import plan_document_checks
 
         result = next(c for c in plan_document_checks(ctx.document.model_dump()) if c.name == name)
         return result.passed, result.detail
@@ -141,7 +141,7 @@ def train_completed(ctx: CheckContext) -> tuple[bool, str]:
 
 @check("train_attention_as_planned")
 def train_attention_as_planned(ctx: CheckContext) -> tuple[bool, str]:
-    from engine.s2attn import S2_ATTENTION
+    from engine.model.s2attn import S2_ATTENTION
 
     use_s2 = (ctx.plan or {}).get("train_config", {}).get("use_s2_attention", True)
     want, got = S2_ATTENTION if use_s2 else "sdpa", getattr(ctx.document, "attention", None)

@@ -12,14 +12,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.catalog import ATTENTION_MODES, PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES, default_profile
-from engine.tracking import TRACKERS
+from engine.training.tracking import TRACKERS
 
 Profile = Literal[PROFILE_NAMES]  # type: ignore[valid-type]  # engine.catalog names them once
 Device = Literal["auto", "cpu", "cuda"]
 RopeMethod = Literal[ROPE_METHODS]  # type: ignore[valid-type]  # engine.catalog names them once
 TrainMix = Literal[TRAIN_MIXES]  # type: ignore[valid-type]  # engine.catalog names them once
 Attention = Literal[ATTENTION_MODES]  # type: ignore[valid-type]  # engine.catalog names them once
-Tracker = Literal[TRACKERS]  # type: ignore[valid-type]  # engine.tracking names them once
+Tracker = Literal[TRACKERS]  # type: ignore[valid-type]  # engine.training.tracking names them once
 
 
 class _Strict(BaseModel):
@@ -94,7 +94,7 @@ class Spec(_Strict):
 
 
 class Plan(_Strict):
-    """engine.plan.Plan as written to plan.json, plus the request's evaluation settings."""
+    """engine.planning.plan.Plan as written to plan.json, plus the request's evaluation settings."""
 
     arch: dict[str, Any]
     hardware: dict[str, Any]

@@ -30,7 +30,7 @@ class StageContext:
     run_dir: Path
     manifest: Manifest
     overrides: dict[str, Any]
-    llm: Any  # an agents.llm.client.LLMClient, or None for fully deterministic roles
+    llm: Any  # an agents.language.client.LLMClient, or None for fully deterministic roles
     progress: Callable[[dict], None]
 
     def spec(self) -> Spec:

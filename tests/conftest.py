@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# Measured RoPE scores (engine.rope_choice) are cached per test session, never in the user's ~/.cache
+# Measured RoPE scores (engine.planning.rope_choice) are cached per test session, never in the user's ~/.cache
 os.environ.setdefault("LONGPILOT_CACHE", tempfile.mkdtemp(prefix="longpilot-test-cache-"))
 # ...and not measured at all unless a test turns it on: a plan for the real SmolLM2 at 16k would cost minutes
 os.environ.setdefault("LONGPILOT_ROPE_SCORING", "off")
@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-import engine.s2attn  # noqa: E402,F401  (registers s2_attention; `import engine` alone is lazy)
-from engine.train import TrainConfig  # noqa: E402
+import engine.model.s2attn  # noqa: E402,F401  (registers s2_attention; `import engine` alone is lazy)
+from engine.training.train import TrainConfig  # noqa: E402
 
 
 def tiny_shape(

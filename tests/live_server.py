@@ -1,4 +1,4 @@
-"""The real OpenAI-compatible server (agents.serve) on loopback over tiny models, with a worker that records.
+"""The real OpenAI-compatible server (agents.server) on loopback over tiny models, with a worker that records.
 
 `RecordingWorker` is engine.serving.ServingWorker itself plus a log of what the HTTP layer handed it (the messages
 or prompt it tokenised, the ids, the finished completion), so a test can check that a request reached the server
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.serve import ModelsIndex, build_app, start_in_thread
+from agents.server import ModelsIndex, build_app, start_in_thread
 from engine.serving import ModelPool, ServingWorker
 
 

@@ -135,8 +135,10 @@ class Step:
     """One invocation. Placeholders: {tiny} {run} {demo} {tmp} {venv} {stamp} {repo} {corpus} {corpus2} {port}
     {port2}.
 
-    via: "main" calls the entry point in this process (`longpilot` -> agents.cli.main, `python -m engine.launch`
-    -> engine.launch.main: the console script's own function, without a second interpreter start-up); "process" runs
+    via: "main" calls the entry point in this process (`longpilot` -> agents.cli.main, `python -m
+    engine.training.launch`
+    -> engine.training.launch.main: the console script's own function, without a second interpreter start-up);
+    "process" runs
     it as its own process; "serve" starts a server process, waits for HTTP 200 on {port}/{port2}, then stops it."""
 
     command: str  # split like a shell line (shlex), then each word's placeholders filled
@@ -165,7 +167,7 @@ def _manifest_all_passed(run_dir: Path) -> None:
 def _check_demo(r: Result, ctx: dict) -> None:
     demo = Path(ctx["demo"])
     assert (demo / "report.md").is_file() and "passed" in r.out, r.tail()
-    # about one screen, every stage named, none of the libraries' warnings or bars (agents.ui.quiet)
+    # about one screen, every stage named, none of the libraries' warnings or bars (agents.cli.quiet)
     assert len((r.out + r.err).splitlines()) <= 40 and "Warning" not in r.out + r.err and "it/s" not in r.err, r.tail()
     assert all(f">> {stage} " in r.out for stage in ("plan", "prepare_data", "train", "evaluate", "report")), r.out
     _manifest_all_passed(demo)
@@ -183,7 +185,7 @@ def _check_launch_dry_run(r: Result, ctx: dict) -> None:
     head = documented.split("...")[0]
     printed = r.out.strip().splitlines()[-1]
     assert printed.startswith(head) and printed.endswith("engine/recipes/llama2-7b-32k-8xA100.json"), printed
-    from engine.train import TrainConfig
+    from engine.training.train import TrainConfig
 
     recipe = TrainConfig.from_dict(json.loads((REPO / "engine/recipes/llama2-7b-32k-8xA100.json").read_text()))
     assert recipe.target_context == 32768 and recipe.deepspeed == "engine/deepspeed/zero2.json", recipe
@@ -274,12 +276,13 @@ def _check_dist_dry_run(r: Result, ctx: dict) -> None:
     printed = r.out.strip().splitlines()[-1]
     launcher = {"torchrun": "--nproc_per_node=2", "deepspeed": "--hostfile hosts --num_gpus=2",
                 "accelerate": "--num_processes=2"}  # fmt: skip
-    assert printed.endswith("engine.launch train --config run.json"), printed
+    assert printed.endswith("engine.training.launch train --config run.json"), printed
     assert launcher[printed.split()[0]] in printed, printed
 
 
 def _dist_config(ctx: dict) -> None:
-    """run.json and hosts for `python -m engine.launch distributed --config run.json ...` (printed, not trained)."""
+    """run.json and hosts for `python -m engine.training.launch distributed --config run.json ...` (printed, not
+    trained)."""
     cfg = {"output_dir": f"{ctx['tmp']}/dist", "dataset_dir": f"{ctx['tmp']}/data", "base_model": ctx["tiny"],
            "target_context": TARGET, "max_steps": 1, "gradient_accumulation_steps": 1, "save_steps": 1,
            "quiet": True}  # fmt: skip
@@ -392,7 +395,7 @@ EVAL_SHORT = (
     "--seeds 0 --depths 0.5 --ruler-tasks niah_single_numbers --task-lengths ruler=1024 --max-new-tokens-cap 8 "
     f"--longqa-max-items 1 --longqa-max-tokens 1024 --ppl-tokens {TARGET} --ppl-stride 1024 --no-progress"
 )
-LAUNCH = "python -m engine.launch distributed --config run.json --nproc 2"
+LAUNCH = "python -m engine.training.launch distributed --config run.json --nproc 2"
 SP_CLUSTER = ("longpilot plan --model llama-3-8b --target-context 1048576 --hardware 16xA100-80GB --grad-accum 64 "
               "--sequence-parallel 8")
 
@@ -414,14 +417,14 @@ COMMANDS: dict[str, Entry] = {
         "not run here",
         exempt="runs the whole default suite, this file included (recursion); CI runs it: .ci/run is `make test`",
     ),
-    "python -m engine.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json --nproc 8 --launcher "
-    "deepspeed": Entry(
+    "python -m engine.training.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json --nproc 8 "
+    "--launcher deepspeed": Entry(
         "with --dry-run (it needs 8 GPUs and the Llama-2-7B weights): the printed launcher command must be the "
         "README's `# runs:` line, and the recipe must load as a TrainConfig",
         steps=(
             Step(
-                "python -m engine.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json --nproc 8 "
-                "--launcher deepspeed --dry-run",
+                "python -m engine.training.launch distributed --config engine/recipes/llama2-7b-32k-8xA100.json "
+                "--nproc 8 --launcher deepspeed --dry-run",
                 check=_check_launch_dry_run,
                 cwd="{repo}",
             ),
@@ -552,8 +555,8 @@ COMMANDS: dict[str, Entry] = {
     'make test TORCH_PIP_ARGS="--index-url <CUDA wheel index>"': Entry(
         "not run here", exempt="`make test` (recursion, CI runs it) with a CUDA wheel index (network, a GPU image)"
     ),
-    "python -m engine.launch distributed --config run.json --nproc 2 [--launcher torchrun|deepspeed|accelerate] "
-    "[--hostfile hosts]": Entry(
+    "python -m engine.training.launch distributed --config run.json --nproc 2 "
+    "[--launcher torchrun|deepspeed|accelerate] [--hostfile hosts]": Entry(
         "with --dry-run, on a tiny run.json, for the default launcher (torchrun), --launcher deepspeed --hostfile "
         "hosts and --launcher accelerate: each prints its launcher command (a real 2-process run of the same entry "
         "point: tests/agents/test_workflow.py::test_a_multi_device_plan_trains_on_that_many_processes)",
@@ -710,8 +713,8 @@ def _execute(step: Step, ctx: dict) -> Result:
         return Result(done.returncode, done.stdout, done.stderr)
     if argv[0] == "longpilot":
         from agents.cli import main
-    elif argv[:3] == ["python", "-m", "engine.launch"]:
-        from engine.launch import main
+    elif argv[:3] == ["python", "-m", "engine.training.launch"]:
+        from engine.training.launch import main
 
         argv = argv[2:]
     else:
@@ -763,7 +766,7 @@ class Runner:
 
 def _tiny_model_dir(path: Path) -> Path:
     """A random 2-layer Llama (1,024-token context) with the embedded SmolLM2 tokenizer, saved as a model dir."""
-    from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+    from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(DEFAULT_MODEL))
     tiny_llama(seed=0, vocab=len(tokenizer), context=1024).save_pretrained(path)
@@ -917,7 +920,7 @@ PY_BLOCKS: dict[str, PyBlock] = {
         "target 2048, n_train 8, n_eval 4, tokenizer = the tiny model's (the embedded SmolLM2 one)",
         subs=(("target_context=16384", f"target_context={TARGET}"), ("n_train=64", "n_train=8"),
               ("n_eval=16", "n_eval=4")),  # fmt: skip
-        preamble="from engine.models import load_tokenizer, resolve_model\n"
+        preamble="from engine.model.loading import load_tokenizer, resolve_model\n"
         "tokenizer = load_tokenizer(resolve_model({tiny}))\n",
         check=_check_data,
     ),
@@ -935,10 +938,10 @@ PY_BLOCKS: dict[str, PyBlock] = {
         check=_check_assistant,
     ),
     "from openai import OpenAI": PyBlock(
-        "against a server started in-process on the tiny model (agents.serve, a free port, no key), model = the tiny "
+        "against a server started in-process on the tiny model (agents.server, a free port, no key), model = the tiny "
         "model's id; the server is stopped by the check",
         subs=(('"http://127.0.0.1:8000/v1"', "_server.base_url"), ('"smollm2-135m"', "{tiny}")),
-        preamble="from agents.serve import build_server_app, start_in_thread\n"
+        preamble="from agents.server import build_server_app, start_in_thread\n"
         "_app, _worker = build_server_app({tiny}, runs_dir=None)\n_server = start_in_thread(_app)\n",
         check=_check_serve_block,
     ),

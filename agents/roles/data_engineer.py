@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.workflow.files import move_aside
+from agents.run_files import move_aside
 from sop.schemas import Spec
 from sop.stages import StageContext, stage_action
 
@@ -18,14 +18,14 @@ def prepare(
 ) -> Path:
     """Build `run_dir/data`. An unverified leftover (a crash, a failed gate) is moved aside first, never deleted."""
     from engine.data.build import DataConfig, prepare_data, short_range_for
-    from engine.models import load_tokenizer, resolve_model
+    from engine.model.loading import load_tokenizer, resolve_model
 
     out = run_dir / "data"
     move_aside(out)
     shutil.rmtree(run_dir / "data.partial", ignore_errors=True)  # prepare_data's own scratch space
     proposer = None
     if llm is not None and spec.corpus:
-        from agents.llm.client import qa_proposer
+        from agents.language.client import qa_proposer
 
         proposer = qa_proposer(llm)
     cfg = DataConfig(

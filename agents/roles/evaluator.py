@@ -1,4 +1,4 @@
-"""Evaluator role: evaluate base vs extended as the plan says (engine.evaluate does the work), then write the final
+"""Evaluator role: evaluate base vs extended as the plan says (engine.evaluation does the work), then write the final
 report (report.md + final_report.json) from the verified artifacts' figures."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.workflow.files import move_aside
+from agents.run_files import move_aside
 from sop.schemas import FinalReport, Spec
 from sop.stages import StageContext, stage_action
 
@@ -32,9 +32,9 @@ INFORMATIONAL_GATE = ("smoke", "window")  # profiles too short for the quality g
 
 def evaluate(spec: Spec, plan: dict[str, Any], run_dir: Path, emit: Callable[[dict], None]) -> Path:
     """Run the evaluation into `run_dir/eval` (a leftover from a crash is moved aside)."""
-    from engine.evaluate import EvalConfig, ModelUnderTest, task_names
-    from engine.evaluate import evaluate as engine_evaluate
-    from engine.evaluate.ruler import RULER_TASKS
+    from engine.evaluation import EvalConfig, ModelUnderTest, task_names
+    from engine.evaluation import evaluate as engine_evaluate
+    from engine.evaluation.ruler import RULER_TASKS
 
     out = run_dir / "eval"
     move_aside(out)
@@ -72,7 +72,7 @@ def _longqa_cap(cap: int | None, data_dir: Path) -> int | None:
     instead of failing after training."""
     if cap is None:
         return None
-    from engine.evaluate.longqa import load_eval_split, longqa_rows
+    from engine.evaluation.longqa import load_eval_split, longqa_rows
 
     lengths = [r["num_tokens"] for r in longqa_rows(load_eval_split(str(data_dir)))]
     return cap if not lengths or min(lengths) <= cap else min(lengths)
@@ -80,7 +80,7 @@ def _longqa_cap(cap: int | None, data_dir: Path) -> int | None:
 
 def _figures(report: dict[str, Any]) -> dict[str, Any]:
     """Each model's compact figures, as each registered evaluation task summarises its own section."""
-    from engine.evaluate import EVAL_TASKS
+    from engine.evaluation import EVAL_TASKS
 
     summaries = [t for t in EVAL_TASKS.values() if t.figures is not None]
     return {name: {k: v for t in summaries for k, v in t.figures(m.get(t.name, {})).items()}
@@ -90,7 +90,7 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
 def _rope_section(plan: dict[str, Any], report: dict[str, Any]) -> list[str]:
     """report.md's "what came from RoPE, what from training" table, and how the planner chose the method."""
     from agents.roles.rope_planner import score_line
-    from engine.evaluate.rope_effect import rope_effect_table
+    from engine.evaluation.rope_effect import rope_effect_table
 
     table = rope_effect_table(report, plan["rope_method"])
     if not table:
@@ -133,7 +133,7 @@ def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, n
     """report.md, answer first (the verdict, one table of the models at each length, the gate's checks, the plots;
     then what the profile proves, training, the full figures) and final_report.json (the facts, schema-checked)."""
     from agents.roles.planner import attention_phrase
-    from engine.evaluate.summary import comparison_markdown, gates_markdown, summary_table
+    from engine.evaluation.summary import comparison_markdown, gates_markdown, summary_table
 
     report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
     summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
@@ -203,7 +203,7 @@ def report_stage(ctx: StageContext) -> None:
     narrative = None
     if ctx.llm is not None:
         from agents.errors import first_line
-        from agents.llm.client import LLMError, narrate
+        from agents.language.client import LLMError, narrate
 
         figures = json.loads((ctx.run_dir / "eval" / "eval_report.json").read_text())["comparison"]
         try:

@@ -22,7 +22,7 @@ LEVER_WORDS = {"precision": "precision", "n_devices": "GPUs", "per_device_batch_
 
 def lever_kwargs(spec: Spec) -> dict[str, Any]:
     """The Spec's lever fields as make_plan keyword arguments (unset ones keep make_plan's defaults)."""
-    from engine.lora import LoraPlusConfig
+    from engine.model.lora import LoraPlusConfig
 
     out: dict[str, Any] = {"gradient_checkpointing": spec.gradient_checkpointing,
                            "sequence_parallel": spec.sequence_parallel}  # fmt: skip
@@ -81,7 +81,7 @@ def command_for(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any], ve
 
 def search_document(spec: Spec, plan: Any, **make_plan_kwargs: Any) -> tuple[list[dict[str, Any]], dict | None]:
     """(alternatives, search) for the plan document: empty when the plan fits and meets the budgets."""
-    from engine.plan_search import search
+    from engine.planning.search import search
 
     result = search(plan, max_hours=spec.max_hours, max_gib=spec.max_gib, **make_plan_kwargs)
     if not result.reasons:

@@ -1,5 +1,5 @@
-"""Planner role: Spec -> Plan. Decides nothing numeric itself: the engine's planning math does (engine.plan); this
-role picks the architecture from the spec, adds the evaluation settings of the profile, and writes plan.json."""
+"""Planner role: Spec -> Plan. Decides nothing numeric itself: the engine's planning math does (engine.planning.plan);
+this role picks the architecture from the spec, adds the evaluation settings of the profile, and writes plan.json."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ QUALITY_GATES = {"passkey_min": 0.95, "ppl_ratio_max": 1.05, "regression_max_poi
 
 
 def arch_reference(base_model: str) -> str:
-    """What engine.plan.resolve_arch understands for a model reference: a built-in name or a config directory."""
+    """What engine.catalog.resolve_arch understands for a model reference: a built-in name or a config directory."""
     from engine.catalog import BASE_MODEL_REFS, BUILTIN_ARCHS
 
     if base_model in BUILTIN_ARCHS:
@@ -29,7 +29,7 @@ def arch_reference(base_model: str) -> str:
             return name
     if Path(base_model).expanduser().exists():
         return str(Path(base_model).expanduser())
-    from engine.models import resolve_model  # a hub id already in the local cache
+    from engine.model.loading import resolve_model  # a hub id already in the local cache
 
     return str(resolve_model(base_model).path)
 
@@ -70,7 +70,7 @@ def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any
 
 
 # Lengths at or above this hold every passkey/RULER prompt frame with any tokenizer we know; below it the planner asks
-# the tokenizer (engine.evaluate.fit), which costs a tokenizer load.
+# the tokenizer (engine.evaluation.fit), which costs a tokenizer load.
 FRAME_SAFE_LENGTH = 2048
 
 
@@ -82,8 +82,8 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
     Raises:
         ValueError: the target itself is too short for those prompts (one line naming the length needed).
     """
-    from engine.evaluate.fit import shortest_task_lengths
-    from engine.evaluate.ruler import RULER_TASKS
+    from engine.evaluation.fit import shortest_task_lengths
+    from engine.evaluation.ruler import RULER_TASKS
 
     if min(ev["lengths"]) >= FRAME_SAFE_LENGTH or tokenizer is None:
         return ev
@@ -113,7 +113,7 @@ def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = 
     a 135M model at 16k): the run's plan stage does, `plan` and the run's pre-checks use the rule's prior.
     """
     from engine.catalog import custom_hardware
-    from engine.plan import make_plan
+    from engine.planning.plan import make_plan
 
     run_dir = Path(run_dir)
     hardware: str | object = spec.hardware
@@ -140,7 +140,7 @@ def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = 
     config["save_steps"] = max(1, min(config["save_steps"], config["max_steps"] // 2 or 1))
     ev = evaluation_settings(spec.profile, plan.arch.native_context, spec.target_context)
     if min(ev["lengths"]) < FRAME_SAFE_LENGTH:
-        from engine.models import tokenizer_or_none
+        from engine.model.loading import tokenizer_or_none
 
         ev = fit_to_tokenizer(ev, spec.target_context, tokenizer_or_none(spec.base_model))
     doc["evaluation"] = ev

@@ -1,7 +1,7 @@
 """The planner's RoPE decision: which extension method a run trains with, from measurement and the step budget.
 
-The engine measures (engine.rope_choice: rope-only PPL of each candidate at the target and at a short length, on
-held-out text); this role decides with one documented rule:
+The engine measures (engine.planning.rope_choice: rope-only PPL of each candidate at the target and at a short length,
+on held-out text); this role decides with one documented rule:
 
 - The user's `--rope-method` wins, and nothing is measured.
 - Fewer than `PI_RECOVERY_STEPS` optimizer steps: training cannot move the model far, so the run keeps what RoPE
@@ -55,9 +55,10 @@ def _measured_choice(scores: dict[str, Any], steps: int) -> tuple[str, str]:
 
 
 def scoring_plan(steps: int) -> dict[str, Any]:
-    """What to measure for this many steps (engine.rope_choice options): with few steps every method, a candidate
-    that fails the short-length tolerance skips the (costly) target; with many steps only the trained methods."""
-    from engine.rope_choice import DEFAULT_CANDIDATES
+    """What to measure for this many steps (engine.planning.rope_choice options): with few steps every method, a
+    candidate that fails the short-length tolerance skips the (costly) target; with many steps only the trained
+    methods."""
+    from engine.planning.rope_choice import DEFAULT_CANDIDATES
 
     if steps < PI_RECOVERY_STEPS:
         return {"candidates": DEFAULT_CANDIDATES, "screen": SHORT_TOLERANCE}
@@ -119,9 +120,9 @@ SHORT_SAMPLE_WINDOWS = 2  # windows scored at the short length: a screen, not th
 
 
 def measure(spec, plan_doc: dict[str, Any], steps: int) -> dict[str, Any]:
-    """Score the candidates for this spec (engine.rope_choice) and choose; a failure to measure (no weights, too
-    little text, out of memory) is recorded as the reason and the prior is used, never a failed plan."""
-    from engine.rope_choice import score_model
+    """Score the candidates for this spec (engine.planning.rope_choice) and choose; a failure to measure (no weights,
+    too little text, out of memory) is recorded as the reason and the prior is used, never a failed plan."""
+    from engine.planning.rope_choice import score_model
 
     if os.environ.get(SCORING_ENV, "on").lower() == "off":  # the test suite: minutes per real-model plan otherwise
         return choose_rope(steps, not_measured=f"RoPE scoring is off (${SCORING_ENV}=off)")

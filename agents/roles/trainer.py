@@ -1,4 +1,4 @@
-"""Trainer role: run the plan's LongLoRA training in `run_dir/train` (engine.train does the work).
+"""Trainer role: run the plan's LongLoRA training in `run_dir/train` (engine.training.train does the work).
 
 Re-entering after a crash resumes from the last complete checkpoint (same config, same directory). A retry with a
 changed config (e.g. a halved learning rate) moves the failed attempt aside first, so nothing is overwritten.
@@ -17,14 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.workflow.files import move_aside, read_complete_jsonl
+from agents.run_files import move_aside, read_complete_jsonl
 from sop.schemas import Spec
 from sop.stages import StageContext, stage_action
 
 
 def train_config_for(plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], report_to: str = "none"):
     """The plan's TrainConfig placed in the run directory; the tracker (if any) names its run by the run id."""
-    from engine.train import TrainConfig
+    from engine.training.train import TrainConfig
 
     config = dict(plan["train_config"])
     config.update(output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), quiet=True,
@@ -59,8 +59,8 @@ def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Ev
 
 def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], emit: Callable[[dict], None]):
     """Train (or resume) and return the engine's TrainResult. Raises TrainingDivergedError on a non-finite loss."""
-    from engine.models import load_model
-    from engine.train import train as engine_train
+    from engine.model.loading import load_model
+    from engine.training.train import train as engine_train
 
     cfg = train_config_for(plan, run_dir, overrides, spec.report_to)
     out = run_dir / "train"
@@ -69,7 +69,7 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # what the launch line runs
     model = None
     if spec.device != "auto":  # an explicit device: load the base there; otherwise the engine picks CUDA when present
-        from engine.s2attn import S2_ATTENTION
+        from engine.model.s2attn import S2_ATTENTION
 
         model, _ = load_model(
             cfg.base_model, device=spec.device, attn_implementation=S2_ATTENTION, with_tokenizer=False
@@ -97,7 +97,7 @@ def _train_distributed(config_path: Path, n_devices: int, device: str, sequence_
     which is how the tests exercise this path; `Assistant.run` refuses a GPU plan that this machine cannot host."""
     import torch
 
-    from engine.launch import launcher_command
+    from engine.training.launch import launcher_command
 
     repo = Path(__file__).resolve().parents[2]  # agents/roles/trainer.py -> the repository
     cmd = launcher_command(str(config_path), n_devices, "torchrun", master_port=_free_port(),

@@ -25,7 +25,7 @@ from langgraph.types import interrupt
 
 from agents.errors import described
 from agents.roles import data_engineer, evaluator, planner, trainer  # noqa: F401  (importing registers their stages)
-from agents.workflow.files import read_complete_jsonl
+from agents.run_files import read_complete_jsonl
 from agents.workflow.run_lock import driving
 from engine.checks import CheckResult
 from sop.checks import RETRY_CHANGES, CheckContext, run_check

@@ -1,4 +1,4 @@
-"""S2-Attn (engine.s2attn) vs dense causal SDPA, forward + backward wall time, one length at a time.
+"""S2-Attn (engine.model.s2attn) vs dense causal SDPA, forward + backward wall time, one length at a time.
 
 Shared by `bench/attention.py` (prints a table) and the GPU suite's part 1 (targets: >= 3.5x at 32k, >= 3.8x at 64k,
 32 heads x 128, bf16). Both run the engine's own `s2_attention_forward` on (batch 1, heads, tokens, head_dim)
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.gpu_parts.budget import Budget
-from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO, s2_attention_forward
+from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO, s2_attention_forward
 
 TARGETS = {32768: 3.5, 65536: 3.8}  # the issue's speed-up targets (GPU shapes only)
 

@@ -1,6 +1,6 @@
 """Part 3: the embedded SmolLM2-135M extended 8k -> 32k through the product (`longpilot run`), then base vs extended.
 
-1. Warm-up: two or three `engine.train` steps at the target length measure tokens/s on this device.
+1. Warm-up: two or three `engine.training.train` steps at the target length measure tokens/s on this device.
 2. Steps = (the part's time left - a fixed reserve for data, model loads and evaluation) x tokens/s / target.
 3. `longpilot run --profile window --train-mix plain --device cuda --max-steps N --yes`: plan, data (the train
    split is packed plain text only, no passkey or other retrieval record), S2-Attn LoRA+ training, and the window
@@ -28,7 +28,7 @@ import torch
 from bench.byte_tokenizer import byte_tokenizer
 from bench.gpu_parts.budget import Budget, BudgetExhausted
 from bench.gpu_parts.training import TokenRows, llama_config, train_row
-from engine.plan import ArchConfig
+from engine.planning.plan import ArchConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,8 +125,8 @@ def run(shapes: ExtensionShapes, work_dir: Path) -> Any:
 
 def _warmup(model: str, shapes: ExtensionShapes) -> dict[str, Any]:
     """tokens/s of this model at the target on this device, measured by the engine itself on real text."""
-    from engine.models import load_tokenizer, resolve_model
-    from engine.smoke import stdlib_text_tokens
+    from engine.model.loading import load_tokenizer, resolve_model
+    from engine.training.smoke import stdlib_text_tokens
 
     tokenizer = load_tokenizer(resolve_model(model))
     data = TokenRows([stdlib_text_tokens(tokenizer, shapes.target)] * shapes.warmup_steps)

@@ -1,6 +1,6 @@
-"""Part 2: a Llama-2-7B-shaped model (random bf16 weights), LoRA+ and gradient checkpointing through engine.train:
-tokens/s, MFU, peak memory beside the planner's prediction, S2-Attn vs dense, at 16k/32k/64k and the longest length
-the planner says fits.
+"""Part 2: a Llama-2-7B-shaped model (random bf16 weights), LoRA+ and gradient checkpointing through
+engine.training.train: tokens/s, MFU, peak memory beside the planner's prediction, S2-Attn vs dense, at 16k/32k/64k and
+the longest length the planner says fits.
 
 Random weights cost no download and train like real ones for throughput and memory (the loss is ~ln V). Each row
 builds a fresh model (train() wraps it with LoRA in place) and runs a few steps; rows run while the budget lasts, each
@@ -25,7 +25,7 @@ from bench.gpu_parts.training import (
     release,
     train_row,
 )
-from engine.plan import BUILTIN_ARCHS, CHECKPOINT_RECOMPUTE, ArchConfig, memory_per_device
+from engine.planning.plan import BUILTIN_ARCHS, CHECKPOINT_RECOMPUTE, ArchConfig, memory_per_device
 
 # bf16 dense tensor-core peak, TFLOP/s, from the vendors' datasheets (SXM parts; sparsity not counted)
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}

@@ -1,4 +1,5 @@
-"""Short training runs through the engine's real entry point (`engine.train.train`), measured from its metrics.jsonl.
+"""Short training runs through the engine's real entry point (`engine.training.train.train`), measured from its
+metrics.jsonl.
 
 Shared by `bench/train.py`, the GPU suite's part 2 (a Llama-2-7B-shaped random model) and part 3's warm-up (the
 embedded SmolLM2 at the target length, whose tokens/s sizes the real run). Each row is one `train()` call: RoPE
@@ -18,19 +19,20 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from engine.plan import ArchConfig, flops_per_token, memory_per_device
-from engine.s2attn import DEFAULT_GROUP_SIZE_RATIO
-from engine.train import TrainConfig, train
+from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO
+from engine.planning.plan import ArchConfig, flops_per_token, memory_per_device
+from engine.training.train import TrainConfig, train
 
 MFU_FORMULA = (
-    "MFU = tokens/s x FLOPs/token / peak FLOP/s; FLOPs/token = engine.plan.flops_per_token = 6 x (layers x linear "
-    "weights + V x h) + 6 x layers x heads x head_dim x L (x G/L = 1/4 under S2-Attn); gradient-checkpointing "
+    "MFU = tokens/s x FLOPs/token / peak FLOP/s; FLOPs/token = engine.planning.plan.flops_per_token = 6 x (layers x "
+    "linear weights + V x h) + 6 x layers x heads x head_dim x L (x G/L = 1/4 under S2-Attn); gradient-checkpointing "
     "recompute not counted (model FLOPs, as PaLM's MFU)"
 )
 
 
 class TokenRows:
-    """An in-memory token dataset with the surface `engine.train` reads (column_names, len, row and column access),
+    """An in-memory token dataset with the surface `engine.training.train` reads (column_names, len, row and column
+    access),
     so training needs no `datasets` package (GPU images may lack it)."""
 
     def __init__(self, rows: list[list[int]]) -> None:
@@ -79,7 +81,7 @@ def train_row(
     model: torch.nn.Module | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One short `engine.train.train` run (batch 1, no accumulation, no warm-up) and its last step's figures.
+    """One short `engine.training.train.train` run (batch 1, no accumulation, no warm-up) and its last step's figures.
 
     `model`: an in-memory base (random 7B-shaped); otherwise `base_model` is loaded by the engine. The run directory
     is temporary: checkpoints and the adapter are written (the engine always does) and deleted.

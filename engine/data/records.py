@@ -1,5 +1,6 @@
 """The records of a dataset: long grounded QA (synthetic RULER-style tasks, questions grounded in the corpus), packed
-LM sequences and short QA, each rendered with engine.prompts and fitted to its length bucket by exact token count.
+LM sequences and short QA, each rendered with engine.model.prompts and fitted to its length bucket by exact token
+count.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from engine.data.grounded import (
     which_document_question,
 )
 from engine.data.tasks import GENERATORS, TEMPLATES, Namespace
-from engine.loss import IGNORE_INDEX
-from engine.prompts import PromptRenderer
+from engine.model.loss import IGNORE_INDEX
+from engine.model.prompts import PromptRenderer
 
 
 def _insert_needles(filler: str, needles: tuple[str, ...], rng: random.Random) -> str:

@@ -12,7 +12,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-UNANSWERABLE = "not in the document"
+from engine.model.prompts import UNANSWERABLE  # noqa: F401  (re-exported: data checks and tests read it here)
+
 _SYLLABLES = [
     "ka",
     "lo",

@@ -1,4 +1,4 @@
-"""Serving many LongLoRA adapters of one base from one process (agents.serve puts HTTP in front of it).
+"""Serving many LongLoRA adapters of one base from one process (agents.server puts HTTP in front of it).
 
     pool = ModelPool("smollm2-135m", max_loaded=4)
     pool.register("my-run", "runs/my-run/train/adapter")

@@ -15,7 +15,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from engine.prompts import PromptRenderer
+from engine.model.prompts import PromptRenderer
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts; outside it raises deep inside generation
 
@@ -54,7 +54,7 @@ class Completion:
 
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat: the tokenizer's own chat template with the generation prompt; without a template, the
-    messages' contents (non-user roles prefixed `role: `) in engine.prompts' one-turn layout."""
+    messages' contents (non-user roles prefixed `role: `) in engine.model.prompts' one-turn layout."""
     render = PromptRenderer(tokenizer)
     if render.has_template:
         return render.template_ids(messages)

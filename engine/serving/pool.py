@@ -24,9 +24,9 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import PretrainedConfig
 
-from engine.lora import check_adapter_base
-from engine.models import load_model
-from engine.rope import current_context, rotary_slots
+from engine.model.loading import load_model
+from engine.model.lora import check_adapter_base
+from engine.model.rope import current_context, rotary_slots
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ModelPool:
     """The base model plus up to `max_loaded` adapters (least recently used evicted), each with its own RoPE.
 
     Args:
-        base_ref: alias, local model directory or cached hub id (engine.models.resolve_model).
+        base_ref: alias, local model directory or cached hub id (engine.model.loading.resolve_model).
         base_id: the model id clients use for the base (default `base_ref`).
         max_loaded: adapters kept in memory; loading one more evicts the least recently used (the new one is loaded
             before the old one is deleted, so for a moment there are max_loaded + 1).

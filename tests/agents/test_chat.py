@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.ui.chat import AssistantChat, ChatState, first_line
-from agents.ui.run_view import list_runs, view_run
-from agents.ui.uploads import NotUploadedError, safe_name, store_uploads, uploaded_file
+from agents.app.chat import AssistantChat, ChatState, first_line
+from agents.app.run_view import list_runs, view_run
+from agents.app.uploads import NotUploadedError, safe_name, store_uploads, uploaded_file
 from agents.workflow.run_lock import RunBusyError, driving, is_driven
 
 

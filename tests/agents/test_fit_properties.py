@@ -15,8 +15,8 @@ import pytest
 from agents.roles.evaluator import _longqa_cap
 from agents.roles.planner import evaluation_settings, fit_to_tokenizer
 from engine.data.build import DataConfig, check_buildable, prepare_data, short_range_for
-from engine.evaluate.passkey import passkey_items
-from engine.evaluate.ruler import ruler_items
+from engine.evaluation.passkey import passkey_items
+from engine.evaluation.ruler import ruler_items
 from tests.engine.evaluate_fakes import byte_tokenizer
 
 NATIVES = (128, 256, 512, 1024)
@@ -26,7 +26,7 @@ CASES = [(n, f, t) for n, f, t in itertools.product(NATIVES, FACTORS, ("bpe", "b
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    from engine.models import load_tokenizer, resolve_model
+    from engine.model.loading import load_tokenizer, resolve_model
 
     return {"bpe": load_tokenizer(resolve_model("smollm2-135m")), "byte": byte_tokenizer()}
 

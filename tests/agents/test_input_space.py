@@ -76,7 +76,7 @@ def _id(c: dict) -> str:
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory) -> Path:
     """The embedded model's tokenizer, extracted from its GGUF once per session."""
-    from engine.models import load_tokenizer, resolve_model
+    from engine.model.loading import load_tokenizer, resolve_model
 
     path = tmp_path_factory.mktemp("bpe")
     load_tokenizer(resolve_model("smollm2-135m")).save_pretrained(path)

@@ -1,4 +1,5 @@
-"""agents.llm.client against a local chat-completions server with scripted replies (no live API, no SDK patching)."""
+"""agents.language.client against a local chat-completions server with scripted replies (no live API, no SDK
+patching)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import pydantic
 import pytest
 
-from agents.llm.client import (
+from agents.language.client import (
     NO_KEY,
     LLMClient,
     LLMOutputError,

@@ -1,4 +1,4 @@
-"""The agents' optional LLM (`--llm URL --llm-model ID`) through the real OpenAI-compatible server (agents.serve)
+"""The agents' optional LLM (`--llm URL --llm-model ID`) through the real OpenAI-compatible server (agents.server)
 on a tiny random model: the requests reach the server, and its nonsense replies go through the real schema check,
 its one repair retry, and the deterministic fallbacks, each ending in one clear line."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from agents.app.chat import AssistantChat, ChatState
 from agents.cli import main
-from agents.llm.client import LLMClient, LLMSettings
-from agents.ui.chat import AssistantChat, ChatState
+from agents.language.client import LLMClient, LLMSettings
 from tests.agents.conftest import make_tiny_model_dir
 from tests.live_server import live_server
 

@@ -10,8 +10,8 @@ import shlex
 import pytest
 
 from agents.api import Assistant, _check_fits
+from agents.app.chat import AssistantChat, ChatState
 from agents.cli import main
-from agents.ui.chat import AssistantChat, ChatState
 from sop.schemas import Spec
 
 

@@ -1,5 +1,6 @@
-"""The console view of a run (agents.ui.progress) in its three modes, from synthetic events, and the entry-point filter
-of third-party noise (agents.ui.quiet). The CLI paths are exercised end to end in test_workflow and test_evaluate."""
+"""The console view of a run (agents.cli.progress) in its three modes, from synthetic events, and the entry-point
+filter of third-party noise (agents.cli.quiet). The CLI paths are exercised end to end in test_workflow and
+test_evaluate."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import warnings
 
 from rich.console import Console
 
-import agents.ui.progress as progress
-from agents.ui.progress import ProgressView, duration
-from agents.ui.quiet import QUIET_ENV, quiet_third_party
+import agents.cli.progress as progress
+from agents.cli.progress import ProgressView, duration
+from agents.cli.quiet import QUIET_ENV, quiet_third_party
 
 CHECKS_OK = [{"name": "train_completed", "passed": True, "detail": "status completed, 4 of 4 steps"}]
 CHECK_BAD = {"name": "train_loss_finite", "passed": False, "detail": "loss nan at step 3"}
@@ -96,7 +97,7 @@ def test_third_party_noise_is_filtered_only_inside_an_entry_point(monkeypatch):
         return [str(w.message) for w in seen]
 
     assert warn("transformers.training_args") == [] and warn("peft.utils.save_and_load") == []
-    assert warn("engine.train") == ["`gradient_checkpointing` is deprecated"]  # our own warnings still show
+    assert warn("engine.training.train") == ["`gradient_checkpointing` is deprecated"]  # our own warnings still show
     assert "TQDM_DISABLE" not in os.environ  # everything is restored after the command
     assert logging.getLogger("transformers").level == level
     with quiet_third_party(enabled=False):  # --verbose: nothing filtered

@@ -12,7 +12,7 @@ import engine.data.corpus as corpus_module
 from agents import Assistant
 from agents.cli import main
 from engine.data.corpus import check_corpus
-from engine.plan import MAX_TARGET_CONTEXT
+from engine.planning.plan import MAX_TARGET_CONTEXT
 
 
 def _binary_corpus(root: Path) -> Path:

@@ -92,8 +92,8 @@ def test_an_unregistered_stage_or_a_wrong_role_is_refused_with_its_line(tmp_path
 def test_a_toy_eval_task_runs_through_the_workflow(tmp_path, tiny_model_dir):
     """One registered function: the evaluator runs it (smoke evaluates every registered task on the extended model),
     it lands in eval_report.json in registration order, and its figures reach the report's figures."""
-    from engine.evaluate import EVAL_TASKS, TaskContext, eval_task
-    from engine.evaluate.registry import unregister_task
+    from engine.evaluation import EVAL_TASKS, TaskContext, eval_task
+    from engine.evaluation.registry import unregister_task
 
     def toy_figures(section: dict) -> dict:
         return {"toy_context": section.get("context")}

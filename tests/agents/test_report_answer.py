@@ -1,10 +1,11 @@
 """report.md leads with the answer: the models side by side at each length, the regression row, the gate's checks
-(engine.evaluate.summary), and a first sentence that says what the profile proves (agents.roles.evaluator._answer)."""
+(engine.evaluation.summary), and a first sentence that says what the profile proves
+(agents.roles.evaluator._answer)."""
 
 from __future__ import annotations
 
 from agents.roles.evaluator import _answer
-from engine.evaluate.summary import comparison_markdown, gates_markdown
+from engine.evaluation.summary import comparison_markdown, gates_markdown
 
 GATE = {"passed": False, "checks": [
     {"name": "passkey_min", "threshold": 0.95, "value": 0.5, "passed": False, "detail": ""},

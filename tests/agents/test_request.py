@@ -1,4 +1,5 @@
-"""agents.llm.request: chat phrasings -> exact Spec fields, problems and questions; names pinned to engine.plan's."""
+"""agents.language.request: chat phrasings -> exact Spec fields, problems and questions; names pinned to the
+catalog's."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.llm import request
-from agents.llm.request import QUESTIONS, describe_spec, parse_request
+from agents.language import request
+from agents.language.request import QUESTIONS, describe_spec, parse_request
 from sop.schemas import Profile, Spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,7 +201,8 @@ def test_describe_spec():
 
 def test_names_come_from_the_one_catalog():
     """The request parser, the schemas and the planner read engine.catalog's objects: no copies to drift."""
-    from engine import catalog, plan
+    from engine import catalog
+    from engine.planning import plan
 
     assert request.BASE_MODEL_REFS is catalog.BASE_MODEL_REFS is plan.BASE_MODEL_REFS
     assert plan.BUILTIN_ARCHS is catalog.BUILTIN_ARCHS and plan.HARDWARE is catalog.HARDWARE
@@ -213,5 +215,6 @@ def test_names_come_from_the_one_catalog():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, agents.llm.request, engine; sys.exit('torch' in sys.modules or 'engine.plan' in sys.modules)"
+    code = ("import sys, agents.language.request, engine; "
+            "sys.exit('torch' in sys.modules or 'engine.planning.plan' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

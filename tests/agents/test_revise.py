@@ -1,4 +1,5 @@
-"""Plan revision (agents.llm.revise): the phrases, the diff, the CLI (`plan`/`resume --request`), the chat, the LLM."""
+"""Plan revision (agents.workflow.revise): the phrases, the diff, the CLI (`plan`/`resume --request`), the chat, the
+LLM."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import json
 import pytest
 
 from agents import Assistant
+from agents.app.chat import AssistantChat, ChatState
 from agents.cli import main
-from agents.llm.client import LLMClient, LLMSettings
-from agents.llm.revise import parse_revision, plan_changes, revise_plan, revised_spec
-from agents.ui.chat import AssistantChat, ChatState
+from agents.language.client import LLMClient, LLMSettings
 from agents.workflow.graph import read_run_file
+from agents.workflow.revise import parse_revision, plan_changes, revise_plan, revised_spec
 from sop.schemas import Spec
 from tests.agents.openai_server import ScriptedOpenAIServer
 

@@ -7,7 +7,7 @@ import json
 from agents.cli import main
 from agents.roles.planner import make_plan_document, plan_card
 from agents.roles.rope_planner import PI_RECOVERY_STEPS, choose_rope
-from engine.evaluate.rope_effect import rope_effect_rows, rope_effect_table
+from engine.evaluation.rope_effect import rope_effect_rows, rope_effect_table
 from sop.schemas import Plan, Spec
 
 

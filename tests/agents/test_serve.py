@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from agents.cli import main
-from agents.serve import ModelsIndex, build_app, exposure_warning, start_in_thread
+from agents.server import ModelsIndex, build_app, exposure_warning, start_in_thread
 from engine.serving import ModelPool, ServingWorker
 from sop.manifest import Manifest
 from tests.engine.test_serving import make_served_models

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.ui.uploads import inside, safe_name, store_uploads
+from agents.app.uploads import inside, safe_name, store_uploads
 from tests.agents.conftest import make_tiny_model_dir
 from tests.conftest import free_port
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from agents.ui.app_callbacks import AppCallbacks
-from agents.ui.model_chat import ModelChat
-from agents.ui.model_chat_server import PREFIX, ServerModelChat, check_server_url, server_key
+from agents.app.callbacks import AppCallbacks
+from agents.app.model_chat import ModelChat
+from agents.app.model_chat_server import PREFIX, ServerModelChat, check_server_url, server_key
 from bench.serve import make_adapter
-from engine.chat import chat_prompt_ids
+from engine.serving.chat import chat_prompt_ids
 from tests.agents.conftest import make_tiny_model_dir
 from tests.live_server import live_server
 

@@ -1,8 +1,8 @@
 """bench/gpu_suite.py: its --tiny mode (the GPU run's exact code path on CPU), budget stops, the missing-package line.
 
-The tiny run goes through every part once (attention timing, engine.train rows with the planner's memory beside them,
-a real `longpilot run --profile window --train-mix plain` on a tiny byte-tokenizer model), so the GPU window is not
-the suite's first run. The `gpu` test runs the real suite when CUDA is present (`make test-gpu`).
+The tiny run goes through every part once (attention timing, engine.training.train rows with the planner's memory
+beside them, a real `longpilot run --profile window --train-mix plain` on a tiny byte-tokenizer model), so the GPU
+window is not the suite's first run. The `gpu` test runs the real suite when CUDA is present (`make test-gpu`).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ ANSWERS: dict[str, str] = {}
 
 
 class ScriptedModel:
-    """Duck-types `engine.evaluate.generation.LoadedModel` for generation tasks: `answer(prompt text) -> text`."""
+    """Duck-types `engine.evaluation.generation.LoadedModel` for generation tasks: `answer(prompt text) -> text`."""
 
     def __init__(self, name: str, answer: Callable[[str], str], context: int = 4096, native: int = 1024) -> None:
         self.name, self.answer = name, answer

@@ -1,5 +1,5 @@
-"""engine.chat.stream_answer: a failing `generate` surfaces as its error in the caller, never as a stream that waits
-forever (generate runs in a thread; the streamer only ends when someone ends it)."""
+"""engine.serving.chat.stream_answer: a failing `generate` surfaces as its error in the caller, never as a stream that
+waits forever (generate runs in a thread; the streamer only ends when someone ends it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import torch
 
 from bench.byte_tokenizer import byte_tokenizer
-from engine.chat import stream_answer
+from engine.serving.chat import stream_answer
 from tests.conftest import tiny_llama
 
 

@@ -24,7 +24,7 @@ from engine.data.checks import (
 from engine.data.corpus import CorpusStats, Document, read_corpus
 from engine.data.grounded import code_questions, grounded_proposals, prose_questions, which_document_question
 from engine.data.tasks import GENERATORS, TEMPLATES, UNANSWERABLE, Namespace, split_of
-from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,10 +156,10 @@ def test_built_dataset_passes_every_check_and_has_the_promised_shape(built, toke
 
 def test_chat_prompt_equals_the_training_prompt_token_for_token(built, tokenizer):
     """The app's Model chat asks a trained long-QA record's question about its document in exactly the tokens the
-    model was trained on (engine.prompts renders both); a short record's bare question likewise."""
+    model was trained on (engine.model.prompts renders both); a short record's bare question likewise."""
     from datasets import load_from_disk
 
-    from engine.chat import chat_prompt_ids
+    from engine.serving.chat import chat_prompt_ids
 
     train = load_from_disk(str(built[1].output_dir))["train"]
     checked = set()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.launch import launcher_command
-from engine.lora import load_adapter
-from engine.train import TrainConfig, train
+from engine.model.lora import load_adapter
+from engine.training.launch import launcher_command
+from engine.training.train import TrainConfig, train
 from tests.conftest import free_port, make_workspace, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ def test_launcher_commands():
     assert launcher_command("c.json", 8, "torchrun")[:2] == ["torchrun", "--nproc_per_node=8"]
     ds = launcher_command("c.json", 8, "deepspeed", hostfile="hosts")
     assert ds[:3] == ["deepspeed", "--hostfile", "hosts"] and ds[-4:] == [
-        "engine.launch",
+        "engine.training.launch",
         "train",
         "--config",
         "c.json",
@@ -78,7 +78,7 @@ def test_launcher_commands():
 
 
 def test_8xa100_recipe_is_a_valid_config_and_command():
-    from engine.launch import RECIPES
+    from engine.training.launch import RECIPES
 
     path = RECIPES / "llama2-7b-32k-8xA100.json"
     cfg = TrainConfig.from_dict(json.loads(path.read_text()))

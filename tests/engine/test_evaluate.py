@@ -10,11 +10,11 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from engine.evaluate import EvalConfig, ModelUnderTest, evaluate, wrap_loaded
-from engine.evaluate.gates import effective_length, judge
-from engine.evaluate.generation import load_for_eval
-from engine.evaluate.longqa import heldout_token_stream, load_eval_split, qa_prompt
-from engine.evaluate.metrics import (
+from engine.evaluation import EvalConfig, ModelUnderTest, evaluate, wrap_loaded
+from engine.evaluation.gates import effective_length, judge
+from engine.evaluation.generation import load_for_eval
+from engine.evaluation.longqa import heldout_token_stream, load_eval_split, qa_prompt
+from engine.evaluation.metrics import (
     exact_match,
     first_integer,
     normalize_answer,
@@ -22,9 +22,9 @@ from engine.evaluate.metrics import (
     token_f1,
     wilson_interval,
 )
-from engine.evaluate.passkey import GARBAGE, NEEDLE, QUESTION, TASK_DESCRIPTION, passkey_items, run_passkey
-from engine.evaluate.perplexity import sliding_window_perplexity, windows
-from engine.evaluate.ruler import RULER_TASKS, ruler_items, run_ruler
+from engine.evaluation.passkey import GARBAGE, NEEDLE, QUESTION, TASK_DESCRIPTION, passkey_items, run_passkey
+from engine.evaluation.perplexity import sliding_window_perplexity, windows
+from engine.evaluation.ruler import RULER_TASKS, ruler_items, run_ruler
 from tests.conftest import tiny_llama
 from tests.engine.evaluate_fakes import ANSWERS, BYTE_VOCAB, ScriptedModel, byte_tokenizer, oracle_answer, wrong_answer
 
@@ -335,9 +335,9 @@ def _tiny_model_dir(path: Path, context: int = 1024, seed: int = 0) -> Path:
 
 
 def test_real_models_from_disk_base_rope_only_and_adapter(tmp_path):
-    from engine.lora import apply_lora_plus, save_adapter
-    from engine.models import resolve_model
-    from engine.rope import apply_rope_extension
+    from engine.model.loading import resolve_model
+    from engine.model.lora import apply_lora_plus, save_adapter
+    from engine.model.rope import apply_rope_extension
 
     base_dir = _tiny_model_dir(tmp_path / "base", context=512)
     peft_model = apply_lora_plus(tiny_llama(seed=0, vocab=BYTE_VOCAB, context=512))
@@ -386,8 +386,8 @@ def test_lengths_beyond_the_context_are_refused_before_any_work(tmp_path):
 
 
 def test_adapter_for_a_different_base_is_refused(tmp_path):
-    from engine.lora import apply_lora_plus, save_adapter
-    from engine.models import resolve_model
+    from engine.model.loading import resolve_model
+    from engine.model.lora import apply_lora_plus, save_adapter
 
     small = _tiny_model_dir(tmp_path / "small")
     other = tmp_path / "other"

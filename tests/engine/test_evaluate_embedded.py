@@ -9,9 +9,9 @@ import os
 import pytest
 
 from engine.data.build import DataConfig, prepare_data
-from engine.evaluate import EvalConfig, ModelUnderTest, evaluate
-from engine.evaluate.summary import summary_table
-from engine.models import load_tokenizer, resolve_model
+from engine.evaluation import EvalConfig, ModelUnderTest, evaluate
+from engine.evaluation.summary import summary_table
+from engine.model.loading import load_tokenizer, resolve_model
 
 
 @pytest.mark.slow

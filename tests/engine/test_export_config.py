@@ -1,8 +1,8 @@
 """The merged export's config.json as vLLM and llama.cpp's converter read it, while transformers v5 still loads it.
 
 The readers below restate in a few lines what those tools do with a config.json (their source files are cited in
-engine/export_config.py); each is run on two views of one exported file: the raw JSON without `rope_parameters` (what
-the transformers-4.x-era releases saw: `rope_scaling` + top-level `rope_theta`) and transformers v5's
+engine/model/export_config.py); each is run on two views of one exported file: the raw JSON without `rope_parameters`
+(what the transformers-4.x-era releases saw: `rope_scaling` + top-level `rope_theta`) and transformers v5's
 `AutoConfig.from_pretrained(out).to_dict()` (what current vLLM and llama.cpp's `load_hparams` see). Every RoPE method
 is exported from a tiny Llama, plus Llama 3.1-style scaling composed with linear and an unextended base.
 """
@@ -19,9 +19,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.export_config import TOOL_LIMITS, legacy_rope_fields, write_tool_config
-from engine.lora import apply_lora_plus, merge_to_model_dir
-from engine.rope import apply_rope_extension, current_context
+from engine.model.export_config import TOOL_LIMITS, legacy_rope_fields, write_tool_config
+from engine.model.lora import apply_lora_plus, merge_to_model_dir
+from engine.model.rope import apply_rope_extension, current_context
 from tests.conftest import tiny_llama
 from tests.engine.test_rope import _llama3_config
 
@@ -177,7 +177,7 @@ def test_llamacpp_converter_reads_the_extended_rope(export):
 
 
 def _v5_only_config(export: Export, tmp_path: Path) -> Path:
-    """The exported config.json without the fields engine.export_config added: what the export wrote before."""
+    """The exported config.json without the fields engine.model.export_config added: what the export wrote before."""
     raw = _raw(export)
     for key in legacy_rope_fields(raw):
         raw.pop(key)
@@ -239,7 +239,7 @@ def test_unscaled_and_per_layer_rope():
 def test_dynamic_export_warns_what_the_tools_cannot_run_and_rewriting_changes_nothing(tmp_path, caplog):
     rope = {"rope_type": "dynamic", "rope_theta": THETA, "factor": 4.0, "original_max_position_embeddings": 64}
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 64, "rope_parameters": rope}))
-    with caplog.at_level(logging.WARNING, logger="engine.export_config"):
+    with caplog.at_level(logging.WARNING, logger="engine.model.export_config"):
         fields = write_tool_config(tmp_path)
     assert TOOL_LIMITS["dynamic"] in caplog.text and fields["rope_scaling"]["factor"] == 4.0
     written = (tmp_path / "config.json").read_text()

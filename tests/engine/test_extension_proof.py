@@ -4,7 +4,8 @@
    sources, tokenised with the embedded model's tokenizer and remapped to the 4,095 most frequent training tokens
    plus one "other" id (so the output layer stays cheap).
 2. Perplexity on held-out stdlib files at 8C = 512: unchanged; RoPE linear interpolation x8 only; after LongLoRA
-   (engine.train: RoPE x8 + S2-Attn + LoRA+) for a fixed number of steps at 8C; after the same with full attention.
+   (engine.training.train: RoPE x8 + S2-Attn + LoRA+) for a fixed number of steps at 8C; after the same with full
+   attention.
 3. Also perplexity on only the positions beyond C inside the 8C windows (does the model use the longer context?).
 4. Thresholds below come from the three seeds in the table under the constants (re-measure with
    `python -m tests.engine.test_extension_proof 0 1 2` before changing anything).
@@ -29,10 +30,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from engine.data.corpus import stdlib_dir
-from engine.lora import LoraPlusConfig, load_adapter
-from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from engine.rope import apply_rope_extension
-from engine.train import TrainConfig, train
+from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
+from engine.model.lora import LoraPlusConfig, load_adapter
+from engine.model.rope import apply_rope_extension
+from engine.training.train import TrainConfig, train
 
 SHORT = 64  # C
 FACTOR = 8

@@ -29,10 +29,10 @@ from engine.catalog import (
     architecture_problem,
     resolve_arch,
 )
-from engine.lora import apply_lora_plus, count_trainable, merge_to_model_dir, save_adapter
-from engine.models import ModelSource, check_supported
-from engine.plan import make_plan, total_params, trainable_params
-from engine.rope import apply_rope_extension, current_context
+from engine.model.loading import ModelSource, check_supported
+from engine.model.lora import apply_lora_plus, count_trainable, merge_to_model_dir, save_adapter
+from engine.model.rope import apply_rope_extension, current_context
+from engine.planning.plan import make_plan, total_params, trainable_params
 from tests.families import FAMILY_NAMES, tiny_family_config, tiny_family_model
 
 
@@ -225,7 +225,7 @@ def test_builtin_names_resolve_with_their_family():
     ],
 )
 def test_native_context_counts_an_existing_scaling_as_the_loader_does(tmp_path, rope_scaling, native):
-    """The planner's native context (plain json) == engine.rope.current_context of the loaded config, so a run
+    """The planner's native context (plain json) == engine.model.rope.current_context of the loaded config, so a run
     planned from it never finds at train time that its target is not an extension."""
     cfg = {**PUBLISHED_CONFIGS["qwen2.5-7b-instruct"][1], "rope_scaling": rope_scaling}
     (tmp_path / "config.json").write_text(json.dumps(cfg))

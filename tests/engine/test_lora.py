@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from engine.lora import (
+from engine.model.loading import ModelSource
+from engine.model.lora import (
     LoraPlusConfig,
     apply_lora_plus,
     count_trainable,
@@ -20,8 +21,7 @@ from engine.lora import (
     merge_to_model_dir,
     save_adapter,
 )
-from engine.models import ModelSource
-from engine.rope import apply_rope_extension
+from engine.model.rope import apply_rope_extension
 from tests.conftest import tiny_llama
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.lora import apply_lora_plus, merge_to_model_dir
-from engine.models import DEFAULT_MODEL, check_supported, load_model, resolve_model
-from engine.rope import apply_rope_extension
+from engine.model.loading import DEFAULT_MODEL, check_supported, load_model, resolve_model
+from engine.model.lora import apply_lora_plus, merge_to_model_dir
+from engine.model.rope import apply_rope_extension
 from tests.conftest import tiny_llama, tiny_llama_config
 
 

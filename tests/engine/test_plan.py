@@ -19,8 +19,8 @@ from engine.catalog import (
     custom_hardware,
     resolve_arch,
 )
-from engine.lora import LoraPlusConfig, apply_lora_plus, count_trainable
-from engine.plan import (
+from engine.model.lora import LoraPlusConfig, apply_lora_plus, count_trainable
+from engine.planning.plan import (
     flops_per_token,
     main,
     make_plan,
@@ -31,7 +31,7 @@ from engine.plan import (
     trainable_params,
     trainable_state_bytes,
 )
-from engine.train import TrainConfig
+from engine.training.train import TrainConfig
 from tests.conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,7 +234,7 @@ def test_full_plan_reproduces_the_8xa100_recipe():
     assert plan.train_config == recipe
     assert (plan.deepspeed_stage, plan.fits, plan.rope_factor, plan.group_size) == ("zero2", True, 8.0, 8192)
     assert plan.launch_command == (
-        "deepspeed --num_gpus=8 --master_port=29500 --module engine.launch train "
+        "deepspeed --num_gpus=8 --master_port=29500 --module engine.training.launch train "
         "--config runs/llama2-7b-32k/train_config.json"
     )
     assert plan.data == {"n_train": 64_000, "n_eval": 64}
@@ -267,7 +267,7 @@ def test_single_device_plans():
         1,
         {"n_train": 4, "n_eval": 4},  # eval: one packed LM sequence for perplexity, one short and two long QA
     )
-    assert plan.launch_command == "python -m engine.launch train --config runs/s/train_config.json"
+    assert plan.launch_command == "python -m engine.training.launch train --config runs/s/train_config.json"
     gpu = make_plan("smollm2-135m", 32768, "standard", "1xH100-80GB")
     assert (gpu.deepspeed_stage, gpu.train_config["precision"], gpu.fits, gpu.rope_factor) == (
         "none",

@@ -1,14 +1,15 @@
-"""The cost model (engine.plan_cost) on hand-computed cases and the published LongLoRA run, and the planner's search
-(engine.plan_search) on the issue's two plans that did not fit. Pure arithmetic: well under a second in all."""
+"""The cost model (engine.planning.cost) on hand-computed cases and the published LongLoRA run, and the planner's
+search (engine.planning.search) on the issue's two plans that did not fit. Pure arithmetic: well under a second in
+all."""
 
 from __future__ import annotations
 
 import pytest
 
 from engine.catalog import A100_MFU, BUILTIN_ARCHS, HARDWARE, PUBLISHED_RUNS, default_profile, resolve_hardware
-from engine.plan import make_plan, memory_per_device, train_flops_per_token
-from engine.plan_cost import offload_seconds_per_step, step_costs
-from engine.plan_search import search_request
+from engine.planning.cost import offload_seconds_per_step, step_costs
+from engine.planning.plan import make_plan, memory_per_device, train_flops_per_token
+from engine.planning.search import search_request
 
 L7B = BUILTIN_ARCHS["llama-2-7b"]
 P = 32 * (4 * 4096**2 + 3 * 4096 * 11008)  # Llama-2-7B decoder linears, 6,476,005,376

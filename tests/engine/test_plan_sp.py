@@ -1,5 +1,6 @@
-"""The planner with Ulysses sequence parallelism (engine.plan_sp): memory per rank against a hand count, against
-ALST's published claims, a property sweep, the refusals, the search's SP lever, the CLI and the launch command.
+"""The planner with Ulysses sequence parallelism (engine.planning.sequence_parallel): memory per rank against a hand
+count, against ALST's published claims, a property sweep, the refusals, the search's SP lever, the CLI and the launch
+command.
 
 Shape-only: no weights, no GPU; every test is a few hundred plans at most (make_plan is pure arithmetic).
 """
@@ -12,13 +13,13 @@ import shlex
 import pytest
 
 from agents.cli import main
-from agents.llm.request import parse_request
+from agents.language.request import parse_request
 from engine.catalog import BUILTIN_ARCHS, custom_hardware, resolve_hardware
-from engine.launch import launcher_command
-from engine.launch import main as launch_main
-from engine.plan import make_plan
-from engine.plan_search import search_request
-from engine.plan_sp import all_to_all_seconds, sp_degrees
+from engine.planning.plan import make_plan
+from engine.planning.search import search_request
+from engine.planning.sequence_parallel import all_to_all_seconds, sp_degrees
+from engine.training.launch import launcher_command
+from engine.training.launch import main as launch_main
 from tests.pairwise import pairwise
 
 GIB = 2**30

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.rope import apply_rope_extension, current_context, extend_rope, extended_config
+from engine.model.rope import apply_rope_extension, current_context, extend_rope, extended_config
 from tests.conftest import tiny_llama, tiny_llama_config
 
 

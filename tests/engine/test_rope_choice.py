@@ -1,4 +1,4 @@
-"""engine.rope_choice: rope-only scores equal a freshly extended model's, and the model leaves as it came."""
+"""engine.planning.rope_choice: rope-only scores equal a freshly extended model's, and the model leaves as it came."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from engine.evaluate.perplexity import sliding_window_perplexity
-from engine.rope import apply_rope_extension
-from engine.rope_choice import DEFAULT_CANDIDATES, RopeCandidate, heldout_sample, score_rope_candidates
+from engine.evaluation.perplexity import sliding_window_perplexity
+from engine.model.rope import apply_rope_extension
+from engine.planning.rope_choice import DEFAULT_CANDIDATES, RopeCandidate, heldout_sample, score_rope_candidates
 from tests.conftest import tiny_llama
 from tests.engine.evaluate_fakes import byte_tokenizer
 
@@ -94,7 +94,7 @@ def test_heldout_sample_takes_the_eval_files_first(tmp_path):
 
 
 def test_scores_are_cached_by_model_files_sample_and_options(tmp_path, monkeypatch):
-    from engine.rope_choice import cache_dir, score_model
+    from engine.planning.rope_choice import cache_dir, score_model
     from tests.agents.conftest import make_tiny_model_dir
 
     monkeypatch.setenv("LONGPILOT_CACHE", str(tmp_path / "cache"))

@@ -1,4 +1,4 @@
-"""S2-Attn against a dense float64 reference written independently of engine/s2attn.py.
+"""S2-Attn against a dense float64 reference written independently of engine/model/s2attn.py.
 
 The reference builds the full (B, H, L, L) permission matrix element by element from the issue's definition of the
 segments, then runs an explicit masked softmax; nothing is shared with the implementation under test. The group is
@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from engine import s2attn
-from engine.s2attn import MAX_MASK_ELEMENTS, S2_ATTENTION, s2_attention_forward
-from engine.train import train
+from engine.model import s2attn
+from engine.model.s2attn import MAX_MASK_ELEMENTS, S2_ATTENTION, s2_attention_forward
+from engine.training.train import train
 from tests.conftest import make_workspace, tiny_llama, train_config
 from tests.families import FAMILY_NAMES, tiny_family_model
 

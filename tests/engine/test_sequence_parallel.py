@@ -1,5 +1,5 @@
-"""Ulysses sequence parallelism (engine.sequence_parallel): S2-Attn under head sharding, the refusals, and 2 CPU
-processes (DS_ACCELERATOR=cpu, gloo) through the whole engine against one process on the same batches."""
+"""Ulysses sequence parallelism (engine.training.sequence_parallel): S2-Attn under head sharding, the refusals, and 2
+CPU processes (DS_ACCELERATOR=cpu, gloo) through the whole engine against one process on the same batches."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import sequence_parallel
-from engine.launch import launcher_command
-from engine.loss import IGNORE_INDEX, chunked_lm_nll
-from engine.s2attn import s2_attention_forward
-from engine.sequence_parallel import check_dataset, check_model, check_world, gradient_mean_ranks
-from engine.train import TrainConfig, train
-from engine.trainer_parts import PadCollator
+from engine.model import head_shards
+from engine.model.loss import IGNORE_INDEX, chunked_lm_nll
+from engine.model.s2attn import s2_attention_forward
+from engine.training.launch import launcher_command
+from engine.training.sequence_parallel import check_dataset, check_model, check_world, gradient_mean_ranks
+from engine.training.train import TrainConfig, train
+from engine.training.trainer_parts import PadCollator
 from tests.conftest import free_port, make_workspace, tiny_llama, tiny_llama_config, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def test_s2_over_head_shards_equals_unsharded(monkeypatch, heads, kv_heads, size
     def per_rank(rank_of: callable) -> torch.Tensor:
         outs = []
         for rank in range(size):
-            monkeypatch.setattr(sequence_parallel, "_sp_rank_and_size", lambda r=rank: (rank_of(r), size))
+            monkeypatch.setattr(head_shards, "_sp_rank_and_size", lambda r=rank: (rank_of(r), size))
             out, _ = s2_attention_forward(module, *(_shard(x, rank, size) for x in (q, k, v)), None)
             outs.append(out)  # (B, L, H/P, D)
         return torch.cat(outs, dim=2)

@@ -1,5 +1,5 @@
 """The serving pool and worker: one base, two LongLoRA adapters with their own RoPE factor and trained embeddings
-and norms, each giving exactly what it gives alone (plain transformers for the base, engine.lora.load_adapter for
+and norms, each giving exactly what it gives alone (plain transformers for the base, engine.model.lora.load_adapter for
 an adapter), in any order, after LRU eviction and reload."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.lora import apply_lora_plus, load_adapter, save_adapter
-from engine.models import ModelSource
-from engine.rope import apply_rope_extension
+from engine.model.loading import ModelSource
+from engine.model.lora import apply_lora_plus, load_adapter, save_adapter
+from engine.model.rope import apply_rope_extension
 from engine.serving import (
     ContextLengthError,
     ModelPool,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from engine.models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from engine.smoke import format_report, run_smoke
+from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
+from engine.training.smoke import format_report, run_smoke
 from tests.conftest import tiny_llama
 
 

@@ -1,5 +1,6 @@
-"""Experiment tracking through the Trainer's own `report_to` (engine.tracking): TensorBoard event files read back, the
-offline settings of W&B and MLflow, and what the tracker does not change (the config hash, the environment after)."""
+"""Experiment tracking through the Trainer's own `report_to` (engine.training.tracking): TensorBoard event files read
+back, the offline settings of W&B and MLflow, and what the tracker does not change (the config hash, the environment
+after)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from engine.tracking import check_tracker, tracking_dir, tracking_env
-from engine.train import train
+from engine.training.tracking import check_tracker, tracking_dir, tracking_env
+from engine.training.train import train
 from tests.conftest import make_workspace, train_config
 
 

@@ -16,9 +16,9 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from engine.lora import load_adapter
-from engine.loss import chunked_lm_loss
-from engine.train import TrainConfig, TrainingDivergedError, latest_complete_checkpoint, train
+from engine.model.lora import load_adapter
+from engine.model.loss import chunked_lm_loss
+from engine.training.train import TrainConfig, TrainingDivergedError, latest_complete_checkpoint, train
 from tests.conftest import make_workspace, tiny_llama, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def _launch(cfg: TrainConfig, cfg_path: Path) -> subprocess.Popen:
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "engine.launch", "train", "--config", str(cfg_path)],
+        [sys.executable, "-m", "engine.training.launch", "train", "--config", str(cfg_path)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

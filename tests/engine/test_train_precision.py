@@ -1,6 +1,6 @@
 """Training numerics: bf16 with fp32 masters trains like fp32; the loss is token-weighted under gradient accumulation.
 
-Both run real (tiny, CPU) trainings through `engine.train.train` and look inside with a TrainerCallback.
+Both run real (tiny, CPU) trainings through `engine.training.train.train` and look inside with a TrainerCallback.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from engine.lora import load_adapter
-from engine.train import train
+from engine.model.lora import load_adapter
+from engine.training.train import train
 from tests.conftest import make_workspace, train_config
 
 # bf16 forward against fp32 on the tiny model, same data and init, 4 steps at lr 2e-5: measured max 3.4e-5 (near-

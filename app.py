@@ -28,13 +28,14 @@ from agents.app.guards import uploads_only  # noqa: E402
 from agents.app.model_chat import ModelChat  # noqa: E402
 from agents.app.model_chat_server import NO_KEY, ServerModelChat, check_server_url, server_key  # noqa: E402
 from agents.app.uploads import MAX_UPLOAD_BYTES, UPLOAD_TRANSPORT_FACTOR  # noqa: E402
+from engine.catalog import DEFAULT_MODEL  # noqa: E402
 
 
 def build_app(
     runs_dir: Path,
     *,
     llm=None,
-    base_model: str = "smollm2-135m",
+    base_model: str = DEFAULT_MODEL,
     upload_limit: int | None = None,
     allowed_paths: tuple[Path, ...] = (),
     model_server: str | None = None,
@@ -59,7 +60,7 @@ def build_app(
         with gr.Tab("Assistant"):
             chatbot = gr.Chatbot(label="Assistant", height=320)
             with gr.Row():
-                message = gr.Textbox(placeholder="e.g. extend smollm2-135m to 16k using the docs I uploaded",
+                message = gr.Textbox(placeholder=f"e.g. extend {DEFAULT_MODEL} to 16k using the docs I uploaded",
                                      show_label=False, scale=4, elem_id="message")  # fmt: skip
                 uploads = uploads_only(gr.File(file_count="multiple", label="documents", scale=1))
                 send_btn = gr.Button("Send", variant="primary", elem_id="send")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--auth", default=os.environ.get("LONGPILOT_APP_AUTH"), help="user:password (or env)")
-    parser.add_argument("--base-model", default="smollm2-135m", help="model offered in the Model chat tab")
+    parser.add_argument("--base-model", default=DEFAULT_MODEL, help="model offered in the Model chat tab")
     parser.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                         help="a folder whose files chat requests may name (models, docs); repeatable")  # fmt: skip
     parser.add_argument("--model-server", default=None, metavar="URL",

@@ -35,6 +35,7 @@ from agents.workflow.graph import (
     write_run_file,
 )
 from agents.workflow.run_lock import driving
+from sop.layout import MANIFEST_FILE, REPORT_FILE, SPEC_FILE
 from sop.loader import DEFAULT_SOP, load_sop
 from sop.manifest import Manifest, iso_now
 from sop.schemas import Spec
@@ -98,7 +99,7 @@ def _check_run_dir(run_dir: Path) -> None:
             raise ValueError(f"cannot write the run directory: {str(path)!r} is not writable; choose another "
                              "--run-dir (or --runs-dir)")  # fmt: skip
         break
-    if (run_dir / "manifest.json").exists():
+    if (run_dir / MANIFEST_FILE).exists():
         raise ValueError(f"{str(run_dir)!r} already holds a run; use resume, or choose a new directory")
 
 
@@ -123,7 +124,8 @@ def _check_budgets(doc: dict[str, Any]) -> None:
     """A run given --max-hours / --max-gib keeps to them: a plan over a budget is refused, naming what meets it."""
     over = [r for r in (doc.get("search") or {}).get("reasons", []) if r.startswith("over ")]
     if over:
-        from agents.roles.plan_alternatives import duration, refusal_hint
+        from agents.roles.plan_alternatives import refusal_hint
+        from engine.planning.cost import duration
 
         found = f"predicted {duration(doc['wall_time_s'])}, {doc['memory']['total_gib']:,.1f} GiB per device"
         hint = refusal_hint(doc) or "no plan meets it: raise the budget or lower --target-context"
@@ -207,10 +209,10 @@ class Assistant:
             _check_fits(doc)
         _check_budgets(doc)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+        (run_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
         manifest = Manifest(run_dir)
         manifest.init_stages([s.name for s in self.sop.stages])
-        manifest.record("spec", "spec.json", role="planner", schema="Spec", checks=[])
+        manifest.record("spec", SPEC_FILE, role="planner", schema="Spec", checks=[])
         write_run_file(run_dir, run_id=run_dir.name, status="running", stage=None, failure=None,
                        created=iso_now())  # fmt: skip
         return self._drive(run_dir, _initial_state(run_dir, approve), on_event)
@@ -220,8 +222,8 @@ class Assistant:
     ) -> RunResult:
         """Continue a stopped or killed run from its last checkpoint; verified stages are not redone."""
         run_dir = Path(run_dir)
-        if not (run_dir / "manifest.json").is_file():
-            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
+        if not (run_dir / MANIFEST_FILE).is_file():
+            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no {MANIFEST_FILE})")
         damaged = set_aside_damaged_checkpoints(run_dir)
         graph, config = self._graph(run_dir)
         snapshot = graph.get_state(config)
@@ -253,7 +255,7 @@ class Assistant:
                 on_event(event)
         run = read_run_file(run_dir)
         if run.get("status") in ("failed", "rejected"):  # decided: nothing to resume, nothing redone
-            report = run_dir / "report.md"
+            report = run_dir / REPORT_FILE
             return RunResult(run_dir.name, run_dir, run["status"], run.get("failure"), Manifest(run_dir).stages,
                              None, report if report.is_file() else None)  # fmt: skip
         return self._drive(run_dir, rebuild_state(self.sop, run_dir, approve), on_event)
@@ -261,8 +263,8 @@ class Assistant:
     def _awaiting_approval(self, run_dir: str | Path) -> Path:
         """`run_dir`, if it is a run whose plan waits for a decision (else a one-line ValueError, nothing written)."""
         run_dir = Path(run_dir)
-        if not (run_dir / "manifest.json").is_file():
-            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no manifest.json)")
+        if not (run_dir / MANIFEST_FILE).is_file():
+            raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no {MANIFEST_FILE})")
         if (damaged := set_aside_damaged_checkpoints(run_dir)) is not None:  # rebuilt up to the approval
             self._restart(run_dir, None, None, damaged)
         graph, config = self._graph(run_dir)
@@ -319,6 +321,6 @@ class Assistant:
             status = "running"
         else:
             status = values.get("status", "running")
-        report = run_dir / "report.md"
+        report = run_dir / REPORT_FILE
         return RunResult(run_dir.name, run_dir, status, values.get("failure"), Manifest(run_dir).stages, card,
                          report if report.is_file() else None)  # fmt: skip

@@ -13,10 +13,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from engine.catalog import DEFAULT_MODEL  # noqa: E402
 from engine.data.corpus import stdlib_dir  # noqa: E402
 from engine.evaluation import EvalConfig, ModelUnderTest, evaluate  # noqa: E402
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_MODEL
 LENGTHS = [4096, 16384, 32768] if torch.cuda.is_available() else [4096, 16384]
 DEPTHS = (0.0, 0.5, 1.0) if torch.cuda.is_available() else (0.5,)  # one 16k item takes ~2 min on CPU
 RULER_TASKS = ("niah_single_numbers", "variable_tracking") if torch.cuda.is_available() else ("niah_single_numbers",)

@@ -25,47 +25,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+from engine.catalog import DEFAULT_MODEL  # noqa: E402
+from tests.support.models import BYTE_VOCAB, make_tiny_model_dir, perturbed_adapter  # noqa: E402
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_MODEL
 CLIENTS = (1, 4, 8)
 ADAPTERS = {"x2": 2, "x4": 4}  # adapter id -> RoPE factor over the base's native context
 PROMPTS = ("The history of the printing press", "def fibonacci(n):", "Long-context language models",
            "A short note on shifted sparse attention", "Once upon a time", "import numpy as np")  # fmt: skip
 
 
-def make_adapter(base_ref: str, out_dir: Path, factor: int, seed: int, noise: float = 0.02) -> Path:
-    """A LongLoRA adapter of `base_ref` with RoPE x`factor`: LoRA+ initialised, every trained tensor nudged by
-    `noise` * N(0, 1) (seeded), saved as one PEFT directory with the extended config
-    (engine.model.lora.save_adapter)."""
-    from engine.model.loading import load_model, resolve_model
-    from engine.model.lora import apply_lora_plus, save_adapter
-    from engine.model.rope import apply_rope_extension, current_context
-
-    model, tokenizer = load_model(base_ref, device="cpu", dtype=torch.float32)
-    apply_rope_extension(model, factor * current_context(model.config))
-    peft_model = apply_lora_plus(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in (p for p in peft_model.parameters() if p.requires_grad):
-            param.add_(noise * torch.randn(param.shape, generator=gen).to(param.dtype))
-    return save_adapter(peft_model, out_dir, resolve_model(base_ref), tokenizer)
-
-
 def make_tiny_base(out_dir: Path, context: int = 1024) -> Path:
-    """A random 2-layer Llama with the byte tokenizer (bench.byte_tokenizer), saved to `out_dir`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from bench.byte_tokenizer import BYTE_VOCAB, byte_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=BYTE_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=context,
-                         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         eos_token_id=BYTE_VOCAB - 1, pad_token_id=BYTE_VOCAB - 1)  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
-    byte_tokenizer().save_pretrained(out_dir)
-    return out_dir
+    """The tiny random Llama with the byte tokenizer (tests.support.models), `<eos>` its eos and pad token."""
+    return make_tiny_model_dir(out_dir, context, eos=BYTE_VOCAB - 1, pad=BYTE_VOCAB - 1)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -147,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         base = str(make_tiny_base(Path(tmp) / "base")) if args.tiny else MODEL
-        adapters = {name: make_adapter(base, Path(tmp) / name, factor, seed)
+        adapters = {name: perturbed_adapter(base, Path(tmp) / name, factor=factor, seed=seed)
                     for seed, (name, factor) in enumerate(ADAPTERS.items(), start=1)}  # fmt: skip
         rows, base_id = run(base, adapters, n_requests, max_tokens)
     device = f"cpu x{os.cpu_count()}"  # the server runs on CPU here (device="cpu")

@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.gpu_parts.training import TokenRows, train_row  # noqa: E402
+from engine.catalog import DEFAULT_MODEL  # noqa: E402
 from engine.model.loading import load_tokenizer, resolve_model  # noqa: E402
 from engine.training.smoke import stdlib_text_tokens  # noqa: E402
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_MODEL
 LENGTHS = [16384, 32768, 65536] if torch.cuda.is_available() else [4096, 16384]
 STEPS = 3 if torch.cuda.is_available() else 2
 ATTENTION = {"s2": True, "dense": False}

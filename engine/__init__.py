@@ -29,10 +29,10 @@ _EXPORTS: dict[str, str] = {
     # components
     "DEFAULT_MODEL": "engine.catalog",
     "S2_ATTENTION": "engine.model.s2attn",
-    "LoraPlusConfig": "engine.model.lora",
+    "LoraPlusConfig": "engine.model.lora_config",
     "ModelSource": "engine.model.loading",
     "RopeExtension": "engine.model.rope",
-    "TrainableCounts": "engine.model.lora",
+    "TrainableCounts": "engine.model.lora_config",
     "apply_lora_plus": "engine.model.lora",
     "apply_rope_extension": "engine.model.rope",
     "count_trainable": "engine.model.lora",

@@ -17,6 +17,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from engine.checks import CheckResult
+from engine.files import read_jsonl
+from sop.layout import REPORT_FILE
 
 CheckFn = Callable[["CheckContext"], tuple[bool, str]]
 CHECKS: dict[str, CheckFn] = {}
@@ -150,7 +152,7 @@ def train_attention_as_planned(ctx: CheckContext) -> tuple[bool, str]:
 
 @check("train_loss_finite")
 def train_loss_finite(ctx: CheckContext) -> tuple[bool, str]:
-    losses = [json.loads(line)["loss"] for line in (ctx.path / "metrics.jsonl").read_text().splitlines() if line]
+    losses = [row["loss"] for row in read_jsonl(ctx.path / "metrics.jsonl", strict=True)]
     bad = [x for x in losses if x is None or not math.isfinite(x)]
     return bool(losses) and not bad, f"{len(losses)} logged losses, last {losses[-1] if losses else None}"
 
@@ -208,11 +210,11 @@ def eval_quality_gate(ctx: CheckContext) -> tuple[bool, str]:
 
 @check("report_markdown_written")
 def report_markdown_written(ctx: CheckContext) -> tuple[bool, str]:
-    md = ctx.run_dir / "report.md"
+    md = ctx.run_dir / REPORT_FILE
     text = md.read_text() if md.is_file() else ""
     need = ["Perplexity", "Passkey", "What this run proves"]
     missing = [n for n in need if n not in text]
-    return bool(text) and not missing, f"report.md {len(text)} chars" + (f", missing {missing}" if missing else "")
+    return bool(text) and not missing, f"{REPORT_FILE} {len(text)} chars" + (f", missing {missing}" if missing else "")
 
 
 @check("report_artifacts_exist")

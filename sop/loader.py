@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.catalog import PROFILES
 from sop.schemas import SCHEMAS, Profile
 from sop.stages import STAGE_ACTIONS, StageAction
 
@@ -29,9 +30,13 @@ class _Strict(BaseModel):
 class CheckRef(_Strict):
     name: str = Field(description="a check registered in sop/checks.py")
     profiles: list[Profile] | None = Field(None, description="run only in these profiles (default: all)")
+    if_gate_decides: bool = Field(
+        False, description="run only in profiles whose quality gate decides the run (engine.catalog Profile)"
+    )
 
     def applies(self, profile: str) -> bool:
-        return self.profiles is None or profile in self.profiles
+        in_profiles = self.profiles is None or profile in self.profiles
+        return in_profiles and (not self.if_gate_decides or PROFILES[profile].gate_decides)
 
 
 class ArtifactSpec(_Strict):
@@ -75,6 +80,13 @@ class Sop(_Strict):
 
     def stage(self, name: str) -> StageSpec:
         return next(s for s in self.stages if s.name == name)
+
+    def artifact(self, name: str) -> ArtifactSpec:
+        """The artifact a stage produces under `name` (where it lives: `path`, `document_path`)."""
+        found = [a for s in self.stages for a in s.produces if a.name == name]
+        if not found:
+            raise KeyError(f"no stage produces an artifact {name!r}")
+        return found[0]
 
 
 def _to_data(node: yaml.Node, path: tuple, lines: dict[tuple, int], problems: list[tuple[tuple, str]]) -> Any:
@@ -164,6 +176,25 @@ def load_sop(path: str | Path = DEFAULT_SOP, actions: Mapping[str, StageAction] 
         SopError: YAML syntax, schema or cross-reference problems, each as `file:line field: message`.
     """
     path = Path(path)
+    sop, lines = _parse(path)
+    problems = _semantic_problems(sop, lines, STAGE_ACTIONS if actions is None else actions)
+    if problems:
+        raise SopError(_format(path, problems, lines))
+    return sop
+
+
+def parse_sop(path: str | Path = DEFAULT_SOP) -> Sop:
+    """An SOP file checked against the schema only, not against the registered actions and checks: what sop.layout
+    reads the run's paths from before any role has registered.
+
+    Raises:
+        SopError: YAML syntax or schema problems, each as `file:line field: message`.
+    """
+    return _parse(Path(path))[0]
+
+
+def _parse(path: Path) -> tuple[Sop, dict[tuple, int]]:
+    """The schema-checked SOP and the line of every value by its path."""
     try:
         node = yaml.compose(path.read_text())
     except yaml.YAMLError as err:
@@ -182,10 +213,7 @@ def load_sop(path: str | Path = DEFAULT_SOP, actions: Mapping[str, StageAction] 
     except ValidationError as err:
         problems = [(tuple(e["loc"]), e["msg"]) for e in err.errors()]
         raise SopError(_format(path, problems, lines)) from None
-    problems = _semantic_problems(sop, lines, STAGE_ACTIONS if actions is None else actions)
-    if problems:
-        raise SopError(_format(path, problems, lines))
-    return sop
+    return sop, lines
 
 
 def _format(path: Path, problems: list[tuple[tuple, str]], lines: dict[tuple, int]) -> str:

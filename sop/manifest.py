@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from engine.files import write_atomic
 
 MANIFEST_FILE = "manifest.json"
 STAGE_STATUSES = ("pending", "running", "passed", "failed")
@@ -51,13 +52,6 @@ def iso_now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a reader in another process never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Manifest:
     """Read-modify-write access to one run's manifest.json (atomic replace on every save)."""
 
@@ -70,7 +64,7 @@ class Manifest:
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
+        write_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
     @property
     def artifacts(self) -> dict[str, dict]:

@@ -11,7 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.catalog import ATTENTION_MODES, PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES, default_profile
+from engine.catalog import (
+    ATTENTION_MODES,
+    DEFAULT_MODEL,
+    PROFILE_NAMES,
+    PROFILES,
+    ROPE_METHODS,
+    TRAIN_MIXES,
+    default_profile,
+)
 from engine.training.tracking import TRACKERS
 
 Profile = Literal[PROFILE_NAMES]  # type: ignore[valid-type]  # engine.catalog names them once
@@ -33,10 +41,12 @@ class _Engine(BaseModel):
 class Spec(_Strict):
     """What the user asked for. Everything else is derived from it."""
 
-    base_model: str = Field(description="alias (smollm2-135m), local model directory, or cached hub id")
+    base_model: str = Field(description=f"alias ({DEFAULT_MODEL}), local model directory, or cached hub id")
     target_context: int = Field(gt=0, description="context length to reach, in tokens")
     corpus: list[str] = Field(default_factory=list, description="user files/directories; empty = built-in corpus")
-    profile: Profile = Field("smoke", description="smoke (CPU pipeline proof), standard (one GPU), full (8 GPUs)")
+    profile: Profile = Field(  # the CPU's, as the hardware's default is the CPU
+        default_profile("cpu"), description=", ".join(f"{p.name} ({p.summary})" for p in PROFILES.values())
+    )
     hardware: str = Field("cpu", description="hardware profile: cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB, custom")
     custom_hardware: dict[str, float] | None = Field(
         None, description="for hardware=custom: n_devices (whole number), memory_gib, peak_tflops, mfu"
@@ -50,7 +60,7 @@ class Spec(_Strict):
     )
     seed: int = Field(0, ge=0, lt=2**32, description="seed for data, training and evaluation")
     rope_method: RopeMethod | None = Field(
-        None, description="RoPE extension method; None = the planner measures the candidates and chooses"
+        None, description="RoPE extension method; unset, the planner measures the candidates and chooses"
     )
     max_steps: int | None = Field(None, gt=0, description="override the profile's number of optimizer steps")
     batch_size: int | None = Field(None, gt=0, le=4096, description="override the profile's per-device batch size")
@@ -93,8 +103,18 @@ class Spec(_Strict):
         return value.strip()
 
 
+# What the planner role adds to the engine's plan (agents.roles.planner.make_plan_document).
+PLANNER_FIELDS = ("rope_choice", "evaluation", "alternatives", "search")
+
+
 class Plan(_Strict):
-    """engine.planning.plan.Plan as written to plan.json, plus the request's evaluation settings."""
+    """plan.json: engine.planning.plan.Plan.to_dict() field for field (the dataclass's fields and `wall_time_h`), plus
+    PLANNER_FIELDS.
+
+    A mirror, not a derivation: this module cannot import the engine's Plan, which imports torch. One test checks it,
+    tests/sop/test_sop.py::test_the_plan_schema_is_the_engine_plan_plus_the_planner_fields: it fails when a field is
+    added to or removed from either side.
+    """
 
     arch: dict[str, Any]
     hardware: dict[str, Any]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
-from tests.conftest import tiny_llama_config, tiny_shape
+from tests.support.models import tiny_llama_config, tiny_shape
 
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -1,12 +1,13 @@
-"""Every command in README.md is executed here, on a tiny model, or is on an asserted exemption list.
+"""Every command in README.md and docs/*.md is executed here, on a tiny model, or is on an asserted exemption list.
 
-The README's commands are read from its fenced ```bash/```sh/``` blocks (lines starting with `longpilot `, `make `,
-`python `; `\\` and indented synopsis continuations joined, `# comments` dropped) and from its inline code spans
-with the same prefixes. COMMANDS maps each (whitespace-normalised) command to how it is run: concrete command
+The documents' commands are read from their fenced ```bash/```sh/``` blocks (lines starting with `longpilot `,
+`make `, `python `; `\\` and indented synopsis continuations joined, `# comments` dropped) and from their inline code
+spans with the same prefixes. COMMANDS maps each (whitespace-normalised) command to how it is run: concrete command
 lines with placeholders filled by a tiny model (a random 2-layer Llama with the embedded SmolLM2 tokenizer,
-1,024-token native context, extended to 2,048), heavy parts shortened by flags. A README command with no entry fails
-`test_every_readme_command_has_an_entry`; an entry whose command left the README fails the reverse test. The
-```python blocks are executed too (PY_BLOCKS: textual substitutions, each asserted to match the README text).
+1,024-token native context, extended to 2,048), heavy parts shortened by flags. A documented command with no entry
+fails `test_every_readme_command_has_an_entry`; an entry whose command left every document fails the reverse test.
+The ```python blocks are executed too (PY_BLOCKS: textual substitutions, each asserted to match the documented text).
+A command shown in several documents is one entry and runs once.
 
 One SOP run (`longpilot run ...` waiting for approval, then `longpilot resume RUN_DIR --yes`) is shared by the
 status, resume, eval and export entries; `make demo` runs the real Makefile target on the tiny model.
@@ -32,17 +33,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, tiny_llama
+from tests.support.models import tiny_llama
+from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 VENV = Path(sys.prefix)
 PREFIXES = ("longpilot", "make", "python")
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 TARGET = 2048  # the tiny model's native context is 1024: RoPE x2, as in the README's 8k -> 16k
 
 
-# ---------------------------------------------------------------- reading the README
+# ---------------------------------------------------------------- reading the README and docs/
+
+
+def documents() -> list[Path]:
+    """README.md, then every docs/*.md (sorted): the files whose commands and code blocks this file runs."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def docs_text() -> str:
+    """Every document's text, one after another (for checks that compare output with what the docs show)."""
+    return "\n".join(path.read_text() for path in documents())
 
 
 def _strip_comment(line: str) -> str:
@@ -82,8 +99,10 @@ def shell_commands(block: str) -> list[str]:
 
 
 def readme_commands(text: str | None = None) -> list[str]:
-    """Every command the README shows: fenced shell blocks first, then inline code spans (deduplicated, in order)."""
-    text = README.read_text() if text is None else text
+    """Every command the documents show (or `text` shows): per document, fenced shell blocks first, then inline code
+    spans (deduplicated, in order)."""
+    if text is None:
+        return list(dict.fromkeys(c for path in documents() for c in readme_commands(path.read_text())))
     found: list[str] = []
     for m in FENCE.finditer(text):
         if m.group(1) in ("", "bash", "sh", "shell", "console"):
@@ -94,8 +113,23 @@ def readme_commands(text: str | None = None) -> list[str]:
 
 
 def readme_python_blocks(text: str | None = None) -> list[str]:
-    text = README.read_text() if text is None else text
+    if text is None:
+        return [block for _, block in documented_python_blocks()]
     return [m.group(2) for m in FENCE.finditer(text) if m.group(1) == "python"]
+
+
+def documented_python_blocks() -> list[tuple[Path, str]]:
+    """Every ```python block of the documents, with the file it is in."""
+    return [(path, block) for path in documents() for block in readme_python_blocks(path.read_text())]
+
+
+def command_sources() -> dict[str, list[str]]:
+    """Each documented command -> the documents (relative paths) that show it."""
+    sources: dict[str, list[str]] = {}
+    for path in documents():
+        for command in readme_commands(path.read_text()):
+            sources.setdefault(command, []).append(_rel(path))
+    return sources
 
 
 def test_the_extractor_joins_continuations_and_drops_comments():
@@ -181,7 +215,7 @@ def _check_make_n_demo(r: Result, ctx: dict) -> None:
 
 
 def _check_launch_dry_run(r: Result, ctx: dict) -> None:
-    documented = next(x for x in README.read_text().splitlines() if x.startswith("# runs: ")).removeprefix("# runs: ")
+    documented = next(x for x in docs_text().splitlines() if x.startswith("# runs: ")).removeprefix("# runs: ")
     head = documented.split("...")[0]
     printed = r.out.strip().splitlines()[-1]
     assert printed.startswith(head) and printed.endswith("engine/recipes/llama2-7b-32k-8xA100.json"), printed
@@ -192,8 +226,8 @@ def _check_launch_dry_run(r: Result, ctx: dict) -> None:
 
 
 def _check_search_card(r: Result, ctx: dict) -> None:
-    """The README's ```text block shows a subset of each searched plan's card: every line shown is printed."""
-    block = next(m.group(2) for m in FENCE.finditer(README.read_text()) if m.group(1) == "text" and
+    """The docs' ```text block shows a subset of each searched plan's card: every line shown is printed."""
+    block = next(m.group(2) for m in FENCE.finditer(docs_text()) if m.group(1) == "text" and
                  "searched (does not fit)" in m.group(2))  # fmt: skip
     cards = [c.strip().splitlines() for c in block.split("\n\n") if c.strip()]
     card = next(c for c in cards if c[0] in r.out)
@@ -202,8 +236,8 @@ def _check_search_card(r: Result, ctx: dict) -> None:
 
 
 def _check_sp_cluster(r: Result, ctx: dict) -> None:
-    """The README's cluster plan: it fits, and its launch line is the hostfile one the README shows."""
-    block = next(m.group(2) for m in FENCE.finditer(README.read_text()) if m.group(1) == "text" and
+    """The docs' cluster plan: it fits, and its launch line is the hostfile one the docs show."""
+    block = next(m.group(2) for m in FENCE.finditer(docs_text()) if m.group(1) == "text" and
                  "--hostfile hostfile" in m.group(2))  # fmt: skip
     printed = [line.rstrip() for line in r.out.splitlines()]
     assert all(line.rstrip() in printed for line in block.splitlines() if line.strip()), (block, r.out)
@@ -350,15 +384,15 @@ def _check_serve(r: Result, ctx: dict) -> None:
 
 
 def _plan_table_rows() -> list[tuple[str, ...]]:
-    """The README's planner-prediction table: (model, target, factor, zero, memory, tokens/s, wall time)."""
+    """The docs' planner-prediction table: (model, target, factor, zero, memory, tokens/s, wall time)."""
     rows = re.findall(r"^\| (Llama-[\w.-]+) -> ([\d,]+)[^|]*\|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|$",
-                      README.read_text(), re.M)  # fmt: skip
+                      docs_text(), re.M)  # fmt: skip
     assert len(rows) >= 3, rows
     return [tuple(c.strip() for c in row) for row in rows]
 
 
 def _matches(documented: str, value: float) -> bool:
-    """`35.9 h` matches 35.85 h; `16,248` matches 16248.3: equal at the README's precision."""
+    """`35.9 h` matches 35.85 h; `16,248` matches 16248.3: equal at the documented precision."""
     number = re.match(r"[\d,.]+", documented).group().replace(",", "")
     decimals = len(number.split(".")[1]) if "." in number else 0
     return round(value, decimals) == float(number)
@@ -378,7 +412,7 @@ def _run_plan_table(ctx: dict) -> None:
         assert (
             _matches(factor, got[0]) and zero[stage] == got[1] and _matches(memory, got[2])
             and _matches(tokens, got[3]) and _matches(wall, got[4])
-        ), f"README row {model} -> {target}: {factor} | {stage} | {memory} | {tokens} | {wall}; planner: {got}"
+        ), f"docs row {model} -> {target}: {factor} | {stage} | {memory} | {tokens} | {wall}; planner: {got}"
 
 
 RUN_CMD = (
@@ -396,6 +430,11 @@ EVAL_SHORT = (
     f"--longqa-max-items 1 --longqa-max-tokens 1024 --ppl-tokens {TARGET} --ppl-stride 1024 --no-progress"
 )
 LAUNCH = "python -m engine.training.launch distributed --config run.json --nproc 2"
+APP = "longpilot app [--host 127.0.0.1] [--port 7860] [--runs-dir runs] [--auth user:password] [--allow-path DIR ...]"
+SERVE = (
+    "longpilot serve [--host 127.0.0.1] [--port 8000] [--model BASE] [--runs-dir runs] [--max-loaded N] "
+    "[--api-key KEY] [--adapter NAME=DIR ...]"
+)
 SP_CLUSTER = ("longpilot plan --model llama-3-8b --target-context 1048576 --hardware 16xA100-80GB --grad-accum 64 "
               "--sequence-parallel 8")
 
@@ -493,7 +532,7 @@ COMMANDS: dict[str, Entry] = {
         after=(RUN,),
         steps=(Step("longpilot export {run} --out merged/", check=_check_export),),
     ),
-    "longpilot app [--host 127.0.0.1] [--port 7860] [--runs-dir runs] [--auth user:password] [--allow-path DIR ...]": (
+    APP: (
         Entry(
             "the `longpilot` console script with every option (a free port, two --allow-path, --base-model the tiny "
             "model) until it serves HTTP 200 (its /config answers 401: --auth is on), then stopped",
@@ -518,8 +557,7 @@ COMMANDS: dict[str, Entry] = {
             ),
         ),
     ),
-    "longpilot serve [--host 127.0.0.1] [--port 8000] [--model BASE] [--runs-dir runs] [--max-loaded N] "
-    "[--api-key KEY] [--adapter NAME=DIR ...]": Entry(
+    SERVE: Entry(
         "every option once: the tiny model, runs dir = the tmp folder (the finished shared run is served as `run`), "
         "--adapter extra=<run's adapter>, a key, a free port; while it serves, the openai SDK lists and chats",
         after=(RUN,),
@@ -568,6 +606,8 @@ COMMANDS: dict[str, Entry] = {
         ),
     ),
     "longpilot resume RUN_DIR --yes": Entry("the `longpilot resume RUN_DIR [--yes]` entry", same_as=RUN),
+    "longpilot app": Entry("the README's one-liner: the `longpilot app [--host ...]` entry", same_as=APP),
+    "longpilot serve": Entry("the README's one-liner: the `longpilot serve [--host ...]` entry", same_as=SERVE),
     "longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke": Entry(
         "as written; exit 1 (the plan does not fit), the README's card lines printed",
         steps=(Step("longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke",
@@ -792,16 +832,51 @@ def runner(tmp_path_factory) -> Runner:
 
 
 def test_every_readme_command_has_an_entry():
-    """A command documented in the README with no way to run it here fails the suite."""
-    missing = [c for c in readme_commands() if c not in COMMANDS]
-    assert not missing, "README commands with no entry in COMMANDS (add one: how it runs, what it must produce):\n" + (
+    """A command documented in README.md or docs/*.md with no way to run it here fails the suite."""
+    missing = [f"{c}  ({', '.join(files)})" for c, files in command_sources().items() if c not in COMMANDS]
+    assert not missing, "documented commands with no entry in COMMANDS (add one: how it runs, what it produces):\n" + (
         "\n".join(missing)
     )
 
 
 def test_every_entry_is_still_in_the_readme():
     stale = sorted(set(COMMANDS) - set(readme_commands()))
-    assert not stale, f"COMMANDS entries whose command is no longer in the README: {stale}"
+    assert not stale, f"COMMANDS entries whose command is no longer in README.md or docs/*.md: {stale}"
+
+
+def test_the_docs_are_read():
+    """docs/*.md are read like the README: their commands and python blocks are in the tables."""
+    docs = [path for path in documents() if path != README]
+    assert docs and all(path.parent == DOCS for path in docs), docs
+    assert any(f != "README.md" for files in command_sources().values() for f in files)
+    assert any(path != README for path, _ in documented_python_blocks())
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+REPO_PATH = re.compile(r"`((?:engine|agents|sop|bench|tests|docs)/[\w./-]*\.(?:py|json|yaml|md|png))`")
+
+
+def test_every_link_and_repository_path_in_the_docs_exists():
+    """Relative links (and their #anchors) and the `engine/...py`-style paths the documents name point at something
+    that exists: a moved module or a renamed heading fails here, not in a reader's hands."""
+    problems = []
+    for path in documents():
+        text = path.read_text()
+        for target, anchor in LINK.findall(FENCE.sub("", text)):
+            if re.match(r"[a-z]+:", target):
+                continue
+            dest = (path.parent / target).resolve()
+            if not dest.exists():
+                problems.append(f"{_rel(path)}: link to missing {target}")
+            elif anchor and dest.suffix == ".md":
+                slugs = {re.sub(r"[^\w -]", "", h.strip().lower()).replace(" ", "-")
+                         for h in re.findall(r"^#+ (.+)$", FENCE.sub("", dest.read_text()), re.M)}  # fmt: skip
+                if anchor[1:] not in slugs:
+                    problems.append(f"{_rel(path)}: no heading {anchor} in {target}")
+        for named in REPO_PATH.findall(text):
+            if not (REPO / named).exists():
+                problems.append(f"{_rel(path)}: names missing {named}")
+    assert not problems, "\n".join(problems)
 
 
 def test_the_exemptions_are_exactly_the_listed_ones():
@@ -814,8 +889,9 @@ def test_the_exemptions_are_exactly_the_listed_ones():
 
 def test_longpilot_app_forwards_every_option_to_the_app(monkeypatch):
     """`longpilot app --port N ...` used to fail (argparse REMAINDER takes no leading option): app.py parses them."""
-    from agents import cli
+    import importlib
 
+    cli = importlib.import_module("agents.cli.main")  # the module (agents.cli.main is also the function's name)
     calls = []
 
     def execv(path, argv):  # the app replaces the `longpilot` process: a terminated longpilot leaves no server
@@ -848,7 +924,7 @@ def test_readme_command_runs(command, runner):
 @dataclass(frozen=True)
 class PyBlock:
     how: str
-    subs: tuple[tuple[str, str], ...] = ()  # (README text, replacement): each must occur in the block
+    subs: tuple[tuple[str, str], ...] = ()  # (documented text, replacement): each must occur in the block
     preamble: str = ""
     check: Callable[[dict, dict], None] | None = None
     after: tuple[str, ...] = ()
@@ -965,10 +1041,11 @@ def _first_line(block: str) -> str:
 
 
 def test_every_readme_python_block_has_an_entry():
+    """Every ```python block of README.md and docs/*.md has a PY_BLOCKS entry (keyed by its first line)."""
     blocks = [_first_line(b) for b in readme_python_blocks()]
     assert len(blocks) == len(set(blocks)), blocks
     assert sorted(blocks) == sorted(PY_BLOCKS), (
-        f"README python blocks with no entry: {sorted(set(blocks) - set(PY_BLOCKS))}; "
+        f"documented python blocks with no entry: {sorted(set(blocks) - set(PY_BLOCKS))}; "
         f"entries with no block: {sorted(set(PY_BLOCKS) - set(blocks))}"
     )
 
@@ -980,14 +1057,14 @@ def _run_block(key: str, runner: Runner) -> None:
     entry = PY_BLOCKS[key]
     for dep in entry.after:
         _run_block(dep, runner)
-    block = next(b for b in readme_python_blocks() if _first_line(b) == key)
+    source, block = next((p, b) for p, b in documented_python_blocks() if _first_line(b) == key)
     code = block
     for old, new in entry.subs:
-        assert old in code, f"README python block {key!r} no longer contains {old!r}: update PY_BLOCKS"
+        assert old in code, f"{_rel(source)} python block {key!r} no longer contains {old!r}: update PY_BLOCKS"
         code = code.replace(old, new.replace("{tiny}", _tiny(runner.ctx)))
     ns: dict = {"__name__": "__readme__"}
     with _cwd(Path(runner.ctx["tmp"]) / "py"):
-        exec(compile(entry.preamble.replace("{tiny}", _tiny(runner.ctx)) + code, f"README.md: {key}", "exec"), ns)
+        exec(compile(entry.preamble.replace("{tiny}", _tiny(runner.ctx)) + code, f"{_rel(source)}: {key}", "exec"), ns)
         if entry.check is not None:
             entry.check(ns, runner.ctx)
     done.append(key)

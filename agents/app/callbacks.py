@@ -19,6 +19,7 @@ from agents.app.model_chat import ModelChat
 from agents.app.run_view import list_runs, view_run, zip_atomic
 from agents.app.uploads import inside
 from agents.errors import first_line
+from agents.workflow.graph import RUN_FILE
 
 STAGE_COLUMNS = ["stage", "status", "attempts", "note"]
 MAX_DOCUMENT_BYTES = 2 * 2**20  # a pasted/uploaded Model-chat document; larger ones should be excerpted
@@ -81,7 +82,7 @@ class AppCallbacks:
             run_dir = inside(run_id.strip(), self.runs_dir)
         except ValueError as err:
             return (*empty[:-1], first_line(err), None)
-        if not (run_dir / "run.json").is_file():
+        if not (run_dir / RUN_FILE).is_file():
             return (*empty[:-1], f"no run `{run_id}` in {self.runs_dir}", None)
         view = view_run(run_dir)
         losses = pd.DataFrame(view.losses, columns=["step", "loss"])

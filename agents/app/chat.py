@@ -19,6 +19,7 @@ from agents.run_files import new_run_id
 from agents.workflow.background import BackgroundRuns
 from agents.workflow.graph import RUN_FILE, claim_decision, read_run_file
 from agents.workflow.run_lock import RunBusyError, is_driven
+from sop.layout import MANIFEST_FILE, PLAN_FILE, SPEC_FILE
 from sop.schemas import Spec
 
 
@@ -108,10 +109,10 @@ class AssistantChat:
         from agents.workflow.revise import read_revision, revise_run
 
         run_dir = self.runs_dir / str(state.run_id)
-        if not (run_dir / "spec.json").is_file() or read_run_file(run_dir).get("status") != "awaiting_approval":
+        if not (run_dir / SPEC_FILE).is_file() or read_run_file(run_dir).get("status") != "awaiting_approval":
             return None
         try:
-            spec = Spec.model_validate_json((run_dir / "spec.json").read_text())
+            spec = Spec.model_validate_json((run_dir / SPEC_FILE).read_text())
             revision = read_revision(text or "", spec, self.llm)
             if not revision.fields and not revision.problems:
                 return None
@@ -158,7 +159,7 @@ class AssistantChat:
             reason = result.failure or result.status
             return f"I can't plan that: {reason} (run `{result.run_id}` is kept for reference)", state
         state.run_id, state.fields = result.run_id, {}
-        plan = json.loads((result.run_dir / "plan.json").read_text())  # a plan over a budget lists what meets it
+        plan = json.loads((result.run_dir / PLAN_FILE).read_text())  # a plan over a budget lists what meets it
         state.alternatives = _choices(plan.get("alternatives") or [])
         note = ("\n\n" + "; ".join(problems)) if problems else ""
         return (f"{describe_spec(spec)}\n\n```\n{result.plan_card}\n```\nRun `{result.run_id}` waits for your "
@@ -213,7 +214,7 @@ class AssistantChat:
     def resume(self, run_id: str) -> str:
         """Continue a stopped run in the background; a plan awaiting approval is approved only by Approve."""
         run_dir = inside(run_id, self.runs_dir)
-        if not (run_dir / "manifest.json").is_file():
+        if not (run_dir / MANIFEST_FILE).is_file():
             return f"No run called `{run_id}`."
         status = read_run_file(run_dir).get("status")
         if status == "awaiting_approval":

@@ -7,19 +7,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agents.app.uploads import inside
+from engine.catalog import DEFAULT_MODEL
+from sop.layout import TRAIN_DIR
 
 
 class ModelChat:
     """Keeps one model loaded at a time (the last one asked for)."""
 
-    def __init__(self, runs_dir: Path, base_model: str = "smollm2-135m") -> None:
+    def __init__(self, runs_dir: Path, base_model: str = DEFAULT_MODEL) -> None:
         self.runs_dir, self.base_model = Path(runs_dir), base_model
         self._key: str | None = None
         self._loaded = None
         self._lock = threading.Lock()
 
     def choices(self) -> list[str]:
-        done = sorted(p.parents[2].name for p in self.runs_dir.glob("*/train/adapter/adapter_config.json"))  # <run>
+        adapters = self.runs_dir.glob(f"*/{TRAIN_DIR}/adapter/adapter_config.json")
+        done = sorted(p.relative_to(self.runs_dir).parts[0] for p in adapters)  # <run>
         return [f"base: {self.base_model}"] + [f"run: {r}" for r in done]
 
     def _load(self, choice: str):
@@ -28,7 +31,7 @@ class ModelChat:
         with self._lock:
             if self._key != choice:
                 if choice.startswith("run: "):
-                    ref = str(inside(Path(choice[5:]) / "train" / "adapter", self.runs_dir))
+                    ref = str(inside(Path(choice[5:]) / TRAIN_DIR / "adapter", self.runs_dir))
                 elif choice.startswith("base: "):
                     ref = choice[6:]
                 else:

@@ -9,7 +9,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.workflow.graph import read_events, read_run_file
+from agents.workflow.graph import RUN_FILE, read_events, read_run_file
+from sop.layout import EVAL_REPORT_FILE, FINAL_REPORT_FILE, MANIFEST_FILE, REPORT_FILE, TRAIN_DIR
 
 
 @dataclass
@@ -40,7 +41,7 @@ def _line(event: dict) -> str | None:
 
 
 def _stage_rows(run_dir: Path, events: list[dict]) -> list[list[str]]:
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").is_file() else {}
+    manifest = json.loads((run_dir / MANIFEST_FILE).read_text()) if (run_dir / MANIFEST_FILE).is_file() else {}
     last: dict[str, dict] = {}
     for e in events:
         if e.get("stage") and e.get("event") in ("stage_started", "stage_resumed", "verifying", "gate"):
@@ -57,9 +58,9 @@ def _stage_rows(run_dir: Path, events: list[dict]) -> list[list[str]]:
 
 
 def _downloads(run_dir: Path) -> list[str]:
-    files = [run_dir / n for n in ("report.md", "manifest.json", "eval/eval_report.json", "final_report.json")]
-    adapter = run_dir / "train" / "adapter"
-    if (run_dir / "report.md").is_file() and adapter.is_dir():
+    files = [run_dir / n for n in (REPORT_FILE, MANIFEST_FILE, EVAL_REPORT_FILE, FINAL_REPORT_FILE)]
+    adapter = run_dir / TRAIN_DIR / "adapter"
+    if (run_dir / REPORT_FILE).is_file() and adapter.is_dir():
         archive = run_dir / "downloads" / "adapter.zip"
         if not archive.is_file():
             zip_atomic(adapter, archive)
@@ -89,7 +90,7 @@ def view_run(run_dir: Path, log_lines: int = 15) -> RunView:
     run = read_run_file(run_dir)
     losses = [(e["step"], e["loss"]) for e in events if e.get("event") == "train_step" and e.get("loss") is not None]
     lines = [text for text in map(_line, events) if text]
-    report = run_dir / "report.md"
+    report = run_dir / REPORT_FILE
     plots = [str(run_dir / n) for n in ("ppl_vs_length.png", "passkey_heatmap.png") if (run_dir / n).is_file()]
     report_md = _without_images(report) if report.is_file() else None
     return RunView(
@@ -102,7 +103,7 @@ def view_run(run_dir: Path, log_lines: int = 15) -> RunView:
 def list_runs(runs_dir: Path) -> list[list[str]]:
     """[run id, status, stage, updated] for every run directory, newest first."""
     rows = []
-    for run_json in runs_dir.glob("*/run.json"):
+    for run_json in runs_dir.glob(f"*/{RUN_FILE}"):
         info = read_run_file(run_json.parent)
         rows.append([run_json.parent.name, info.get("status", "?"), info.get("stage") or "", info.get("updated", "")])
     return sorted(rows, key=lambda r: r[3], reverse=True)

@@ -9,7 +9,7 @@ import sys
 from rich.markup import escape
 
 from agents.cli.progress import ProgressView
-from engine.catalog import ROPE_METHODS
+from engine.catalog import DEFAULT_ROPE_METHOD, ROPE_METHODS
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -29,21 +29,21 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                     help="RoPE-interpolate NAME to TOKENS without training (RoPE-only baseline)")  # fmt: skip
     ev.add_argument("--allow-beyond", action="append", default=[], metavar="NAME",
                     help="score model NAME at lengths past its context (baselines)")  # fmt: skip
-    ev.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    ev.add_argument("--lengths", type=int, nargs="+", default=None, help="default: EvalConfig's")
     ev.add_argument("--tasks", nargs="+", default=None,
                     help="registered evaluation tasks (default all; built in: perplexity passkey ruler longqa "
                     "regression)")  # fmt: skip
     ev.add_argument("--ruler-tasks", nargs="+", default=None)
     ev.add_argument("--depths", type=float, nargs="+", default=None, help="needle depths in [0, 1]")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ev.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the standard profile's")
     ev.add_argument("--data", default=None, help="LongPilot dataset directory (its eval split)")
     ev.add_argument("--ppl-files", nargs="+", default=None, help="held-out files for perplexity")
-    ev.add_argument("--ppl-stride", type=int, default=256)
+    ev.add_argument("--ppl-stride", type=int, default=None, help="default: the standard profile's")
     ev.add_argument("--ppl-tokens", type=int, default=None)
     ev.add_argument("--native-length", type=int, default=None)
     ev.add_argument("--target-length", type=int, default=None)
     ev.add_argument("--gate", action="append", type=_key_value, default=[], metavar="NAME=THRESHOLD")
-    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--batch-size", type=int, default=None, help="default: EvalConfig's")
     ev.add_argument("--max-new-tokens-cap", type=int, default=None)
     ev.add_argument("--longqa-max-items", type=int, default=None)
     ev.add_argument("--longqa-max-tokens", type=int, default=None, help="only QA records up to this many tokens")
@@ -58,7 +58,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     ev.add_argument(
         "--rope-method",
         choices=ROPE_METHODS,
-        default="linear",
+        default=DEFAULT_ROPE_METHOD,
         help="interpolation for the --rope models",
     )
     ev.add_argument(
@@ -86,6 +86,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace, view: ProgressView) -> int:
     """Evaluate as the flags say; progress goes to `view` (live bars, plain lines or nothing)."""
     from engine.evaluation import EvalConfig, ModelUnderTest, evaluate, task_names
+    from engine.evaluation.report import REPORT_FILE
     from engine.evaluation.summary import summary_table
 
     rope, base_refs = dict(args.rope), dict(args.base_ref)
@@ -103,22 +104,23 @@ def run_eval(args: argparse.Namespace, view: ProgressView) -> int:
         task_lengths = {task: tuple(int(n) for n in text.split(",")) for task, text in args.task_lengths}
     except ValueError:
         raise ValueError("--task-lengths takes TASK=L1,L2,... with whole numbers") from None
-    optional = {"depths": args.depths, "ruler_tasks": args.ruler_tasks}
+    # flags left out take EvalConfig's defaults (depths, seeds and stride: the standard profile's, engine.catalog)
+    optional = {"depths": args.depths, "ruler_tasks": args.ruler_tasks, "lengths": args.lengths, "seeds": args.seeds}
+    numbers = {"ppl_stride": args.ppl_stride, "batch_size": args.batch_size}
     tasks = tuple(args.tasks or task_names())
     cfg = EvalConfig(
-        output_dir=args.out, models=tuple(models), lengths=tuple(args.lengths), tasks=tasks,
-        seeds=tuple(args.seeds), data_dir=args.data, ppl_files=tuple(args.ppl_files) if args.ppl_files else None,
-        ppl_stride=args.ppl_stride, ppl_tokens=args.ppl_tokens, native_length=args.native_length,
-        target_length=args.target_length, gates={k: float(v) for k, v in args.gate}, batch_size=args.batch_size,
+        output_dir=args.out, models=tuple(models), tasks=tasks, data_dir=args.data,
+        ppl_files=tuple(args.ppl_files) if args.ppl_files else None, ppl_tokens=args.ppl_tokens,
+        native_length=args.native_length, target_length=args.target_length, gates={k: float(v) for k, v in args.gate},
         max_new_tokens_cap=args.max_new_tokens_cap, longqa_max_items=args.longqa_max_items, device=args.device,
         longqa_max_tokens=args.longqa_max_tokens, reference=args.reference, candidate=args.candidate,
         effective_threshold=args.effective_threshold, task_lengths=task_lengths, progress=False,
-        **{k: tuple(v) for k, v in optional.items() if v},
+        **{k: tuple(v) for k, v in optional.items() if v}, **{k: v for k, v in numbers.items() if v is not None},
     )  # fmt: skip
     with view:
         report = evaluate(cfg, on_event=view)
     view.say(escape(summary_table(report)))
-    view.say(f"report: {args.out}/eval_report.json")
+    view.say(f"report: {args.out}/{REPORT_FILE}")
     if report["gate"] is not None and not report["gate"]["passed"]:
         failed = [c["name"] for c in report["gate"]["checks"] if not c["passed"]]
         print(f"longpilot: gate failed: {', '.join(failed)}", file=sys.stderr)

@@ -19,9 +19,10 @@ import pydantic
 from agents.cli.eval import add_eval_parser, run_eval
 from agents.cli.quiet import log_level, quiet_third_party, setup_logging
 from agents.cli.serve import add_serve_parser, run_serve
+from agents.cli.spec_flags import add_spec_arguments, flag_name, spec_flag_values
 from agents.errors import described, first_line
-from engine.catalog import ATTENTION_MODES, PROFILE_NAMES, ROPE_METHODS, TRAIN_MIXES
-from engine.training.tracking import TRACKERS, check_tracker
+from engine.catalog import DEFAULT_MODEL
+from engine.training.tracking import check_tracker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,35 +32,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_AWAITING = 0, 1, 2, 3
 
 
-def _add_spec_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="smollm2-135m, llama-2-7b, a local model directory or a cached hub id"
-    )
-    p.add_argument("--target-context", type=int, default=None, help="tokens to reach, e.g. 16384")
+def _add_spec_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """One flag per Spec field (agents.cli.spec_flags derives them), and the plain-language request."""
+    add_spec_arguments(p, command)
     p.add_argument("--request", default=None, help='plain-language request, e.g. "extend smollm2 to 16k"')
-    p.add_argument("--corpus", nargs="+", default=None, help="your files/directories (default: built-in corpus)")
-    p.add_argument("--profile", choices=PROFILE_NAMES, default=None)
-    p.add_argument(
-        "--hardware",
-        default=None,
-        help="cpu, 1xH100-80GB, 8xA100-80GB, 8xA100-40GB or custom:N,GiB,TFLOPS[,MFU] (default cpu)",
-    )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    p.add_argument(
-        "--attention", choices=ATTENTION_MODES, default=None,
-        help="training attention: s2 (S2-Attn, default) or full (dense causal, LongLoRA's use_full_attn)",
-    )  # fmt: skip
-    p.add_argument("--train-mix", choices=TRAIN_MIXES, default=None,
-                   help="training data: longqa (default) or plain (packed long text only, LongLoRA's extension data)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--rope-method", choices=ROPE_METHODS, default=None,
-                   help="RoPE extension method (default: the planner measures linear, yarn and dynamic and chooses)")
-    p.add_argument("--max-steps", type=int, default=None, help="override the profile's optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="override the profile's per-device batch size")
-    p.add_argument("--grad-accum", type=int, default=None, help="override the profile's gradient accumulation")
-    _add_lever_arguments(p)
-    p.add_argument("--llm", default="none", help="none, or an OpenAI-compatible base URL (key from env)")
-    p.add_argument("--llm-model", default=None, help="model name at the --llm endpoint")
 
 
 def _add_output_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,19 +47,6 @@ def _add_output_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _add_lever_arguments(p: argparse.ArgumentParser) -> None:
-    """The planner's levers and budgets (engine.planning.search): each alternative's command spells them out."""
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="override the profile's precision")
-    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
-    p.add_argument("--group-size-ratio", type=float, default=None, help="S2-Attn group G = L x ratio (default 0.25)")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
-                   help="keep every layer's activations (faster, far more memory)")  # fmt: skip
-    p.add_argument("--sequence-parallel", type=int, default=None, metavar="P",
-                   help="Ulysses sequence parallelism: P GPUs share each sequence (DeepSpeed ALST; default 1)")
-    p.add_argument("--max-hours", type=float, default=None, help="time budget: list the plans within it")
-    p.add_argument("--max-gib", type=float, default=None, help="memory budget per device: list the plans within it")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longpilot",
@@ -91,16 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="plan -> data -> train -> evaluate -> report, every artifact verified")
-    _add_spec_arguments(run)
+    _add_spec_arguments(run, "run")
     run.add_argument("--run-dir", default=None, help="run directory (default runs/<run-id>)")
     run.add_argument("--runs-dir", default="runs")
     run.add_argument("--yes", action="store_true", help="approve the plan without asking")
-    run.add_argument("--report-to", choices=TRACKERS, default=None,
-                     help="track training in tensorboard, wandb or mlflow: offline, under RUN_DIR/train/tracking "
-                          "(default none)")  # fmt: skip
     _add_output_flags(run)
     plan = sub.add_parser("plan", help="print the plan (memory, time, launch command); runs nothing")
-    _add_spec_arguments(plan)
+    _add_spec_arguments(plan, "plan")
     plan.add_argument("--json", action="store_true")
     resume = sub.add_parser("resume", help="continue a stopped or killed run")
     resume.add_argument("run_dir")
@@ -121,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("app", help="the Gradio app (--host, --port, --runs-dir, --auth, --allow-path, ...; app -h)",
                    add_help=False)  # fmt: skip
     demo = sub.add_parser("demo", help="engine smoke run: RoPE x2, LoRA+, one S2-Attn step, save, reload, merge")
-    demo.add_argument("--model", default="smollm2-135m", help="alias, local model directory or cached hub id")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="alias, local model directory or cached hub id")
     demo.add_argument("--target-context", type=int, default=16384, help="tokens (default 16384)")
     demo.add_argument("--out", default=None, help="output directory (default runs/demo/<timestamp>)")
     demo.add_argument("--steps", type=int, default=1, help="S2-Attn training steps (default 1)")
@@ -143,23 +103,16 @@ def _spec_from_args(args: argparse.Namespace):
         if parsed.problems:
             raise ValueError("; ".join(parsed.problems))
         fields.update(parsed.fields)
-    flags = {"base_model": args.model, "target_context": args.target_context, "corpus": args.corpus,
-             "profile": args.profile, "hardware": args.hardware, "device": args.device, "seed": args.seed,
-             "max_steps": args.max_steps, "attention": args.attention, "batch_size": args.batch_size,
-             "grad_accum": args.grad_accum, "train_mix": args.train_mix, "rope_method": args.rope_method,
-             "report_to": getattr(args, "report_to", None), "precision": args.precision, "lora_rank": args.lora_rank,
-             "group_size_ratio": args.group_size_ratio, "gradient_checkpointing": args.gradient_checkpointing,
-             "sequence_parallel": args.sequence_parallel, "max_hours": args.max_hours,
-             "max_gib": args.max_gib}  # fmt: skip
-    fields.update({k: v for k, v in flags.items() if v is not None})
+    flags = spec_flag_values(args)
+    llm = {k: flags.pop(k, None) for k in ("llm_base_url", "llm_model")}  # only with --llm other than none
+    fields.update(flags)
     if str(fields.get("hardware", "")).startswith("custom:"):
         fields["hardware"], fields["custom_hardware"] = "custom", _custom_hardware(fields["hardware"])
-    missing = [flag for flag, key in (("--model", "base_model"), ("--target-context", "target_context"))
-               if key not in fields]  # fmt: skip
+    missing = [flag_name(key) for key in ("base_model", "target_context") if key not in fields]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)} (or say it in --request)")
     if _llm_flagged(args):
-        fields.update(llm_base_url=args.llm, llm_model=args.llm_model)
+        fields.update(llm)
     try:
         return Spec(**fields)
     except pydantic.ValidationError as err:  # the first problem, naming its field, on one line
@@ -197,7 +150,7 @@ def _assistant(spec=None, runs_dir: str = "runs"):
 
 
 def _llm_flagged(args: argparse.Namespace) -> bool:
-    return bool(args.llm) and args.llm.strip().lower() != "none"
+    return bool(args.llm_base_url) and args.llm_base_url.strip().lower() != "none"
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -207,7 +160,7 @@ def _plan(args: argparse.Namespace) -> int:
     # --model and --target-context given: a --request that reads as a revision ("use rank 16") revises that plan;
     # one the rules cannot read is asked of the LLM when one is configured (agents.workflow.revise.read_revision)
     text, ruled = args.request, is_revision(args.request)
-    revision = text if args.model and args.target_context and (ruled or _llm_flagged(args)) else None
+    revision = text if args.base_model and args.target_context and (ruled or _llm_flagged(args)) else None
     if revision:
         args.request = None
     spec = _spec_from_args(args)
@@ -276,12 +229,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from sop.layout import SPEC_FILE
     from sop.schemas import Spec
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "spec.json").is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no spec.json)")
-    spec = Spec.model_validate_json((run_dir / "spec.json").read_text())
+    if not (run_dir / SPEC_FILE).is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a LongPilot run directory (no {SPEC_FILE})")
+    spec = Spec.model_validate_json((run_dir / SPEC_FILE).read_text())
     check_tracker(spec.report_to)
     assistant, view = _assistant(spec, str(run_dir.parent)), _view(args)
     if args.request:  # revise the waiting plan: a new run, planned (RoPE measured) and waiting, the old one rejected

@@ -28,6 +28,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from engine.planning.cost import duration  # `3 min 20 s`: the plan card's units
+
 Mode = Literal["live", "plain", "quiet"]
 PLAIN_EVERY_S = 30.0  # plain mode: a running bar's line at most this often
 FINAL_EVENTS = ("plan_approved", "plan_rejected", "run_failed", "run_passed")
@@ -36,16 +38,6 @@ FINAL_EVENTS = ("plan_approved", "plan_rejected", "run_failed", "run_passed")
 def _now() -> float:
     """The view's clock (one place, so tests can drive it)."""
     return time.monotonic()
-
-
-def duration(seconds: float) -> str:
-    """`1h02m`, `3m20s`, `45s`: short enough for a progress line."""
-    seconds = max(int(round(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 @dataclass

@@ -19,13 +19,14 @@ first (tests/agents/test_progress.py checks the import).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+
+from engine.environ import set_environ
 
 LIBRARIES = ("transformers", "peft", "accelerate", "datasets", "huggingface_hub", "torch", "deepspeed")
 QUIET_CATEGORIES = (FutureWarning, DeprecationWarning, UserWarning)
@@ -44,27 +45,20 @@ def quiet_third_party(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    saved_env = {key: os.environ.get(key) for key in QUIET_ENV}
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)  # a user's explicit setting wins
-    saved_levels = {name: logging.getLogger(name).level for name in LIBRARIES}
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    restore_bars = _switch_loaded_bars(False)
-    try:
-        with warnings.catch_warnings():
-            for category in QUIET_CATEGORIES:
-                warnings.filterwarnings("ignore", category=category, module=rf"({'|'.join(LIBRARIES)})(\.|$)")
-            yield
-    finally:
-        restore_bars()
-        for name, level in saved_levels.items():
-            logging.getLogger(name).setLevel(level)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with set_environ(QUIET_ENV, keep_existing=True):  # a user's explicit setting wins
+        saved_levels = {name: logging.getLogger(name).level for name in LIBRARIES}
+        for name in LIBRARIES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        restore_bars = _switch_loaded_bars(False)
+        try:
+            with warnings.catch_warnings():
+                for category in QUIET_CATEGORIES:
+                    warnings.filterwarnings("ignore", category=category, module=rf"({'|'.join(LIBRARIES)})(\.|$)")
+                yield
+        finally:
+            restore_bars()
+            for name, level in saved_levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 def _switch_loaded_bars(on: bool):

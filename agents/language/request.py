@@ -6,9 +6,8 @@ Rules are regexes applied in a fixed order (paths, model, device/hardware, seed,
 lengths), and each match is blanked out of the text, so a number that belongs to a model name ("SmolLM2 135M"), a
 path, hardware ("8xA100 80GB"), a seed or "sequence parallel 4" is never read as the target context.
 
-Lengths: "k" means 1024 and "m" means 1024**2, as context windows are powers of two: 16k = 16384, 32k = 32768,
-100k = 102400, 1M = 1048576. A bare number is tokens ("32768"). "from 4k" (or "4k native") is the model's current
-window, never the target; a length after "to" wins over other lengths.
+Lengths and GPU counts are read with agents.language.grammar ("16k" = 16384, "8xA100", "two GPUs"). "from 4k" (or
+"4k native") is the model's current window, never the target; a length after "to" wins over other lengths.
 """
 
 from __future__ import annotations
@@ -21,14 +20,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agents.language import grammar
 from engine.catalog import (
     BASE_MODEL_REFS,
     BUILTIN_ARCHS,
+    DEFAULT_MODEL,
     HARDWARE,
     HARDWARE_FOR_PROFILE,
     PROFILE_FOR_HARDWARE,
+    PROFILE_NAMES,
+    PROFILES,
     REFUSED_FAMILIES,
     configured_context,
+    profile_for_devices,
 )
 from sop.schemas import Spec
 
@@ -38,12 +42,13 @@ HARDWARE_NAMES = tuple(HARDWARE)
 REQUIRED = ("base_model", "target_context")
 MAX_CHARS = 10_000  # a request is a sentence or two; a pasted document belongs in the corpus
 QUESTIONS = {
-    "base_model": "Which model should I extend (e.g. smollm2-135m or a local model directory)?",
+    "base_model": f"Which model should I extend (e.g. {DEFAULT_MODEL} or a local model directory)?",
     "target_context": "How long should the context become (e.g. 16k or 32768 tokens)?",
-    "both": "Which model should I extend (e.g. smollm2-135m or a local model directory), and how long should its "
+    "both": f"Which model should I extend (e.g. {DEFAULT_MODEL} or a local model directory), and how long should its "
     "context become (e.g. 16k or 32768 tokens)?",
 }
-_HUB_ALIASES = {ref.lower(): a for a, ref in BASE_MODEL_REFS.items()} | {"huggingfacetb/smollm2-135m": "smollm2-135m"}
+# the embedded default is SmolLM2-135M: its hub id names it too
+_HUB_ALIASES = {ref.lower(): a for a, ref in BASE_MODEL_REFS.items()} | {"huggingfacetb/smollm2-135m": DEFAULT_MODEL}
 _QUOTED = re.compile(r"[\"`“”]([^\"`“”\n]+)[\"`“”]|(?<!\w)'([^'\n]+)'(?!\w)")
 _DOC_EXT = re.compile(r"\.(txt|md|markdown|rst|json|jsonl|csv|tsv|html?|pdf|py|tex|xml|ya?ml|log|parquet|gguf)$", re.I)
 _HUB_ID = re.compile(r"^[A-Za-z][\w.-]*/(?=[\w.-]*\d)(?=[\w.-]*[A-Za-z])[\w.-]+$")  # org/name-7b, never "and/or"
@@ -58,21 +63,25 @@ _OTHER = re.compile(
     r"\b(?:gpt|mistral|mixtral|qwen|gemma|phi|falcon|bloom|pythia|deepseek|olmo|smollm)(?:[\s-]?\d[\w.-]*)?\b"
 )
 _NAMED = re.compile(r"\b(?:extend|model|stretch|fine-?tune)\s+(?:the\s+|my\s+|model\s+)?([a-z][\w.-]*\d[\w.-]*)")
-_WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "four": 4, "eight": 8}
-_COUNT = r"(\d{1,3}|an?|one|single|two|four|eight)"
-_GPU = re.compile(rf"\b(?:{_COUNT}\s*(?:x\s*)?)?(?:nvidia\s+)?([ah]100)s?\b")
-_GPUS = re.compile(rf"\b{_COUNT}\s*(?:x\s*)?gpus?\b")
 _NO_GPU = re.compile(r"\b(?:no|without(?:\s+an?)?)\s+gpus?\b")
 _MEMORY = re.compile(r"\b(40|80)\s*gi?b\b")
 _SEED = re.compile(r"\bseed\s*(?:=|:|of|is)?\s*(-?\d{1,18})\b")  # bounded digits: int() and float() never overflow
 _SP = re.compile(r"\b(?:sequence[- ]parallel(?:ism)?|ulysses)\s*(?:=|:|of|degree)?\s*(\d{1,4})\b")  # "ulysses 4"
-_LENGTH = re.compile(r"(?<![\w.,])(\d{1,3}(?:,\d{3}){1,4}|\d{1,12}(?:\.\d{1,6})?)\s*([km])?(?!\w)")
-_NOT_LENGTH = re.compile(
-    r"\s*(?:x\b|gi?b\b|gpus?\b|cards?\b|nodes?\b|steps?\b|epochs?\b|layers?\b|b\b|%|native|original)"
-)
 _TO = re.compile(r"\b(?:to|into|reach(?:es)?|handle|target(?:_context)?|up to|or)\s*[=:]?\s*(?:about\s+)?$")
 _FROM = re.compile(r"\b(?:from|native(?:ly)?|currently|originally)\s+(?:context\s+)?(?:of\s+)?$")
-_PROFILE = re.compile(r"\b(smoke|standard|full(?!\s+(?:context|length|window|corpus|docs?|set)))\b")
+# A profile by its catalog name ("standard", "full profile", "--profile window"); a name that also means a length in a
+# request ("context window") counts only next to the word "profile", and "full context" is no profile. Its other
+# words ("quick" for smoke) count when no name does.
+_LENGTH_WORDS = ("window", "context", "length")
+_NOT_A_PROFILE = r"(?!\s+(?:context|length|window|corpus|docs?|set))"
+_NAMES = "|".join(map(re.escape, PROFILE_NAMES))
+_BARE = "|".join(re.escape(n) for n in PROFILE_NAMES if n not in _LENGTH_WORDS) or "(?!)"
+_PROFILE = re.compile(
+    rf"\bprofile\s*[=:]?\s*({_NAMES}){_NOT_A_PROFILE}\b|\b({_NAMES})\s+profile\b|\b({_BARE}){_NOT_A_PROFILE}\b"
+)
+_ALIASES = {word: p.name for p in PROFILES.values() for word in p.aliases}
+_PROFILE_ALIAS = re.compile(rf"\b({'|'.join(map(re.escape, _ALIASES)) or '(?!)'})\b")
+_GPU_COUNTS = {hw.n_devices for hw in HARDWARE.values() if hw.gpu}  # "N GPUs" with a hardware profile
 
 
 @dataclass(frozen=True)
@@ -184,8 +193,8 @@ def _paths(
 
 def _builtin_name(m: re.Match) -> str:
     """The catalog name a match of _SMOLLM, _LLAMA, _QWEN or _MISTRAL spells (it may not be a built-in)."""
-    if m.re is _SMOLLM:
-        return "smollm2-135m"
+    if m.re is _SMOLLM:  # SmolLM2-135M: the embedded default
+        return DEFAULT_MODEL
     if m.re is _MISTRAL:  # no version, or v0.3: mistral-7b
         size, version = m.group(1), m.group(2)
         return "mistral" + (f"-{size}b" if size else "") + ("" if version in (None, "0.3") else f"-v{version}")
@@ -230,25 +239,26 @@ def _hardware(rest: str, fields: dict, problems: list[str]) -> str:
     hardware, implied = "cpu" if cpu else None, None
     if memory := _MEMORY.search(rest):
         rest = _blank(rest, *memory.span())
-    for m in _GPU.finditer(rest):
+    for m in grammar.GPU_MODEL.finditer(rest):
         gpu, count = m.group(2).upper(), m.group(1) or ("1" if m.group(2) == "h100" else "8")
-        n = _WORD_COUNTS.get(count) or int(count)
+        n = grammar.count(count)
         name = f"{n}x{gpu}-{memory.group(1) if memory else 80}GB"
         if name not in HARDWARE_NAMES:
             problems.append(f"no hardware profile for {n}x{gpu}; known: {', '.join(HARDWARE_NAMES)}")
         hardware = name if name in HARDWARE_NAMES else hardware
         rest = _blank(rest, *m.span())
-    for m in _GPUS.finditer(rest):
-        n = _WORD_COUNTS.get(m.group(1)) or int(m.group(1))
-        if (implied := {1: "standard", 8: "full"}.get(n)) is None:
+    for m in grammar.GPU_COUNT.finditer(rest):
+        n = grammar.count(m.group(1))
+        if (implied := profile_for_devices(n) if n in _GPU_COUNTS else None) is None:
             problems.append(f"no hardware profile for {n} GPUs; known: {', '.join(HARDWARE_NAMES)}")
         rest = _blank(rest, *m.span())
-    explicit = _PROFILE.search(rest)
-    quick = re.search(r"\b(?:quick|tiny)\b", rest)
-    by_hardware = PROFILE_FOR_HARDWARE.get(hardware or "", implied)
-    profile = explicit.group(1) if explicit else "smoke" if quick else by_hardware
-    if profile or hardware:
-        fields["profile"] = profile or PROFILE_FOR_HARDWARE[hardware]
+    named, alias = _PROFILE.search(rest), _PROFILE_ALIAS.search(rest)
+    if named:
+        profile = next(name for name in named.groups() if name)
+    else:
+        profile = _ALIASES[alias.group(1)] if alias else PROFILE_FOR_HARDWARE[hardware] if hardware else implied
+    if profile:
+        fields["profile"] = profile
         fields["hardware"] = hardware or HARDWARE_FOR_PROFILE[profile]
     return rest
 
@@ -256,14 +266,13 @@ def _hardware(rest: str, fields: dict, problems: list[str]) -> str:
 def _target(rest: str, fields: dict, models: list, problems: list[str]) -> None:
     """The length after "to" is the target, one after "from" the native window; others count only when alone."""
     strong, plain = [], []
-    for m in _LENGTH.finditer(rest):
+    for m, tokens in grammar.lengths(rest):
         before = max(0, m.start() - 40)  # a bounded look back keeps a 10k-character message linear
-        if _NOT_LENGTH.match(rest, m.end()) or _FROM.search(rest, before, m.start()):
+        if _FROM.search(rest, before, m.start()):
             continue
-        tokens = round(float(m.group(1).replace(",", "")) * {"k": 1024, "m": 1024**2}.get(m.group(2) or "", 1))
         if _TO.search(rest, before, m.start()):
             strong.append(tokens)
-        elif m.group(2) or tokens >= 512 or re.match(r"\s*(?:tokens?|context|ctx)\b", rest[m.end() :]):
+        elif grammar.stands_alone(rest, m, tokens):
             plain.append(tokens)
     lengths = sorted(set(strong or plain))
     if len(lengths) > 1:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.run_files import move_aside
+from sop.layout import DATA_DIR
 from sop.schemas import Spec
 from sop.stages import StageContext, stage_action
 
@@ -20,9 +21,9 @@ def prepare(
     from engine.data.build import DataConfig, prepare_data, short_range_for
     from engine.model.loading import load_tokenizer, resolve_model
 
-    out = run_dir / "data"
+    out = run_dir / DATA_DIR
     move_aside(out)
-    shutil.rmtree(run_dir / "data.partial", ignore_errors=True)  # prepare_data's own scratch space
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # prepare_data's own scratch space
     proposer = None
     if llm is not None and spec.corpus:
         from agents.language.client import qa_proposer

@@ -10,24 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from agents.run_files import move_aside
+from engine.catalog import PROFILES
+from sop.layout import (
+    DATA_DIR,
+    EVAL_DIR,
+    EVAL_REPORT_FILE,
+    FINAL_REPORT_FILE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    TRAIN_DIR,
+    TRAIN_SUMMARY_FILE,
+)
 from sop.schemas import FinalReport, Spec
 from sop.stages import StageContext, stage_action
-
-PROVES = {
-    "smoke": (
-        "Smoke profile: proves the pipeline end to end on CPU (plan, grounded data, S2-Attn LoRA+ training, adapter "
-        "save/reload, evaluation, verified artifacts). With so few steps and items it does NOT show that the context "
-        "was extended well: quality gates need the standard profile on a GPU."
-    ),
-    "standard": "Standard profile: one-GPU LongLoRA run; the quality gate below decides whether the extension worked.",
-    "full": "Full profile: the LongLoRA 8-GPU recipe; the quality gate below decides whether the extension worked.",
-    "window": (
-        "Window profile: a LongLoRA run sized to minutes on one GPU (bench/gpu_suite.py), evaluated on perplexity by "
-        "length, the passkey depth x length grid and the native-length regression; the quality gate is shown, but "
-        "so few steps are not the standard profile's 1,000, so it does not decide the run."
-    ),
-}
-INFORMATIONAL_GATE = ("smoke", "window")  # profiles too short for the quality gate to decide the run
 
 
 def evaluate(spec: Spec, plan: dict[str, Any], run_dir: Path, emit: Callable[[dict], None]) -> Path:
@@ -36,7 +31,7 @@ def evaluate(spec: Spec, plan: dict[str, Any], run_dir: Path, emit: Callable[[di
     from engine.evaluation import evaluate as engine_evaluate
     from engine.evaluation.ruler import RULER_TASKS
 
-    out = run_dir / "eval"
+    out = run_dir / EVAL_DIR
     move_aside(out)
     ev = plan["evaluation"]
     # smoke: the base model only gets what the comparison needs (PPL by length, the short-context check) - each
@@ -49,16 +44,16 @@ def evaluate(spec: Spec, plan: dict[str, Any], run_dir: Path, emit: Callable[[di
         tasks = None if ev.get("rope_only_baseline") else ("perplexity",)
         models.append(ModelUnderTest("rope_only", spec.base_model, rope_target=spec.target_context,
                                      rope_method=plan["rope_method"], tasks=tasks))  # fmt: skip
-    models.append(ModelUnderTest("extended", str(run_dir / "train" / "adapter")))
+    models.append(ModelUnderTest("extended", str(run_dir / TRAIN_DIR / "adapter")))
     cfg = EvalConfig(
         output_dir=str(out), models=tuple(models), lengths=tuple(ev["lengths"]),
         tasks=tuple(ev.get("tasks") or task_names()),
         task_lengths={k: tuple(v) for k, v in ev["task_lengths"].items()}, depths=tuple(ev["depths"]),
         seeds=tuple(ev["seeds"]), ruler_tasks=tuple(ev["ruler_tasks"] or RULER_TASKS),
-        data_dir=str(run_dir / "data"), ppl_tokens=ev["ppl_tokens"], ppl_stride=ev["ppl_stride"],
+        data_dir=str(run_dir / DATA_DIR), ppl_tokens=ev["ppl_tokens"], ppl_stride=ev["ppl_stride"],
         native_length=ev["native_length"], target_length=spec.target_context, gates=dict(ev["gates"]),
         max_new_tokens_cap=ev["max_new_tokens_cap"], longqa_max_items=ev["longqa_max_items"],
-        longqa_max_tokens=_longqa_cap(ev["longqa_max_tokens"], run_dir / "data"),
+        longqa_max_tokens=_longqa_cap(ev["longqa_max_tokens"], run_dir / DATA_DIR),
         device=None if spec.device == "auto" else spec.device,
         progress=False,
     )  # fmt: skip
@@ -108,7 +103,7 @@ def _answer(profile: str, gate: dict | None, steps: int | None) -> str:
     """report.md's first sentence: what the run shows, said plainly (a smoke run proves the pipeline, not quality)."""
     failed = [c["name"] for c in (gate or {}).get("checks", []) if not c["passed"]]
     verdict = "PASSED" if gate and gate["passed"] else f"FAILED on {', '.join(failed)}" if gate else ""
-    if profile in INFORMATIONAL_GATE:
+    if not PROFILES[profile].gate_decides:
         quality = f" The quality gate below is informational here: {verdict}." if gate else ""
         return (f"**Answer: the pipeline works end to end; this is not a quality result.** Every stage passed its "
                 f"checks, but {steps} training step(s) and a handful of items cannot show that the context was "
@@ -135,27 +130,27 @@ def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, n
     from agents.roles.planner import attention_phrase
     from engine.evaluation.summary import comparison_markdown, gates_markdown, summary_table
 
-    report = json.loads((run_dir / "eval" / "eval_report.json").read_text())
-    summary = json.loads((run_dir / "train" / "train_summary.json").read_text())
+    report = json.loads((run_dir / EVAL_REPORT_FILE).read_text())
+    summary = json.loads((run_dir / TRAIN_SUMMARY_FILE).read_text())
     gate = report.get("gate")
-    profile = spec.profile
-    passed = gate is None or gate["passed"] or profile in INFORMATIONAL_GATE
+    profile = PROFILES[spec.profile]
+    passed = gate is None or gate["passed"] or not profile.gate_decides
     for name in report.get("plots", {}).values():  # report.md links plots next to it
-        shutil.copy(run_dir / "eval" / name, run_dir / name)
-    artifacts = {"adapter": "train/adapter", "eval_report": "eval/eval_report.json", "manifest": "manifest.json",
-                 "report": "report.md", **{k: v for k, v in report.get("plots", {}).items()}}  # fmt: skip
+        shutil.copy(run_dir / EVAL_DIR / name, run_dir / name)
+    artifacts = {"adapter": f"{TRAIN_DIR}/adapter", "eval_report": EVAL_REPORT_FILE, "manifest": MANIFEST_FILE,
+                 "report": REPORT_FILE, **{k: v for k, v in report.get("plots", {}).items()}}  # fmt: skip
     final = FinalReport(
-        run_id=run_id, status="passed" if passed else "failed", profile=profile, base_model=spec.base_model,
-        target_context=spec.target_context, quality_gate=gate, proves=PROVES[profile], figures=_figures(report),
+        run_id=run_id, status="passed" if passed else "failed", profile=profile.name, base_model=spec.base_model,
+        target_context=spec.target_context, quality_gate=gate, proves=profile.proves, figures=_figures(report),
         artifacts=artifacts, narrative_source="llm" if narrative else "deterministic",
     )  # fmt: skip
     lines = [
         f"# LongPilot run {run_id}",
         "",
         f"Extend **{spec.base_model}** from {plan['arch']['native_context']:,} to **{spec.target_context:,}** tokens "
-        f"(profile `{profile}`, hardware `{plan['hardware']['name']}`).",
+        f"(profile `{profile.name}`, hardware `{plan['hardware']['name']}`).",
         "",
-        _answer(profile, gate, summary.get("steps")),
+        _answer(profile.name, gate, summary.get("steps")),
         "",
         comparison_markdown(report),
         "",
@@ -163,7 +158,7 @@ def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, n
         *_plot_links(report.get("plots", {})),
         "## What this run proves",
         "",
-        PROVES[profile],
+        profile.proves,
         "",
         "## Training",
         "",
@@ -183,8 +178,8 @@ def write_report(spec: Spec, plan: dict[str, Any], run_dir: Path, run_id: str, n
     lines += _rope_section(plan, report)
     if narrative:
         lines += ["", "## Narrative (written by the configured LLM from the figures above)", "", narrative]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-    path = run_dir / "final_report.json"
+    (run_dir / REPORT_FILE).write_text("\n".join(lines) + "\n")
+    path = run_dir / FINAL_REPORT_FILE
     path.write_text(final.model_dump_json(indent=2) + "\n")
     return path
 
@@ -205,7 +200,7 @@ def report_stage(ctx: StageContext) -> None:
         from agents.errors import first_line
         from agents.language.client import LLMError, narrate
 
-        figures = json.loads((ctx.run_dir / "eval" / "eval_report.json").read_text())["comparison"]
+        figures = json.loads((ctx.run_dir / EVAL_REPORT_FILE).read_text())["comparison"]
         try:
             narrative = narrate(ctx.llm, figures)
         except LLMError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from engine.planning.cost import duration
 from sop.schemas import Spec
 
 ZERO_WORDS = {"none": "no DeepSpeed", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "zero3_offload": "ZeRO-3 + CPU offload"}
@@ -22,7 +23,7 @@ LEVER_WORDS = {"precision": "precision", "n_devices": "GPUs", "per_device_batch_
 
 def lever_kwargs(spec: Spec) -> dict[str, Any]:
     """The Spec's lever fields as make_plan keyword arguments (unset ones keep make_plan's defaults)."""
-    from engine.model.lora import LoraPlusConfig
+    from engine.model.lora_config import LoraPlusConfig
 
     out: dict[str, Any] = {"gradient_checkpointing": spec.gradient_checkpointing,
                            "sequence_parallel": spec.sequence_parallel}  # fmt: skip
@@ -97,16 +98,11 @@ def search_document(spec: Spec, plan: Any, **make_plan_kwargs: Any) -> tuple[lis
 
 
 def summary(alt: dict[str, Any]) -> str:
-    """`precision bf16 (was fp32): 1xH100-80GB, no DeepSpeed, 60.3 GiB of 80, 0.2 min`: what changed, what it costs."""
+    """`precision bf16 (was fp32): 1xH100-80GB, no DeepSpeed, 60.3 GiB of 80, 12 s`: what changed, what it costs."""
     changes = [f"{LEVER_WORDS[k]} {_word(new)} (was {_word(old)})" for k, (old, new) in alt["changes"].items()]
     zero = ZERO_WORDS.get(alt["deepspeed_stage"], alt["deepspeed_stage"])
     return (f"{'; '.join(changes)}: {alt['hardware']}, {zero}, {alt['memory_gib']:.1f} GiB of "
             f"{alt['memory_cap_gib']:g}, {duration(alt['wall_time_s'])}")  # fmt: skip
-
-
-def duration(seconds: float) -> str:
-    """`44.08 h`, or `0.4 min` under an hour (a smoke plan's one step)."""
-    return f"{seconds / 3600:,.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def _word(value: Any) -> str:

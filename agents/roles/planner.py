@@ -10,12 +10,11 @@ from typing import Any
 
 from agents.roles.plan_alternatives import card_lines, lever_kwargs, search_document
 from agents.roles.rope_planner import rope_card_lines
+from engine.catalog import PROFILES
+from engine.planning.cost import duration
+from sop.layout import DATA_DIR, PLAN_FILE, TRAIN_DIR
 from sop.schemas import Plan, Spec
 from sop.stages import StageContext, stage_action
-
-# Smoke runs prove the pipeline on CPU: few, cheap evaluation items (one 16k forward takes minutes there).
-SMOKE_EVAL = {"depths": [0.5], "seeds": [0], "ruler_tasks": ["niah_single_numbers"], "max_new_tokens_cap": 16}
-QUALITY_GATES = {"passkey_min": 0.95, "ppl_ratio_max": 1.05, "regression_max_points": 2.0}
 
 
 def arch_reference(base_model: str) -> str:
@@ -43,30 +42,26 @@ def _doubling_lengths(low: int, target: int) -> list[int]:
 
 
 def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any]:
-    """What the evaluator measures for a profile; smoke measures little, on purpose, and says so in the report."""
-    if profile == "smoke":
-        short = min(2048, native // 2)
-        return {
-            "lengths": [short, target], "task_lengths": {"ruler": [short]}, "native_length": short,
-            "ppl_tokens": target, "ppl_stride": short, "longqa_max_items": 2, "longqa_max_tokens": native,
-            "rope_only_baseline": False, "base_tasks": ["perplexity", "regression"], "gates": QUALITY_GATES,
-            **SMOKE_EVAL,
-        }  # fmt: skip
-    if profile == "window":  # minutes on one GPU: PPL by length, the passkey depth x length grid, native regression
-        return {
-            "lengths": sorted(set(_doubling_lengths(min(2048, native // 2), target)) | {native}),
-            "task_lengths": {"ruler": [native]}, "native_length": native, "ppl_tokens": target,
-            "ppl_stride": max(256, target // 32), "depths": [0.0, 0.25, 0.5, 0.75, 1.0], "seeds": [0],
-            "ruler_tasks": ["niah_single_numbers"], "max_new_tokens_cap": 16, "longqa_max_items": None,
-            "longqa_max_tokens": None, "rope_only_baseline": False, "base_tasks": None,
-            "tasks": ["perplexity", "passkey", "regression"], "gates": QUALITY_GATES,
-        }  # fmt: skip
+    """What the evaluator measures for a profile (engine.catalog's `Profile.evaluation`) at this native context and
+    target; smoke measures little, on purpose, and says so in the report."""
+    ev = PROFILES[profile].evaluation
+    short = min(ev.shortest, native // 2) if ev.shortest_within_native else ev.shortest
+    lengths = set(_doubling_lengths(short, target) if ev.doubling else [short, target])
+    native_length = native if ev.at_native else short
+    stride = short if ev.ppl_stride is None else max(ev.ppl_stride, target // ev.ppl_windows if ev.ppl_windows else 0)
     return {
-        "lengths": sorted(set(_doubling_lengths(2048, target)) | {native}), "task_lengths": {},
-        "native_length": native, "ppl_tokens": 2 * target, "ppl_stride": 256, "depths": [i / 10 for i in range(11)],
-        "seeds": [0, 1], "ruler_tasks": None, "max_new_tokens_cap": None, "longqa_max_items": 64,
-        "longqa_max_tokens": None, "rope_only_baseline": True, "base_tasks": None, "gates": QUALITY_GATES,
+        "lengths": sorted(lengths | {native_length}), "native_length": native_length,
+        "task_lengths": {"ruler": [{"shortest": short, "native": native}[ev.ruler_at]]} if ev.ruler_at else {},
+        "ppl_tokens": ev.ppl_tokens_per_target * target, "ppl_stride": stride, "depths": list(ev.depths),
+        "seeds": list(ev.seeds), "ruler_tasks": _listed(ev.ruler_tasks), "max_new_tokens_cap": ev.max_new_tokens_cap,
+        "longqa_max_items": ev.longqa_max_items, "longqa_max_tokens": native if ev.longqa_within_native else None,
+        "rope_only_baseline": ev.rope_only_baseline, "base_tasks": _listed(ev.base_tasks), "tasks": _listed(ev.tasks),
+        "gates": dict(ev.gates),
     }  # fmt: skip
+
+
+def _listed(names: tuple[str, ...] | None) -> list[str] | None:
+    return None if names is None else list(names)
 
 
 # Lengths at or above this hold every passkey/RULER prompt frame with any tokenizer we know; below it the planner asks
@@ -122,15 +117,13 @@ def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = 
             raise ValueError("hardware 'custom' needs n_devices, memory_gib and peak_tflops (e.g. custom:4,80,312)")
         hw = dict(spec.custom_hardware)
         hardware = custom_hardware(int(hw.pop("n_devices")), **hw)
-    from engine.catalog import PROFILES
-
     profile = PROFILES[spec.profile]
     schedule = {"per_device_batch_size": spec.batch_size, "gradient_accumulation_steps": spec.grad_accum,
                 "max_steps": spec.max_steps, "precision": spec.precision}  # n_train follows max_steps  # fmt: skip
     profile = replace(profile, **{k: v for k, v in schedule.items() if v is not None})
     plan = make_plan(
         arch_reference(spec.base_model), spec.target_context, profile, hardware,
-        output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), base_model_ref=spec.base_model,
+        output_dir=str(run_dir / TRAIN_DIR), dataset_dir=str(run_dir / DATA_DIR), base_model_ref=spec.base_model,
         attention=spec.attention, **lever_kwargs(spec),
     )  # fmt: skip
     doc = plan.to_dict()
@@ -161,7 +154,7 @@ def _rope_choice(spec: Spec, doc: dict[str, Any], measure: bool) -> dict[str, An
 
 
 def write_plan(spec: Spec, run_dir: str | Path) -> Path:
-    path = Path(run_dir) / "plan.json"
+    path = Path(run_dir) / PLAN_FILE
     path.write_text(json.dumps(make_plan_document(spec, run_dir, measure_rope=True), indent=2) + "\n")
     return path
 
@@ -195,7 +188,7 @@ def plan_card(plan: dict[str, Any]) -> str:
         f"{plan['deepspeed_stage']}{sequence_parallel_phrase(plan)}",
         f"  predicted {mem['total_gib']:.1f} GiB per device of {plan['hardware']['memory_gib']:g} "
         f"({'fits' if plan['fits'] else 'DOES NOT FIT'}), {plan['tokens_per_s']:,.0f} tokens/s, "
-        f"{plan['wall_time_s'] / 60:.1f} min",
+        f"{duration(plan['wall_time_s'])}",
         *rope_card_lines(plan),
         f"  launch: {plan['launch_command']}",
         *card_lines(plan),  # S2 vs full side by side; the search's plans when this one does not fit

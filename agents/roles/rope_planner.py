@@ -21,9 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from engine.catalog import DEFAULT_ROPE_METHOD, FEW_STEPS_ROPE_METHOD, FIXED_POSITION_ROPE_METHODS
+
 PI_RECOVERY_STEPS = 200  # below this many optimizer steps, a training-free method is preferred
 SHORT_TOLERANCE = 0.05  # a candidate may cost at most 5% PPL at the short length (the quality gate's ppl ratio)
-TRAINED_METHODS = ("linear", "yarn")  # methods with fixed positions that training adapts to
+TRAINED_METHODS = FIXED_POSITION_ROPE_METHODS  # methods with fixed positions that training adapts to
 
 
 def _ppl(score: dict[str, Any], length: int) -> float | None:
@@ -67,7 +69,7 @@ def scoring_plan(steps: int) -> dict[str, Any]:
 
 def prior_method(steps: int) -> str:
     """The rule without measurements: a training-free method for a handful of steps, LongLoRA's PI otherwise."""
-    return "yarn" if steps < PI_RECOVERY_STEPS else "linear"
+    return FEW_STEPS_ROPE_METHOD if steps < PI_RECOVERY_STEPS else DEFAULT_ROPE_METHOD
 
 
 def choose_rope(steps: int, user_method: str | None = None, scores: dict[str, Any] | None = None,
@@ -81,8 +83,8 @@ def choose_rope(steps: int, user_method: str | None = None, scores: dict[str, An
         method, why = _measured_choice(scores, steps)
         return {"method": method, "by": "measured", "reason": why, "rule": rule, "scores": scores}
     method = prior_method(steps)
-    why = (f"not measured ({not_measured or 'planning only'}); the rule's prior for {steps} step(s): "
-           + ("a training-free method" if method == "yarn" else "LongLoRA's Position Interpolation"))  # fmt: skip
+    kind = "a training-free method" if steps < PI_RECOVERY_STEPS else "LongLoRA's Position Interpolation"
+    why = f"not measured ({not_measured or 'planning only'}); the rule's prior for {steps} step(s): {kind}"
     return {"method": method, "by": "prior", "reason": why, "rule": rule, "scores": None}
 
 

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.run_files import move_aside, read_complete_jsonl
+from agents.run_files import move_aside
+from engine.files import read_jsonl
+from sop.layout import DATA_DIR, TRAIN_DIR
 from sop.schemas import Spec
 from sop.stages import StageContext, stage_action
 
@@ -27,7 +29,7 @@ def train_config_for(plan: dict[str, Any], run_dir: Path, overrides: dict[str, A
     from engine.training.train import TrainConfig
 
     config = dict(plan["train_config"])
-    config.update(output_dir=str(run_dir / "train"), dataset_dir=str(run_dir / "data"), quiet=True,
+    config.update(output_dir=str(run_dir / TRAIN_DIR), dataset_dir=str(run_dir / DATA_DIR), quiet=True,
                   report_to=report_to, run_name=run_dir.name)  # fmt: skip
     if overrides.get("learning_rate") is not None:
         config["learning_rate"] = overrides["learning_rate"]
@@ -46,10 +48,10 @@ def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Ev
     Steps already in the file when a resumed run starts were reported before the kill; the engine recomputes the
     ones after its checkpoint with identical losses (tested), so only steps beyond the last reported one are sent.
     """
-    reported = max((row.get("step", 0) for row in read_complete_jsonl(path)), default=0)
+    reported = max((row.get("step", 0) for row in read_jsonl(path)), default=0)
     while True:
         stopping = stop.wait(1.0)
-        for row in read_complete_jsonl(path):
+        for row in read_jsonl(path):
             if row.get("step", 0) > reported:
                 emit({"event": "train_step", **row})
                 reported = row["step"]
@@ -63,7 +65,7 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     from engine.training.train import train as engine_train
 
     cfg = train_config_for(plan, run_dir, overrides, spec.report_to)
-    out = run_dir / "train"
+    out = run_dir / TRAIN_DIR
     _move_aside_if_other_run(out, cfg.config_hash())
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # what the launch line runs

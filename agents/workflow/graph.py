@@ -25,12 +25,13 @@ from langgraph.types import interrupt
 
 from agents.errors import described
 from agents.roles import data_engineer, evaluator, planner, trainer  # noqa: F401  (importing registers their stages)
-from agents.run_files import read_complete_jsonl
 from agents.workflow.run_lock import driving
 from engine.checks import CheckResult
+from engine.files import first_free, read_jsonl, write_atomic
 from sop.checks import RETRY_CHANGES, CheckContext, run_check
+from sop.layout import PLAN_FILE, SPEC_FILE
 from sop.loader import Sop, StageSpec
-from sop.manifest import Manifest, TamperedArtifactError, iso_now, write_text_atomic
+from sop.manifest import Manifest, TamperedArtifactError, iso_now
 from sop.schemas import SCHEMAS
 from sop.stages import STAGE_ACTIONS, StageContext
 
@@ -68,7 +69,7 @@ def emit(run_dir: Path, event: dict[str, Any]) -> None:
 
 def read_events(run_dir: Path) -> list[dict]:
     """Every complete event in progress.jsonl (a line still being written by another process is left out)."""
-    return read_complete_jsonl(run_dir / PROGRESS_FILE)
+    return read_jsonl(run_dir / PROGRESS_FILE)
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def read_run_file(run_dir: Path) -> dict[str, Any]:
 def write_run_file(run_dir: Path, **fields: Any) -> None:
     data = read_run_file(run_dir)
     data.update(fields, updated=iso_now())
-    write_text_atomic(run_dir / RUN_FILE, json.dumps(data, indent=2) + "\n")
+    write_atomic(run_dir / RUN_FILE, json.dumps(data, indent=2) + "\n")
 
 
 def claim_decision(run_dir: Path, decision: str) -> None:
@@ -127,8 +128,8 @@ class Roles:
 
 def _verify_artifacts(stage: StageSpec, run_dir: Path, manifest: Manifest, error: str | None) -> list[dict]:
     """Schema-validate each produced document, run its checks, record it in the manifest; returns all results."""
-    spec = json.loads((run_dir / "spec.json").read_text())
-    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else None
+    spec = json.loads((run_dir / SPEC_FILE).read_text())
+    plan = json.loads((run_dir / PLAN_FILE).read_text()) if (run_dir / PLAN_FILE).is_file() else None
     results: list[dict] = []
     for art in stage.produces:
         doc_path = run_dir / art.document_path
@@ -160,9 +161,9 @@ def _stage_verified(manifest: Manifest, stage: StageSpec) -> bool:
 
 def _apply_retry_change(stage: StageSpec, run_dir: Path, overrides: dict[str, Any]) -> str:
     """Change the stage's settings for its next attempt (sop: `retry.change`), from the planned values; its text."""
-    overrides.setdefault("planned_seed", json.loads((run_dir / "spec.json").read_text())["seed"])
-    if (run_dir / "plan.json").is_file():
-        plan = json.loads((run_dir / "plan.json").read_text())
+    overrides.setdefault("planned_seed", json.loads((run_dir / SPEC_FILE).read_text())["seed"])
+    if (run_dir / PLAN_FILE).is_file():
+        plan = json.loads((run_dir / PLAN_FILE).read_text())
         overrides.setdefault("planned_learning_rate", plan["train_config"]["learning_rate"])
     return RETRY_CHANGES[stage.retry.change](overrides) if stage.retry.change else "same settings"
 
@@ -254,7 +255,7 @@ def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
             emit(run_dir, {"event": "plan_approved", "by": "--yes"})
             return {}
         write_run_file(run_dir, status="awaiting_approval", stage="plan")
-        plan = json.loads((run_dir / "plan.json").read_text())
+        plan = json.loads((run_dir / PLAN_FILE).read_text())
         decision = interrupt({"question": "Approve this plan?", "plan_card": planner.plan_card(plan)})
         if isinstance(decision, dict) and decision.get("approved"):
             emit(run_dir, {"event": "plan_approved", "by": decision.get("by", "user")})
@@ -309,12 +310,10 @@ def set_aside_damaged_checkpoints(run_dir: Path) -> str | None:
     if reason is None:
         return None
     with driving(run_dir):
-        n = 1
-        while path.with_name(f"{CHECKPOINT_DB}.damaged-{n}").exists():
-            n += 1
+        aside = first_free(path, ".damaged-")
         for suffix in ("", "-wal", "-shm", "-journal"):
             if (side := path.with_name(CHECKPOINT_DB + suffix)).exists():
-                side.rename(path.with_name(f"{CHECKPOINT_DB}.damaged-{n}{suffix}"))
+                side.rename(aside.with_name(aside.name + suffix))
     return reason
 
 

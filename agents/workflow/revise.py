@@ -10,7 +10,7 @@ Rules (each match is blanked so one number is read once):
     rank N / r=N                      -> lora_rank
     only N GPUs / on N GPUs / N GPUs  -> the same GPU, N of it (8xA100-80GB -> 2xA100-80GB; custom: n_devices)
     finish in N hours / within N h    -> max_hours (the planner's budget search)
-    NNk / NN,NNN tokens (what if, to) -> target_context
+    NNk / NN,NNN tokens (what if, to) -> target_context (agents.language.grammar, as a request reads it)
     full attention / s2(-attn)        -> attention
     bf16 / fp32                       -> precision
     yarn / linear / dynamic (ntk)     -> rope_method
@@ -25,17 +25,20 @@ from typing import Any
 
 import pydantic
 
-from agents.roles.plan_alternatives import duration
+from agents.language import grammar
+from engine.catalog import PROFILES, ROPE_METHOD_ALIASES, ROPE_METHODS
+from engine.planning.cost import duration
+from sop.layout import PLAN_FILE, SPEC_FILE
 from sop.schemas import Spec
 
 _RANK = re.compile(r"\b(?:lora\s+)?(?:rank|r)\s*(?:=|of|to)?\s*(\d{1,4})\b")
-_GPUS = re.compile(r"\b(?:only|just|on|use|with)?\s*(\d{1,4})\s*(?:x\s*)?(?:gpus?|devices?|cards?)\b")
+_GPUS = re.compile(rf"\b(?:(?:only|just|on|use|with)\s*)?{grammar.GPUS}")  # "only 2 GPUs", "on two cards"
 _HOURS = re.compile(r"\b(?:finish|done|complete|within|under|in|budget(?:\s+of)?)\s+(?:in\s+)?(\d{1,5}(?:\.\d+)?)\s*"
                     r"(?:h|hrs?|hours?)\b")  # fmt: skip
-_LENGTH = re.compile(r"\b(\d{1,4}(?:\.\d+)?)\s*([km])\b|\b(\d{1,3}(?:,\d{3})+|\d{4,8})\s*(?:tokens?)?\b")
 _ATTENTION = re.compile(r"\b(?:with\s+)?(full|dense|s2)(?:[\s-]*attn|[\s-]*attention)\b|\bs2-attn\b")
 _PRECISION = re.compile(r"\b(bf16|bfloat16|fp32|float32)\b")
-_ROPE = re.compile(r"\b(yarn|linear|dynamic)(?:\s+ntk)?(?:\s+(?:rope|interpolation|scaling))?\b|\bntk\b")
+_ROPE = re.compile(rf"\b({'|'.join(ROPE_METHODS)})(?:\s+ntk)?(?:\s+(?:rope|interpolation|scaling))?\b"
+                   rf"|\b({'|'.join(ROPE_METHOD_ALIASES)})\b")
 _STEPS = re.compile(r"\b(\d{1,6})\s*(?:optimi[sz]er\s+)?steps?\b")
 
 
@@ -89,7 +92,7 @@ def parse_revision(text: str, spec: Spec) -> Revision:
     take(_HOURS, "max_hours", lambda m: float(m.group(1)))
     take(_RANK, "lora_rank", lambda m: int(m.group(1)))
     if m := _GPUS.search(rest):
-        update, problem = _devices(spec, int(m.group(1)))
+        update, problem = _devices(spec, grammar.count(m.group(1)))
         problems += [problem] if problem else []
         for key, value in update.items():
             fields[key], said[key] = value, text[m.start() : m.end()].strip()
@@ -97,9 +100,11 @@ def parse_revision(text: str, spec: Spec) -> Revision:
     take(_STEPS, "max_steps", lambda m: int(m.group(1)))
     take(_PRECISION, "precision", lambda m: "bf16" if m.group(1).startswith("b") else "fp32")
     take(_ATTENTION, "attention", lambda m: "full" if (m.group(1) or "s2") in ("full", "dense") else "s2")
-    take(_ROPE, "rope_method", lambda m: m.group(1) or "dynamic")
-    take(_LENGTH, "target_context", lambda m: round(float(m.group(1)) * {"k": 1024, "m": 1024**2}[m.group(2)])
-         if m.group(1) else int(m.group(3).replace(",", "")))  # fmt: skip
+    take(_ROPE, "rope_method", lambda m: m.group(1) or ROPE_METHOD_ALIASES[m.group(2)])
+    if found := next(((m, n) for m, n in grammar.lengths(rest) if grammar.stands_alone(rest, m, n)), None):
+        m, tokens = found
+        end = (grammar.TOKENS_AFTER.match(rest, m.end()) or m).end()  # "100,000 tokens" is what was asked
+        fields["target_context"], said["target_context"] = tokens, text[m.start() : end].strip()
     return Revision(fields, said, problems)
 
 
@@ -127,7 +132,8 @@ def revised_spec(spec: Spec, revision: Revision) -> Spec:
     """
     data = {**spec.model_dump(), **revision.fields, "request_text": spec.request_text}
     if "hardware" in revision.fields or "custom_hardware" in revision.fields:
-        data["profile"] = None if spec.profile != "smoke" else spec.profile  # the hardware's profile (Spec)
+        # the new hardware's own profile (Spec), unless the profile stays (smoke: a pipeline proof runs anywhere)
+        data["profile"] = None if PROFILES[spec.profile].follows_hardware else spec.profile
     try:
         return Spec.model_validate(data)
     except pydantic.ValidationError as err:
@@ -245,15 +251,15 @@ def revise_run(assistant, run_dir, text: str, *, approve: bool | None = None, on
     run_dir = Path(run_dir)
     if read_run_file(run_dir).get("status") != "awaiting_approval":
         raise ValueError(f"run {run_dir.name!r} is not waiting for approval: only a plan not yet approved is revised")
-    spec = Spec.model_validate_json((run_dir / "spec.json").read_text())
-    old = json.loads((run_dir / "plan.json").read_text())
+    spec = Spec.model_validate_json((run_dir / SPEC_FILE).read_text())
+    old = json.loads((run_dir / PLAN_FILE).read_text())
     if revision is None:
         revision = _read_or_refuse(text, spec, assistant.llm)
     elif revision.problems or not revision.fields:
         raise ValueError("; ".join(revision.problems) or f"I could not read a change in {text!r}")
     new_spec = revised_spec(spec, revision)
     result = assistant.run(new_spec, run_dir=run_dir.parent / new_run_id(new_spec), approve=None)
-    changes = plan_changes(old, json.loads((result.run_dir / "plan.json").read_text()), revision, spec)
+    changes = plan_changes(old, json.loads((result.run_dir / PLAN_FILE).read_text()), revision, spec)
     if result.status == "awaiting_approval":
         try:  # the old plan may have been approved (or rejected) while this one was planned: then it stands
             claim_decision(run_dir, "rejecting")

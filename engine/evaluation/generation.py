@@ -7,7 +7,7 @@ Generation goes through a small `Generator` protocol so tasks can be scored agai
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.catalog import DEFAULT_ROPE_METHOD
 from engine.model.loading import default_device, default_dtype, load_model
 from engine.model.lora import load_adapter
 from engine.model.rope import RopeMethod, apply_rope_extension, current_context, original_context
@@ -32,7 +33,7 @@ class ModelUnderTest:
     name: str
     ref: str  # alias (smollm2-135m), model directory, merged model directory or LoRA+ adapter directory
     rope_target: int | None = None  # interpolate RoPE to this context without training (the "RoPE only" baseline)
-    rope_method: RopeMethod = "linear"
+    rope_method: RopeMethod = DEFAULT_ROPE_METHOD
     base_ref: str | None = None  # adapter only: overrides the base recorded in the adapter directory
     allow_beyond_context: bool = False  # score lengths past the configured context (e.g. the base at 16k)
     tasks: tuple[str, ...] | None = None  # a subset of the evaluation's tasks for this model (None: all)
@@ -52,14 +53,24 @@ class Generator(Protocol):
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]: ...
 
 
-def generate_in_batches(
-    generator: Generator, prompts: list[list[int]], max_new_tokens: int
-) -> Iterator[tuple[int, str]]:
-    """Yield (prompt index, continuation) batch by batch, so callers can log and show progress as items finish."""
+def generate_and_score(
+    generator: Generator,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    score: Callable[[int, str], dict],
+    on_item: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """The loop every generation task shares: greedy continuations batch by batch (the generator's `batch_size`),
+    each turned into its log line by `score(prompt index, continuation)` and passed to `on_item` as soon as its batch
+    finishes (progress). Returns the logs in prompt order."""
     step = max(int(getattr(generator, "batch_size", 1)), 1)
+    logs = []
     for start in range(0, len(prompts), step):
         for offset, text in enumerate(generator.generate(prompts[start : start + step], max_new_tokens)):
-            yield start + offset, text
+            logs.append(score(start + offset, text))
+            if on_item is not None:
+                on_item(logs[-1])
+    return logs
 
 
 @dataclass

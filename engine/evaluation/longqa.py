@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.data.corpus import CorpusStats, Document, read_corpus
-from engine.evaluation.generation import Generator, generate_in_batches
+from engine.evaluation.generation import Generator, generate_and_score
 from engine.evaluation.metrics import exact_match, token_f1
 from engine.model.loss import IGNORE_INDEX
 
@@ -49,20 +49,17 @@ def run_longqa(
     generator: Generator, rows: list[dict], on_item: Callable[[dict], None] | None = None, max_new_tokens: int = 64
 ) -> list[dict]:
     """Greedy answers scored by exact match and token F1 against the reference."""
-    logs = []
     prompts = [qa_prompt(r) for r in rows]
-    for index, text in generate_in_batches(generator, prompts, max_new_tokens):
-        row = rows[index]
-        answer = text.strip().split("\n")[0]
-        log = {
+
+    def score(index: int, text: str) -> dict:
+        row, answer = rows[index], text.strip().split("\n")[0]
+        return {
             "task": "longqa", "kind": row["kind"], "qa_task": row["task"], "length": len(prompts[index]),
             "question": row["question"][:200], "reference": row["answer"], "output": answer[:200],
             "exact_match": exact_match(answer, row["answer"]), "f1": token_f1(answer, row["answer"]),
         }  # fmt: skip
-        logs.append(log)
-        if on_item is not None:
-            on_item(log)
-    return logs
+
+    return generate_and_score(generator, prompts, max_new_tokens, score, on_item)
 
 
 def heldout_token_stream(tokenizer, *, data_dir: str | Path | None, files: tuple[str, ...] | None, max_tokens: int):

@@ -18,7 +18,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.evaluation.generation import Generator, generate_in_batches
+from engine.evaluation.generation import Generator, generate_and_score
 from engine.evaluation.metrics import first_integer
 
 TASK_DESCRIPTION = (
@@ -83,18 +83,15 @@ def run_passkey(
 ) -> list[dict]:
     """Score each item. Items come grouped by length, and every prompt of one length has the same token count, so
     batches need no padding."""
-    logs = []
-    for item, text in generate_in_batches(generator, [it.prompt_ids for it in items], MAX_NEW_TOKENS):
-        item = items[item]
-        found = first_integer(text)
-        log = {
+
+    def score(index: int, text: str) -> dict:
+        item, found = items[index], first_integer(text)
+        return {
             "task": "passkey", "length": item.length, "depth": item.depth, "seed": item.seed, "key": item.key,
             "found": found, "score": float(found == item.key), "output": text[:80],
         }  # fmt: skip
-        logs.append(log)
-        if on_item is not None:
-            on_item(log)
-    return logs
+
+    return generate_and_score(generator, [it.prompt_ids for it in items], MAX_NEW_TOKENS, score, on_item)
 
 
 def accuracy_matrix(logs: list[dict], depths: Sequence[float], lengths: Sequence[int]) -> list[list[float | None]]:

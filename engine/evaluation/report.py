@@ -1,10 +1,11 @@
 """Evaluate one or more models (base, RoPE-only, adapter, merged) and write `eval_report.json`, plots and a gate.
 
+    from engine.catalog import QUALITY_GATES  # the run profiles' quality gate
     from engine.evaluation import EvalConfig, ModelUnderTest, evaluate
     evaluate(EvalConfig(output_dir="runs/x/eval", data_dir="runs/x/data", lengths=(2048, 4096, 8192, 16384),
                         models=(ModelUnderTest("base", "smollm2-135m", allow_beyond_context=True),
                                 ModelUnderTest("extended", "runs/x/train/adapter")),
-                        gates={"passkey_min": 0.95, "ppl_ratio_max": 1.05, "regression_max_points": 2}))
+                        gates=dict(QUALITY_GATES)))
 
 The report is rewritten after every task with `status: running`; it says `complete` only once every task of every
 model has run, and `incomplete` (with the error) when anything stopped it, so partial figures are never mistaken for

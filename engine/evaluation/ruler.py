@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.evaluation.generation import Generator, generate_in_batches
+from engine.evaluation.generation import Generator, generate_and_score
 from engine.evaluation.metrics import string_match_all
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -207,13 +207,14 @@ def run_ruler(
     logs = []
     for budget in sorted({it.max_new_tokens for it in items}):
         group = [it for it in items if it.max_new_tokens == budget]
-        for index, text in generate_in_batches(generator, [it.prompt_ids for it in group], budget):
-            item = group[index]
-            log = {
-                "task": item.task, "length": item.length, "seed": item.seed, "references": item.references,
-                "score": string_match_all(text, item.references), "output": text[:200],
-            }  # fmt: skip
-            logs.append(log)
-            if on_item is not None:
-                on_item(log)
+        prompts, score = [it.prompt_ids for it in group], functools.partial(_score, group)
+        logs += generate_and_score(generator, prompts, budget, score, on_item)
     return logs
+
+
+def _score(group: list[RulerItem], index: int, text: str) -> dict:
+    item = group[index]
+    return {
+        "task": item.task, "length": item.length, "seed": item.seed, "references": item.references,
+        "score": string_match_all(text, item.references), "output": text[:200],
+    }  # fmt: skip

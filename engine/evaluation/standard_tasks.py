@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from engine.catalog import LONGLORA
 from engine.evaluation.generation import LoadedModel
 from engine.evaluation.longqa import heldout_token_stream, load_eval_split, longqa_rows, run_longqa
 from engine.evaluation.metrics import rate
@@ -32,7 +33,8 @@ def _by_length(logs: list[dict], lengths: list[int], key: str = "score") -> dict
 def _eval_perplexity(run, model: LoadedModel, lengths: list[int]) -> dict:
     """PPL at `lengths`, every length scored on the same held-out tokens (the native-length regression included)."""
     cfg = run.cfg
-    n_tokens = cfg.ppl_tokens or 2 * max([*cfg.lengths_for("perplexity"), *lengths])
+    longest = max([*cfg.lengths_for("perplexity"), *lengths])
+    n_tokens = cfg.ppl_tokens or LONGLORA.evaluation.ppl_tokens_per_target * longest  # LongLoRA's evaluation
     stream = heldout_token_stream(model.tokenizer, data_dir=cfg.data_dir, files=cfg.ppl_files, max_tokens=n_tokens)
     if len(stream) < max(lengths):
         raise ValueError(f"held-out text has {len(stream)} tokens, fewer than the longest length {max(lengths)}")

@@ -15,6 +15,7 @@ import torch
 from transformers import PretrainedConfig
 
 from engine.catalog import (
+    DEFAULT_ROPE_METHOD,
     ROPE_METHODS,
     active_sliding_window,
     configured_context,
@@ -58,7 +59,9 @@ def current_context(config: PretrainedConfig) -> int:
     return configured_context(config.max_position_embeddings, config.rope_parameters)
 
 
-def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMethod = "linear") -> RopeExtension:
+def extend_rope(
+    config: PretrainedConfig, target_context: int, method: RopeMethod = DEFAULT_ROPE_METHOD
+) -> RopeExtension:
     """Extend `config` in place from its current context C to `target_context` T.
 
     The new factor is composed with any existing one (an already 2x model extended 2x again becomes 4x), and merged
@@ -107,14 +110,18 @@ def extend_rope(config: PretrainedConfig, target_context: int, method: RopeMetho
     return RopeExtension(method, from_context, int(target_context), float(factor), original)
 
 
-def extended_config(config: PretrainedConfig, target_context: int, method: RopeMethod = "linear") -> PretrainedConfig:
+def extended_config(
+    config: PretrainedConfig, target_context: int, method: RopeMethod = DEFAULT_ROPE_METHOD
+) -> PretrainedConfig:
     """A deep copy of `config` extended by `extend_rope`; the input is left untouched."""
     new = copy.deepcopy(config)
     extend_rope(new, target_context, method)
     return new
 
 
-def apply_rope_extension(model: torch.nn.Module, target_context: int, method: RopeMethod = "linear") -> RopeExtension:
+def apply_rope_extension(
+    model: torch.nn.Module, target_context: int, method: RopeMethod = DEFAULT_ROPE_METHOD
+) -> RopeExtension:
     """Extend a loaded model: update `model.config` with `extend_rope`, then rebuild its rotary-embedding modules.
 
     Rotary modules compute `inv_freq` once from the config at construction, so a config change alone would not reach
@@ -122,11 +129,17 @@ def apply_rope_extension(model: torch.nn.Module, target_context: int, method: Ro
     the extended config would have built.
     """
     extension = extend_rope(model.config, target_context, method)
+    rebuild_rotary(model)
+    return extension
+
+
+def rebuild_rotary(model: torch.nn.Module) -> None:
+    """Rebuild every rotary-embedding module from `model.config` (same class, same device): after a RoPE config
+    change here, and after engine.planning.rope_choice puts the original config back."""
     for parent, name in rotary_slots(model):
         child = getattr(parent, name)
         device = child.inv_freq.device if hasattr(child, "inv_freq") else None
         setattr(parent, name, type(child)(config=model.config).to(device))
-    return extension
 
 
 def rotary_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:

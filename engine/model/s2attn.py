@@ -40,19 +40,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from engine.model.head_shards import global_head_offset
+from engine.model.s2_groups import DEFAULT_GROUP_SIZE_RATIO, group_size
 
 S2_ATTENTION = "s2_attention"
-DEFAULT_GROUP_SIZE_RATIO = 0.25
 # Largest (N, 1, C, K) mask one block of `_blockwise_causal_sdpa` may build: 16 Mi entries, i.e. 16 MiB as bool and
 # 64 MiB once SDPA turns it into a float32 bias, whatever the sequence length (a dense 32k mask is 1 GiB per row).
 MAX_MASK_ELEMENTS = 2**24
-
-
-def group_size(seq_len: int, ratio: float) -> int:
-    """Group size G = floor(L * r); below 2 S2-Attn degenerates to full attention."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"s2_group_size_ratio must be in (0, 1], got {ratio!r}")
-    return int(seq_len * ratio)
 
 
 def training_group_size(config: Any, seq_len: int) -> int | None:

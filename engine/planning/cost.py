@@ -77,3 +77,21 @@ def step_costs(
         out[mode] = {"flops_per_token": fpt, "tokens_per_s": rate_s, "wall_time_s": round(wall, 1),
                      "wall_time_h": round(wall / 3600, 2)}  # fmt: skip
     return out
+
+
+# (unit, its name, the next smaller unit, its name): a duration is said in its largest unit and the next one down
+_DURATION_UNITS = ((86_400, "d", 3_600, "h"), (3_600, "h", 60, "min"), (60, "min", 1, "s"))
+
+
+def duration(seconds: float) -> str:
+    """A time in human units, the largest one first and the next one down: `45 s`, `3 min 20 s`, `12 min`,
+    `3 h 20 min`, `18 d 4 h` (the plan card's predicted times and the CLI's progress lines and ETAs)."""
+    whole = max(round(seconds), 0)
+    for unit, name, smaller, smaller_name in _DURATION_UNITS:
+        if whole >= unit:
+            rounded = round(whole / smaller) * smaller
+            if rounded != whole:  # rounding may carry into a larger unit (23 h 59 min 40 s -> 1 d)
+                return duration(rounded)
+            big, rest = divmod(whole, unit)
+            return f"{big} {name}" + (f" {rest // smaller} {smaller_name}" if rest else "")
+    return f"{whole} s"

@@ -8,8 +8,8 @@ engine.planning.plan re-exports every name, so `from engine.planning.plan import
 from __future__ import annotations
 
 from engine.catalog import ArchConfig
-from engine.model.lora import LoraPlusConfig, TrainableCounts
-from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
+from engine.model.lora_config import LoraPlusConfig, TrainableCounts
+from engine.model.s2_groups import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.planning.cost import train_flops
 
 

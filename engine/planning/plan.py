@@ -21,6 +21,8 @@ from engine.catalog import (
     ATTENTION_MODES,
     BASE_MODEL_REFS,
     BUILTIN_ARCHS,
+    DEFAULT_MODEL,
+    DEFAULT_ROPE_METHOD,
     HARDWARE,
     PROFILES,
     ROPE_METHODS,
@@ -32,8 +34,8 @@ from engine.catalog import (
     resolve_hardware,
 )
 from engine.checks import CheckResult
-from engine.model.lora import LoraPlusConfig, TrainableCounts
-from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
+from engine.model.lora_config import LoraPlusConfig, TrainableCounts
+from engine.model.s2_groups import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.planning.checks import plan_document_checks
 from engine.planning.cost import offload_seconds_per_step, step_costs
 from engine.planning.params import (  # noqa: F401  (re-exported: counting's one home)
@@ -200,6 +202,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["profile"] = self.profile.settings()  # the optimisation settings; the planner writes the evaluation
         out["trainable"]["trainable"] = self.trainable.trainable
         out["wall_time_h"] = round(self.wall_time_s / 3600, 2)
         return json.loads(json.dumps(out))  # tuples -> lists, as the JSON file will hold
@@ -212,7 +215,7 @@ def make_plan(
     hardware: HardwareProfile | str = "1xH100-80GB",
     *,
     lora: LoraPlusConfig = LoraPlusConfig(),
-    rope_method: str = "linear",
+    rope_method: str = DEFAULT_ROPE_METHOD,
     group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
     attention: str = "s2",
     output_dir: str | None = None,
@@ -317,7 +320,7 @@ def plan_checks(plan: Plan) -> list[CheckResult]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.planning.plan",
                                      description="Print a LongLoRA plan as JSON.")
-    parser.add_argument("--arch", default="smollm2-135m", help=f"{', '.join(BUILTIN_ARCHS)}, or a config.json")
+    parser.add_argument("--arch", default=DEFAULT_MODEL, help=f"{', '.join(BUILTIN_ARCHS)}, or a config.json")
     parser.add_argument("--target", type=int, required=True, help="target context in tokens")
     parser.add_argument("--profile", default="standard", choices=list(PROFILES))
     parser.add_argument("--hardware", default="1xH100-80GB", choices=list(HARDWARE))

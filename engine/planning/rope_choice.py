@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 
+from engine.catalog import ROPE_METHODS
 from engine.evaluation.perplexity import sliding_window_perplexity
-from engine.model.rope import apply_rope_extension, current_context
+from engine.files import write_atomic
+from engine.model.rope import apply_rope_extension, current_context, rebuild_rotary
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,8 @@ class RopeCandidate:
         return f"{self.method}({extra})" if extra else self.method
 
 
-DEFAULT_CANDIDATES: tuple[RopeCandidate, ...] = (
-    RopeCandidate("linear"),  # Position Interpolation (Chen et al., 2023): LongLoRA's choice, needs training
-    RopeCandidate("yarn"),  # YaRN (Peng et al., 2023): transformers' defaults beta_fast=32, beta_slow=1
-    RopeCandidate("dynamic"),  # dynamic NTK: rescales only past the original context, training-free by design
-)
+# Every method in engine.catalog.ROPE_METHODS (its comment says what each is), with transformers' default parameters.
+DEFAULT_CANDIDATES: tuple[RopeCandidate, ...] = tuple(RopeCandidate(method) for method in ROPE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ def score_rope_candidates(
             _restore(model, saved, max_positions)
     finally:
         _restore(model, saved, max_positions)
-        _rebuild_rotary(model)
+        rebuild_rotary(model)  # rotary modules from the restored config: the model leaves as it came
     return RopeScores(target, short, len(tokens), len(head), str(next(model.parameters()).device), base,
                       tuple(scores), round(time.perf_counter() - start, 2))  # fmt: skip
 
@@ -212,14 +211,6 @@ def _score_one(model, cand: RopeCandidate, tokens: list[int], head: list[int], t
     else:
         ppl[target] = _ppl(model, tokens, target, target)
     return CandidateScore(cand.method, dict(cand.params), ppl, round(time.perf_counter() - t0, 2), notes)
-
-
-def _rebuild_rotary(model: torch.nn.Module) -> None:
-    """Rotary modules built from the (restored) config, so the model leaves as it came."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__.endswith("RotaryEmbedding"):
-                setattr(parent, name, type(child)(config=model.config).to(child.inv_freq.device))
 
 
 SCORING_VERSION = 1  # part of the cache key: bump when what a score means changes
@@ -278,9 +269,7 @@ def score_model(
     del model
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(scores.to_dict()))
-        tmp.replace(path)  # atomic: a concurrent planner reads a whole entry or none
+        write_atomic(path, json.dumps(scores.to_dict()))  # a concurrent planner reads a whole entry or none
     return scores
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerState
 
+from engine.files import first_free, write_atomic
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "longpilot_complete"
@@ -25,25 +27,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def checkpoint_step(path: Path) -> int:
     try:
         return int(path.name.split("-", 1)[1])
     except (IndexError, ValueError):
         return -1
-
-
-def _free_name(path: Path) -> Path:
-    """`path`, or `path.N` with the first N free (a second kill at the same step leaves a second partial save)."""
-    n = 1
-    while path.exists():
-        path, n = path.with_name(f"{path.name.split('.', 1)[0]}.{n}"), n + 1
-    return path
 
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -55,7 +43,8 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     for partial in (p for p in found if p not in complete):
         if is_main_process():
             log.warning("moving incomplete checkpoint %s aside", partial)
-            partial.rename(_free_name(partial.with_name(partial.name.replace("checkpoint-", "incomplete-"))))
+            aside = partial.with_name(partial.name.replace("checkpoint-", "incomplete-"))
+            partial.rename(first_free(aside, ".") if aside.exists() else aside)  # a second kill at the same step
     return complete[-1] if complete else None
 
 
@@ -71,10 +60,6 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):  # a line the kill cut short
             continue
     write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def restore_finished(trainer: Trainer, checkpoint: Path, *, load_weights: bool) -> None:

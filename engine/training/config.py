@@ -11,30 +11,31 @@ from dataclasses import asdict, dataclass, field, fields
 from hashlib import sha256
 from typing import Any
 
-from engine.model.loading import DEFAULT_MODEL
-from engine.model.lora import LoraPlusConfig
-from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO
+from engine.catalog import DEFAULT_MODEL, DEFAULT_ROPE_METHOD, LONGLORA
+from engine.model.lora_config import LoraPlusConfig
+from engine.model.s2_groups import DEFAULT_GROUP_SIZE_RATIO
 from engine.training.tracking import TRACKERS
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines a training run. Defaults follow the LongLoRA recipe."""
+    """Everything that determines a training run. Defaults follow the LongLoRA recipe (its schedule: the catalog's
+    standard profile, engine.catalog.LONGLORA)."""
 
     output_dir: str
     dataset_dir: str | None = None
     base_model: str = DEFAULT_MODEL
     target_context: int = 16384
-    rope_method: str = "linear"
+    rope_method: str = DEFAULT_ROPE_METHOD
     s2_group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO
     use_s2_attention: bool = True  # False = full-attention LoRA+ (the paper's comparison)
     sequence_parallel_size: int = 1  # Ulysses SP degree: ranks that share one sequence (DeepSpeed ALST); 1 = off
     lora: LoraPlusConfig = field(default_factory=LoraPlusConfig)
-    max_steps: int = 1000
-    per_device_batch_size: int = 1
-    gradient_accumulation_steps: int = 8
-    learning_rate: float = 2e-5
-    warmup_steps: int = 20
+    max_steps: int = LONGLORA.max_steps
+    per_device_batch_size: int = LONGLORA.per_device_batch_size
+    gradient_accumulation_steps: int = LONGLORA.gradient_accumulation_steps
+    learning_rate: float = LONGLORA.learning_rate
+    warmup_steps: int = LONGLORA.warmup_steps
     lr_scheduler: str = "constant_with_warmup"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -42,7 +43,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 + tf32 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
     deepspeed: str | None = None  # path to a DeepSpeed JSON (engine/deepspeed/*.json)
-    save_steps: int = 100
+    save_steps: int = LONGLORA.save_steps
     save_total_limit: int | None = 2
     loss_chunk_tokens: int = 4096
     quiet: bool = False

@@ -19,11 +19,10 @@ loss arithmetic. Layout, for a group of P ranks, rank r:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from engine.model.loss import IGNORE_INDEX
+if TYPE_CHECKING:
+    import torch
 
 SP_BACKEND = "deepspeed"
 
@@ -111,5 +110,9 @@ def count_shift_labels(batch_samples: list[dict], gather) -> torch.Tensor:
     """Labelled positions of an accumulated batch under SP: `shift_labels != -100`, summed over micro-batches and
     (with `gather`, e.g. `accelerator.gather`) over all ranks. The shards are disjoint, so this is the exact count
     (the Trainer's own count divides by P, as if SP ranks held copies of one batch as TP ranks do)."""
+    import torch  # lazy: the planner reads this module's refusals (check_model, check_world) without torch
+
+    from engine.model.loss import IGNORE_INDEX
+
     count = sum((b["shift_labels"] != IGNORE_INDEX).sum() for b in batch_samples)
     return gather(torch.as_tensor(count).reshape(1)).sum()

@@ -13,18 +13,13 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
+from engine.files import write_atomic
 from engine.model.loading import load_model
 from engine.model.lora import apply_lora_plus, count_trainable, describe
 from engine.model.loss import IGNORE_INDEX
 from engine.model.rope import apply_rope_extension, current_context
 from engine.model.s2attn import S2_ATTENTION
-from engine.training.checkpoints import (
-    checkpoint_step,
-    is_main_process,
-    latest_complete_checkpoint,
-    truncate_metrics,
-    write_atomic,
-)
+from engine.training.checkpoints import checkpoint_step, is_main_process, latest_complete_checkpoint, truncate_metrics
 from engine.training.config import TrainConfig
 from engine.training.precision import MasterWeights
 from engine.training.sequence_parallel import (

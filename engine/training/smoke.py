@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.data.corpus import stdlib_dir
+from engine.files import read_jsonl
 from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
 from engine.model.lora import load_adapter, merge_to_model_dir
 from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO, group_size
@@ -87,7 +88,7 @@ def run_smoke(
     )
     result = train(cfg, tokenizer=tokenizer, dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}))
     summary = json.loads(result.summary_path.read_text())
-    last = json.loads((result.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_jsonl(result.output_dir / "metrics.jsonl")[-1]
 
     trained = result.model  # the in-memory model that just trained: every reload is compared with it
     config = trained.get_base_model().config

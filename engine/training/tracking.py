@@ -9,10 +9,11 @@ them from the launching process, which sets them the same way.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from engine.environ import set_environ
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 TRACKING_DIR = "tracking"  # under the training output directory
@@ -47,15 +48,7 @@ def _offline_env(name: str, output_dir: str | Path) -> dict[str, str]:
 def tracking_env(name: str, output_dir: str | Path) -> Iterator[None]:
     """Point tracker `name` at its offline place under `output_dir` for the duration of the block."""
     settings = _offline_env(name, output_dir)
-    before = {key: os.environ.get(key) for key in settings}
     if settings:
         tracking_dir(output_dir, name).mkdir(parents=True, exist_ok=True)
-    os.environ.update(settings)
-    try:
+    with set_environ(settings):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

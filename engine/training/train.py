@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback, set_seed
 
+from engine.files import read_jsonl, write_atomic
 from engine.model.loading import default_device, resolve_model, tokenizer_or_none
 from engine.model.lora import count_trainable, write_adapter_sidecars
 from engine.training.checkpoints import (
@@ -37,10 +38,8 @@ from engine.training.checkpoints import (
     is_main_process,
     latest_complete_checkpoint,
     publish_adapter,
-    read_metrics,
     restore_finished,
     save_adapter,
-    write_atomic,
 )
 from engine.training.config import TrainConfig
 from engine.training.precision import dtype_summary
@@ -133,7 +132,7 @@ def train(
     if trainer.state.global_step != cfg.max_steps:  # the gate would fail it as a retry; it is a bug, say so
         raise RuntimeError(f"training ended at step {trainer.state.global_step}, not max_steps {cfg.max_steps}")
     adapter_dir = _save_adapter(cfg, trainer, model, peft_model, masters, out / "adapter", finished, tokenizer)
-    metrics = read_metrics(out / "metrics.jsonl")
+    metrics = read_jsonl(out / "metrics.jsonl")
     initial, final = (metrics[0]["loss"], metrics[-1]["loss"]) if metrics else (None, None)
     summary = _write_summary(out, {
         **base, "status": "completed", "steps": trainer.state.global_step, "initial_loss": initial,
@@ -167,7 +166,7 @@ def _diverged(err: NonFiniteStep, cfg: TrainConfig, out: Path, base: dict, start
     bad = [p for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) >= err.step - 1]
     for path in bad if is_main_process() else []:
         path.rename(path.with_name(path.name.replace("checkpoint-", "nonfinite-")))
-    metrics = read_metrics(out / "metrics.jsonl")
+    metrics = read_jsonl(out / "metrics.jsonl")
     last_good = latest_complete_checkpoint(ckpt_dir)
     summary = _write_summary(out, {
         **base, "status": "failed", "failure": str(err), "failed_step": err.step,

@@ -6,14 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_llama
-from tests.engine.evaluate_fakes import BYTE_VOCAB, byte_tokenizer
-
-
-def make_tiny_model_dir(path: Path, context: int = 1024) -> Path:
-    tiny_llama(seed=0, vocab=BYTE_VOCAB, context=context).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
+from tests.support.models import make_tiny_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from agents.roles.planner import evaluation_settings, fit_to_tokenizer
 from engine.data.build import DataConfig, check_buildable, prepare_data, short_range_for
 from engine.evaluation.passkey import passkey_items
 from engine.evaluation.ruler import ruler_items
-from tests.engine.evaluate_fakes import byte_tokenizer
+from tests.support.models import byte_tokenizer
 
 NATIVES = (128, 256, 512, 1024)
 FACTORS = (2, 4, 8, 16)

@@ -22,9 +22,9 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents.cli import main
-from tests.engine.evaluate_fakes import BYTE_VOCAB, byte_tokenizer
 from tests.families import FAMILY_NAMES, tiny_family_config
 from tests.pairwise import covers_all_pairs, full_grid, pairwise
+from tests.support.models import BYTE_VOCAB, byte_tokenizer
 
 MAX_TARGET = 16384  # the full grid
 DEFAULT_MAX_TARGET = 4096  # the pairwise subset in `make test`

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from sop.loader import DEFAULT_SOP, load_sop
-from tests.agents.conftest import make_tiny_model_dir
+from tests.support.models import make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 3

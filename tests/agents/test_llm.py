@@ -20,7 +20,7 @@ from agents.language.client import (
     narrate,
     qa_proposer,
 )
-from tests.agents.openai_server import HTTPError, ScriptedOpenAIServer
+from tests.support.openai_server import HTTPError, ScriptedOpenAIServer
 
 KEY = "sk-test-SECRET-0123456789"
 

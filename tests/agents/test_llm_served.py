@@ -9,8 +9,8 @@ import pytest
 from agents.app.chat import AssistantChat, ChatState
 from agents.cli import main
 from agents.language.client import LLMClient, LLMSettings
-from tests.agents.conftest import make_tiny_model_dir
-from tests.live_server import live_server
+from tests.support.models import make_tiny_model_dir
+from tests.support.servers import live_server
 
 NATIVE = 4096  # room for the agents' system prompts in byte tokens
 

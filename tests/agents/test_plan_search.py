@@ -97,3 +97,20 @@ def test_a_run_over_its_budget_is_refused_before_its_directory_exists(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("longpilot: error: the plan is over --max-gib (predicted "), err
     assert "no lever fits 2,048 tokens within --max-gib 0.5: it needs" in err[0] and not run_dir.exists()
+
+
+def test_the_plan_command_loads_no_torch_and_prints_no_torch_log_lines():
+    """`longpilot plan` is arithmetic on the catalog: in a fresh interpreter (as the console script runs it) it imports
+    no torch, which cost ~7 s and left TorchDynamo / FakeTensor log lines after the card at exit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom agents.cli import main\n"
+            "rc = main(['plan', '--model', 'llama-3-8b', '--target-context', '65536', '--hardware', '1xH100-80GB'])\n"
+            "sys.exit(rc if 'torch' not in sys.modules else 99)\n")  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 99, "torch was imported by `longpilot plan`"
+    assert r.returncode == 0 and r.stdout.startswith("Plan: llama-3-8b 8192 -> 65536 tokens"), r.stdout + r.stderr
+    assert "torch" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr  # no torch/_dynamo or FakeTensor lines

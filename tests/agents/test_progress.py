@@ -49,8 +49,8 @@ def test_plain_mode_prints_lines_a_log_can_hold(monkeypatch):
     assert "\x1b[" not in text and ">> train (trainer)" in lines
     assert "   records built: 8/8, " in text  # the final count of a bar
     # a running bar says its count, loss, tokens/s and ETA at most every 30 s; the stage ended at step 3 of 4
-    assert "   training steps: 2/4, loss 3.8000, 950 tok/s, 40s, ETA 40s" in lines, text
-    assert "   training steps: 3/4, loss 3.7000, 950 tok/s, 1m20s, ETA 27s" in lines  # its last count, at the gate
+    assert "   training steps: 2/4, loss 3.8000, 950 tok/s, 40 s, ETA 40 s" in lines, text
+    assert "   training steps: 3/4, loss 3.7000, 950 tok/s, 1 min 20 s, ETA 27 s" in lines  # its last count, at gate
     # a gate is one line with its tally; only the failed check is listed
     assert "   gate prepare_data: passed (1/1 checks)" in lines and "   gate train: FAILED (1/2 checks)" in lines
     assert "     XX train_loss_finite: loss nan at step 3" in lines and "train_completed" not in text
@@ -78,8 +78,10 @@ def test_verbose_lists_every_check_and_quiet_prints_nothing():
     assert _render("quiet", _run_events(), terminal=False) == ""
 
 
-def test_durations_are_short():
-    assert [duration(s) for s in (0.4, 45, 200, 3720)] == ["0s", "45s", "3m20s", "1h02m"]
+def test_durations_are_said_in_human_units():
+    seconds = (0.4, 45, 200, 720, 3720, 12000, 86370, 1570410)
+    assert [duration(s) for s in seconds] == ["0 s", "45 s", "3 min 20 s", "12 min", "1 h 2 min", "3 h 20 min", "1 d",
+                                              "18 d 4 h"]  # fmt: skip
 
 
 def test_third_party_noise_is_filtered_only_inside_an_entry_point(monkeypatch):

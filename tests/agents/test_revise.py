@@ -14,7 +14,7 @@ from agents.language.client import LLMClient, LLMSettings
 from agents.workflow.graph import read_run_file
 from agents.workflow.revise import parse_revision, plan_changes, revise_plan, revised_spec
 from sop.schemas import Spec
-from tests.agents.openai_server import ScriptedOpenAIServer
+from tests.support.openai_server import ScriptedOpenAIServer
 
 CLUSTER = Spec(base_model="llama-2-7b", target_context=32768, hardware="8xA100-80GB", profile="full")
 
@@ -29,7 +29,11 @@ CLUSTER = Spec(base_model="llama-2-7b", target_context=32768, hardware="8xA100-8
         ("with full attention", {"attention": "full"}),
         ("bf16 please", {"precision": "bf16"}),
         ("try yarn, r=32 and 500 steps", {"rope_method": "yarn", "lora_rank": 32, "max_steps": 500}),
+        ("use ntk", {"rope_method": "dynamic"}),  # engine.catalog.ROPE_METHOD_ALIASES
+        ("dynamic ntk scaling", {"rope_method": "dynamic"}),
+        ("linear interpolation", {"rope_method": "linear"}),
         ("what if 100,000 tokens on 4 gpus", {"target_context": 100_000, "hardware": "4xA100-80GB"}),
+        ("only two cards, 1.5M context", {"hardware": "2xA100-80GB", "target_context": 1_572_864}),  # request grammar
     ],
 )
 def test_revision_phrases(text, fields):

@@ -17,7 +17,7 @@ from agents.cli import main
 from agents.server import ModelsIndex, build_app, exposure_warning, start_in_thread
 from engine.serving import ModelPool, ServingWorker
 from sop.manifest import Manifest
-from tests.engine.test_serving import make_served_models
+from tests.support.models import make_served_models
 
 KEY = "sk-test-secret"
 

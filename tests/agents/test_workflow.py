@@ -18,7 +18,7 @@ from agents import Assistant
 from agents.cli import main
 from sop.checks import CHECKS, RETRY_CHANGES, check
 from sop.loader import DEFAULT_SOP
-from tests.conftest import free_port
+from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"target_context": 2048, "profile": "smoke", "hardware": "cpu"}

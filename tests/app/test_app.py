@@ -3,56 +3,16 @@ tiny run -> report) and in a real browser (Playwright driving Debian's Chromium;
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from agents.app.uploads import inside, safe_name, store_uploads
-from tests.agents.conftest import make_tiny_model_dir
-from tests.conftest import free_port
+from tests.support.servers import REPO, message_text
 
-REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; `make test` installs it where it can (apt-get as root)
 SCREENSHOT = REPO / "runs" / "test-artifacts" / "app.png"
-
-
-@pytest.fixture(scope="module")
-def app_server(tmp_path_factory):
-    """`python app.py` in its own process, on a free loopback port, with a tiny model and an empty runs dir."""
-    root = tmp_path_factory.mktemp("app")
-    tiny = make_tiny_model_dir(root / "tiny")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LONGPILOT_UPLOAD_LIMIT_BYTES": "2000"}
-    log = open(root / "app.log", "wb")
-    cmd = [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(root / "runs"), "--base-model", str(tiny)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, (root / "app.log").read_text()[-3000:]
-            assert time.time() < deadline, "the app did not start within 2 minutes"
-            time.sleep(0.5)
-    yield {"url": url, "tiny": tiny, "runs": root / "runs", "root": root}
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def _text(message: dict) -> str:
-    """Chat message content as text (Gradio 6 sends a list of typed parts)."""
-    content = message["content"]
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)
 
 
 def _paths(value) -> list[str]:
@@ -81,10 +41,10 @@ def test_chat_plan_approve_run_report_through_gradio_client(app_server):
 
     client = Client(app_server["url"], verbose=False)
     _, _, history, run_id = client.predict(f"extend {app_server['tiny']} to 2k", None, [], api_name="/chat")
-    reply = _text(history[-1])
+    reply = message_text(history[-1])
     assert "RoPE choice (" in reply and "waits for your approval" in reply and run_id
     history = client.predict(history, run_id, api_name="/approve")
-    assert "continues in the background" in _text(history[-1])
+    assert "continues in the background" in message_text(history[-1])
     stages, losses, log, report, plots, downloads, status = _wait_for_report(client, run_id)
     assert "passed" in status, (status, log)
     assert "What this run proves" in report and "Passkey" in report
@@ -127,7 +87,7 @@ def test_bad_requests_get_a_clear_message(app_server, text, expected):
 
     client = Client(app_server["url"], verbose=False)
     _, _, history, run_id = client.predict(text.format(tiny=app_server["tiny"]), None, [], api_name="/chat")
-    reply = _text(history[-1])
+    reply = message_text(history[-1])
     assert expected in reply and "Traceback" not in reply
     assert run_id == {"__type__": "update"}  # no new run: the watched run id is left as it was (gr.skip)
 
@@ -140,7 +100,7 @@ def test_uploads_are_sanitised_and_size_limited(app_server, tmp_path):
     big.write_text("x" * 5000)  # over the 2,000-byte limit the app was started with
     client = Client(app_server["url"], verbose=False)
     _, _, history, _ = client.predict("hello", [handle_file(str(small)), handle_file(str(big))], [], api_name="/chat")
-    assert "big.txt" in _text(history[-1]) and "over the" in _text(history[-1])
+    assert "big.txt" in message_text(history[-1]) and "over the" in message_text(history[-1])
     stored = list((app_server["runs"] / "uploads").rglob("*.txt"))
     assert [p.name for p in stored] == ["notes_rm_-rf.txt"]
 
@@ -167,18 +127,8 @@ def test_upload_helpers_refuse_paths():
     assert folder is None and "not a readable file" in problems[0]
 
 
-def _ensure_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.skip("Chromium is missing and cannot be installed here (needs root and apt-get)")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})  # fmt: skip
-
-
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium is not installed ({CHROMIUM}): `make test` installs it")
 def test_real_browser_send_approve_and_see_the_plots(app_server):
-    _ensure_chromium()
     from playwright.sync_api import expect, sync_playwright
 
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -2,7 +2,6 @@
 test_app.py, then driven through raw HTTP (what a hostile client sends: a FileData naming a server path) and through
 gradio_client (a legitimate upload). gradio_client itself uploads any local path it is given, reading it on the
 client's side with the client's permissions, so only raw requests can name a server path."""
-# ruff: noqa: F811  (the tests take test_app.py's app_server fixture, imported below, as a parameter)
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.test_app import REPO, _text, app_server  # noqa: F401
+from tests.support.servers import REPO, message_text
 
 SECRET = f"SECRET-{uuid.uuid4().hex}"
 STARTED = time.time() - 1
@@ -40,7 +39,7 @@ def _upload(url: str, name: str, text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def targets(app_server):  # noqa: F811
+def targets(app_server):
     """Files a hostile client might name, each holding SECRET; links to them planted in the upload folder."""
     root, runs = app_server["root"], app_server["runs"]
     beside_runs = root / "secret.txt"  # in the runs directory's parent
@@ -140,8 +139,8 @@ def test_a_real_upload_still_works(app_server, tmp_path):
     client = Client(app_server["url"], verbose=False)
     assert client.predict(handle_file(str(doc)), api_name="/load_doc") == doc.read_text()
     _, _, history, _ = client.predict("hello", [handle_file(str(doc))], [], api_name="/chat")
-    assert "refused" not in _text(history[-1])
+    assert "refused" not in message_text(history[-1])
     stored = [p for p in (app_server["runs"] / "uploads").rglob("notes.md")]
     assert [p.read_text() for p in stored] == [doc.read_text()]
     history = client.predict(history, "", api_name="/approve")  # the history the server sent is text: accepted
-    assert "no plan waiting" in _text(history[-1]).lower()
+    assert "no plan waiting" in message_text(history[-1]).lower()

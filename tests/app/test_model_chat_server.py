@@ -8,10 +8,9 @@ import pytest
 from agents.app.callbacks import AppCallbacks
 from agents.app.model_chat import ModelChat
 from agents.app.model_chat_server import PREFIX, ServerModelChat, check_server_url, server_key
-from bench.serve import make_adapter
 from engine.serving.chat import chat_prompt_ids
-from tests.agents.conftest import make_tiny_model_dir
-from tests.live_server import live_server
+from tests.support.models import make_tiny_model_dir, perturbed_adapter
+from tests.support.servers import live_server
 
 DOCUMENT = "The vault code is 4172. The vault is in the north tower, behind the tapestry.\n" * 3
 QUESTION = "What is the vault code?"
@@ -23,7 +22,7 @@ def served(tmp_path_factory):
     """A tiny base, a finished-looking run `ext` with a RoPE x2 adapter, and the real server serving both."""
     root = tmp_path_factory.mktemp("model-chat-server")
     base = make_tiny_model_dir(root / "base")
-    adapter = make_adapter(str(base), root / "runs" / "ext" / "train" / "adapter", factor=2, seed=1, noise=0.5)
+    adapter = perturbed_adapter(str(base), root / "runs" / "ext" / "train" / "adapter", factor=2, seed=1, noise=0.5)
     with live_server(base, "base", {"ext": adapter}) as (url, worker):
         yield root, base, url, worker
 

@@ -1,4 +1,4 @@
-"""Test doubles for the evaluator: a byte-level tokenizer and scripted models that answer from the prompt text."""
+"""Test doubles for the evaluator: scripted models that answer from the prompt text (byte tokenizer)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-from bench.byte_tokenizer import BYTE_VOCAB, byte_tokenizer
-
-__all__ = ["BYTE_VOCAB", "byte_tokenizer"]  # re-exported: the tests import them from here
+from tests.support.models import byte_tokenizer
 
 
 def oracle_answer(prompt: str) -> str:

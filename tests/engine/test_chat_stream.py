@@ -7,9 +7,8 @@ import threading
 
 import torch
 
-from bench.byte_tokenizer import byte_tokenizer
 from engine.serving.chat import stream_answer
-from tests.conftest import tiny_llama
+from tests.support.models import byte_tokenizer, tiny_llama
 
 
 class _FailingModel(torch.nn.Module):

@@ -14,7 +14,8 @@ import torch
 from engine.model.lora import load_adapter
 from engine.training.launch import launcher_command
 from engine.training.train import TrainConfig, train
-from tests.conftest import free_port, make_workspace, train_config
+from tests.support.models import make_workspace, train_config
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_DIR = ROOT / "engine" / "deepspeed"

@@ -25,8 +25,8 @@ from engine.evaluation.metrics import (
 from engine.evaluation.passkey import GARBAGE, NEEDLE, QUESTION, TASK_DESCRIPTION, passkey_items, run_passkey
 from engine.evaluation.perplexity import sliding_window_perplexity, windows
 from engine.evaluation.ruler import RULER_TASKS, ruler_items, run_ruler
-from tests.conftest import tiny_llama
-from tests.engine.evaluate_fakes import ANSWERS, BYTE_VOCAB, ScriptedModel, byte_tokenizer, oracle_answer, wrong_answer
+from tests.engine.evaluate_fakes import ANSWERS, ScriptedModel, oracle_answer, wrong_answer
+from tests.support.models import BYTE_VOCAB, byte_tokenizer, make_tiny_model_dir, tiny_llama
 
 # ---------------------------------------------------------------- metrics
 
@@ -328,18 +328,12 @@ def test_bad_configs_are_refused_in_one_line(tmp_path, overrides, message):
 # ---------------------------------------------------------------- real (tiny) models from disk
 
 
-def _tiny_model_dir(path: Path, context: int = 1024, seed: int = 0) -> Path:
-    tiny_llama(seed=seed, vocab=BYTE_VOCAB, context=context).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_real_models_from_disk_base_rope_only_and_adapter(tmp_path):
     from engine.model.loading import resolve_model
     from engine.model.lora import apply_lora_plus, save_adapter
     from engine.model.rope import apply_rope_extension
 
-    base_dir = _tiny_model_dir(tmp_path / "base", context=512)
+    base_dir = make_tiny_model_dir(tmp_path / "base", context=512)
     peft_model = apply_lora_plus(tiny_llama(seed=0, vocab=BYTE_VOCAB, context=512))
     apply_rope_extension(peft_model.get_base_model(), 1024)
     adapter = save_adapter(peft_model, tmp_path / "adapter", resolve_model(str(base_dir)), byte_tokenizer())
@@ -377,7 +371,7 @@ def test_real_models_from_disk_base_rope_only_and_adapter(tmp_path):
 
 
 def test_lengths_beyond_the_context_are_refused_before_any_work(tmp_path):
-    base_dir = _tiny_model_dir(tmp_path / "base", context=512)
+    base_dir = make_tiny_model_dir(tmp_path / "base", context=512)
     cfg = EvalConfig(output_dir=str(tmp_path / "eval"), lengths=(512, 1024), tasks=("passkey",), progress=False,
                      models=(ModelUnderTest("base", str(base_dir)),))  # fmt: skip
     with pytest.raises(ValueError, match=r"supports 512 tokens .* lengths \[1024\]"):
@@ -389,7 +383,7 @@ def test_adapter_for_a_different_base_is_refused(tmp_path):
     from engine.model.loading import resolve_model
     from engine.model.lora import apply_lora_plus, save_adapter
 
-    small = _tiny_model_dir(tmp_path / "small")
+    small = make_tiny_model_dir(tmp_path / "small")
     other = tmp_path / "other"
     tiny_llama(seed=0, vocab=BYTE_VOCAB, heads=2).save_pretrained(other)
     adapter = save_adapter(apply_lora_plus(tiny_llama(seed=0, vocab=BYTE_VOCAB)), tmp_path / "ad",
@@ -412,7 +406,7 @@ def test_wrap_loaded_generates_greedily_and_deterministically():
 def test_cli_eval_exit_codes(tmp_path, capsys):
     from agents.cli import main
 
-    base_dir = _tiny_model_dir(tmp_path / "base", context=1024)
+    base_dir = make_tiny_model_dir(tmp_path / "base", context=1024)
     common = ["eval", "--model", f"base={base_dir}", "--lengths", "512", "1024", "--seeds", "0", "--depths", "0", "1",
               "--tasks", "passkey", "perplexity", "--data", str(make_eval_data(tmp_path / "data"))]  # fmt: skip
     assert main([*common, "--out", str(tmp_path / "ok")]) == 0
@@ -442,7 +436,7 @@ def test_cli_eval_exit_codes(tmp_path, capsys):
 
 
 def test_regression_measures_ppl_at_the_native_length_when_the_grid_skips_it(tmp_path):
-    base_dir = _tiny_model_dir(tmp_path / "base", context=512)
+    base_dir = make_tiny_model_dir(tmp_path / "base", context=512)
     cfg = EvalConfig(
         output_dir=str(tmp_path / "eval"), lengths=(1024,), native_length=512, depths=(0.5,), seeds=(0,),
         tasks=("perplexity", "regression"), ruler_tasks=("niah_single_numbers",), max_new_tokens_cap=4,

@@ -22,8 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from engine.model.export_config import TOOL_LIMITS, legacy_rope_fields, write_tool_config
 from engine.model.lora import apply_lora_plus, merge_to_model_dir
 from engine.model.rope import apply_rope_extension, current_context
-from tests.conftest import tiny_llama
-from tests.engine.test_rope import _llama3_config
+from tests.support.models import tiny_llama, tiny_llama3_config
 
 THETA = 10000.0  # the tiny models' rope_theta
 
@@ -111,7 +110,7 @@ class Export:
 def _base(case: str) -> torch.nn.Module:
     if case == "llama3":
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(_llama3_config()).eval()  # 256 tokens, llama3 x2 over 64
+        return AutoModelForCausalLM.from_config(tiny_llama3_config()).eval()  # 256 tokens, llama3 x2 over 64
     return tiny_llama()  # 64 tokens
 
 

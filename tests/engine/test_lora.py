@@ -22,7 +22,7 @@ from engine.model.lora import (
     save_adapter,
 )
 from engine.model.rope import apply_rope_extension
-from tests.conftest import tiny_llama
+from tests.support.models import tiny_llama
 
 
 def _trained_lora_model(seed: int = 0, tie: bool = True):

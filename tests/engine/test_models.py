@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from engine.model.loading import DEFAULT_MODEL, check_supported, load_model, resolve_model
 from engine.model.lora import apply_lora_plus, merge_to_model_dir
 from engine.model.rope import apply_rope_extension
-from tests.conftest import tiny_llama, tiny_llama_config
+from tests.support.models import tiny_llama, tiny_llama_config
 
 
 @pytest.fixture(scope="module")

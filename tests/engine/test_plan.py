@@ -32,7 +32,7 @@ from engine.planning.plan import (
     trainable_state_bytes,
 )
 from engine.training.train import TrainConfig
-from tests.conftest import tiny_llama_config
+from tests.support.models import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[2]
 L7B = BUILTIN_ARCHS["llama-2-7b"]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.model.rope import apply_rope_extension, current_context, extend_rope, extended_config
-from tests.conftest import tiny_llama, tiny_llama_config
+from tests.support.models import tiny_llama, tiny_llama3_config, tiny_llama_config
 
 
 def test_linear_writes_v5_rope_parameters_and_keeps_theta():
@@ -92,14 +92,6 @@ def test_saved_extended_model_reloads_with_identical_logits(tmp_path):
 # ------------------------------------------------------------------ an existing scaling composes or is refused
 
 
-def _llama3_config(context: int = 256, original: int = 64, factor: float = 2.0):
-    """Llama 3.1-style: `llama3` scaling of `factor` over `original`, configured (trained) for `context` tokens."""
-    cfg = tiny_llama_config(context=context, head_dim=32)
-    cfg.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": factor, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": original}  # fmt: skip
-    return cfg
-
-
 def _inv_freq(cfg) -> torch.Tensor:
     inv_freq, _ = ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]](cfg, "cpu")
     return inv_freq
@@ -109,7 +101,7 @@ def test_llama3_scaling_composes_in_its_own_scheme():
     """Llama 3.1 is configured for max_position_embeddings (not original x factor). Extending it x4 keeps rope_type
     llama3, the band edges and the original context, and multiplies the factor: transformers' own llama3 init then
     leaves the high-frequency dims alone and divides the interpolated low-frequency dims by 4 more."""
-    cfg = _llama3_config()
+    cfg = tiny_llama3_config()
     assert current_context(cfg) == 256
     before = _inv_freq(cfg)
     unscaled = 1.0 / 10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float) / 32)  # plain RoPE, head_dim 32
@@ -127,7 +119,7 @@ def test_llama3_scaling_composes_in_its_own_scheme():
 
 
 def test_llama3_model_extension_is_what_from_pretrained_builds(tmp_path):
-    model = AutoModelForCausalLM.from_config(_llama3_config()).eval()
+    model = AutoModelForCausalLM.from_config(tiny_llama3_config()).eval()
     apply_rope_extension(model, 1024)
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, _inv_freq(model.config))
     ids = torch.randint(3, 128, (1, 300))
@@ -141,7 +133,7 @@ def test_llama3_model_extension_is_what_from_pretrained_builds(tmp_path):
 @pytest.mark.parametrize("method", ["yarn", "dynamic"])
 def test_llama3_scaling_with_another_method_is_refused_with_the_reason(method):
     with pytest.raises(ValueError, match="Llama 3 scaling composes with 'linear' only"):
-        extend_rope(_llama3_config(), 1024, method)
+        extend_rope(tiny_llama3_config(), 1024, method)
 
 
 def test_existing_yarn_composes_as_yarn():

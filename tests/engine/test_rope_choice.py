@@ -10,8 +10,7 @@ import torch
 from engine.evaluation.perplexity import sliding_window_perplexity
 from engine.model.rope import apply_rope_extension
 from engine.planning.rope_choice import DEFAULT_CANDIDATES, RopeCandidate, heldout_sample, score_rope_candidates
-from tests.conftest import tiny_llama
-from tests.engine.evaluate_fakes import byte_tokenizer
+from tests.support.models import byte_tokenizer, tiny_llama
 
 TARGET, SHORT = 128, 32  # the tiny Llama's context is 64: x2
 
@@ -95,7 +94,7 @@ def test_heldout_sample_takes_the_eval_files_first(tmp_path):
 
 def test_scores_are_cached_by_model_files_sample_and_options(tmp_path, monkeypatch):
     from engine.planning.rope_choice import cache_dir, score_model
-    from tests.agents.conftest import make_tiny_model_dir
+    from tests.support.models import make_tiny_model_dir
 
     monkeypatch.setenv("LONGPILOT_CACHE", str(tmp_path / "cache"))
     model_dir = make_tiny_model_dir(tmp_path / "m", context=64)

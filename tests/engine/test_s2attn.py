@@ -20,8 +20,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from engine.model import s2attn
 from engine.model.s2attn import MAX_MASK_ELEMENTS, S2_ATTENTION, s2_attention_forward
 from engine.training.train import train
-from tests.conftest import make_workspace, tiny_llama, train_config
 from tests.families import FAMILY_NAMES, tiny_family_model
+from tests.support.models import make_workspace, tiny_llama, train_config
 
 
 def reference_permission(

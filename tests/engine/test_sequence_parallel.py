@@ -21,7 +21,8 @@ from engine.training.launch import launcher_command
 from engine.training.sequence_parallel import check_dataset, check_model, check_world, gradient_mean_ranks
 from engine.training.train import TrainConfig, train
 from engine.training.trainer_parts import PadCollator
-from tests.conftest import free_port, make_workspace, tiny_llama, tiny_llama_config, train_config
+from tests.support.models import make_workspace, tiny_llama, tiny_llama_config, train_config
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO2 = ROOT / "engine" / "deepspeed" / "zero2.json"

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from engine.model.loading import ModelSource
 from engine.model.lora import apply_lora_plus, load_adapter, save_adapter
-from engine.model.rope import apply_rope_extension
 from engine.serving import (
     ContextLengthError,
     ModelPool,
@@ -22,36 +21,15 @@ from engine.serving import (
     chat_ids,
     text_ids,
 )
-from tests.conftest import tiny_llama
-from tests.engine.evaluate_fakes import BYTE_VOCAB, byte_tokenizer
+from tests.support.models import BYTE_VOCAB, byte_tokenizer, make_served_models, tiny_llama
 
-NATIVE = 64  # the tiny base's context; adapter "a" is RoPE x2 (128), adapter "b" x4 (256)
+NATIVE = 64  # the tiny base's context; adapter "a" is RoPE x2 (128), adapter "b" x4 (256): make_served_models
 PROMPT = "The quick brown fox"
-
-
-def make_served_models(root: Path) -> tuple[Path, dict[str, Path]]:
-    """A saved tiny base (byte tokenizer, tied embeddings) and two adapters that differ in RoPE factor, LoRA, and
-    embedding/norm copies (perturbed, not trained: every adapted tensor moves, in milliseconds)."""
-    base_dir = root / "base"
-    tiny_llama(seed=0, vocab=BYTE_VOCAB, context=NATIVE).save_pretrained(base_dir)
-    tokenizer = byte_tokenizer()
-    tokenizer.save_pretrained(base_dir)
-    adapters = {}
-    for name, seed, target in (("a", 1, 2 * NATIVE), ("b", 2, 4 * NATIVE)):
-        model = tiny_llama(seed=0, vocab=BYTE_VOCAB, context=NATIVE)
-        apply_rope_extension(model, target)
-        peft_model = apply_lora_plus(model)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in (p for p in peft_model.parameters() if p.requires_grad):
-                param.add_(0.5 * torch.randn(param.shape, generator=gen))
-        adapters[name] = save_adapter(peft_model, root / name, ModelSource(str(base_dir), base_dir), tokenizer)
-    return base_dir, adapters
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    base_dir, adapters = make_served_models(tmp_path_factory.mktemp("serving"))
+    base_dir, adapters = make_served_models(tmp_path_factory.mktemp("serving"), native=NATIVE)
     pool = ModelPool(str(base_dir), base_id="base", max_loaded=1, device="cpu")
     for name, folder in adapters.items():
         pool.register(name, folder)

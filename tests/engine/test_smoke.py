@@ -6,14 +6,13 @@ import json
 
 from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
 from engine.training.smoke import format_report, run_smoke
-from tests.conftest import tiny_llama
+from tests.support.models import make_tiny_model_dir
 
 
 def test_smoke_run_trains_saves_reloads_and_merges(tmp_path):
     base = tmp_path / "base"
     tokenizer = load_tokenizer(resolve_model(DEFAULT_MODEL))
-    tiny_llama(vocab=len(tokenizer), context=64).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    make_tiny_model_dir(base, context=64, tokenizer=tokenizer)
     report = run_smoke(str(base), target_context=512, out_dir=tmp_path / "demo", steps=2)
     assert (report.from_context, report.target_context, report.rope_factor, report.s2_group_size) == (
         64,

@@ -12,7 +12,7 @@ import pytest
 
 from engine.training.tracking import check_tracker, tracking_dir, tracking_env
 from engine.training.train import train
-from tests.conftest import make_workspace, train_config
+from tests.support.models import make_workspace, train_config
 
 
 def test_tensorboard_event_files_hold_the_loss_and_the_run_name(tmp_path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from engine.model.lora import load_adapter
 from engine.model.loss import chunked_lm_loss
 from engine.training.train import TrainConfig, TrainingDivergedError, latest_complete_checkpoint, train
-from tests.conftest import make_workspace, tiny_llama, train_config
+from tests.support.models import make_workspace, tiny_llama, train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from engine.model.lora import load_adapter
 from engine.training.train import train
-from tests.conftest import make_workspace, train_config
+from tests.support.models import make_workspace, train_config
 
 # bf16 forward against fp32 on the tiny model, same data and init, 4 steps at lr 2e-5: measured max 3.4e-5 (near-
 # uniform logits of a random model keep bf16 errors small). Over 4 steps the loss alone cannot tell masters from none

@@ -281,3 +281,34 @@ def test_schemas_are_strict_where_they_are_ours():
     with pytest.raises(ValueError):
         Spec(base_model=" ", target_context=10)
     assert DataCard.model_config["extra"] == "allow" and Spec.model_config["extra"] == "forbid"
+
+
+def test_the_plan_schema_is_the_engine_plan_plus_the_planner_fields():
+    """sop.schemas.Plan mirrors engine.planning.plan.Plan (it cannot import it: torch): a field added to or removed
+    from either side fails here, not silently in a plan.json that no longer says what the engine planned."""
+    from dataclasses import fields
+
+    from engine.planning.plan import Plan as EnginePlan
+    from engine.planning.plan import make_plan
+    from sop.schemas import PLANNER_FIELDS
+
+    engine = make_plan("smollm2-135m", 16384, "smoke", "cpu").to_dict()
+    assert {f.name for f in fields(EnginePlan)} <= set(engine)  # to_dict() adds wall_time_h, drops nothing
+    assert not set(PLANNER_FIELDS) & set(engine), "the planner adds fields the engine does not have"
+    assert set(Plan.model_fields) == set(engine) | set(PLANNER_FIELDS)
+    assert Plan.model_validate(engine).model_dump(include=set(engine)) == engine  # types agree, nothing coerced
+    assert set(_plan_doc()) == set(Plan.model_fields)  # the planner role writes exactly those
+
+
+def test_the_run_layout_is_read_from_the_sop():
+    """sop.layout names each run file once; the artifacts' paths are the ones the SOP YAML declares."""
+    from sop import layout
+
+    sop = load_sop()
+    assert layout.PLAN_FILE == sop.artifact("plan").document_path == "plan.json"
+    assert (layout.DATA_DIR, layout.TRAIN_DIR, layout.EVAL_DIR) == ("data", "train", "eval")
+    assert layout.TRAIN_SUMMARY_FILE == sop.artifact("training").document_path == "train/train_summary.json"
+    assert layout.EVAL_REPORT_FILE == "eval/eval_report.json" and layout.FINAL_REPORT_FILE == "final_report.json"
+    assert (layout.SPEC_FILE, layout.MANIFEST_FILE, layout.REPORT_FILE) == ("spec.json", "manifest.json", "report.md")
+    with pytest.raises(KeyError, match="no stage produces an artifact 'vibes'"):
+        sop.artifact("vibes")

@@ -1,0 +1,74 @@
+"""The `plan` and `run` flags are derived from sop.schemas.Spec (agents.cli.spec_flags): the same flags as when they
+were written out by hand, each field's description as its help, its annotation as its type and choices."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal, get_args, get_origin
+
+import pytest
+
+from agents.cli.main import _spec_from_args, build_parser
+from agents.cli.spec_flags import NOT_FLAGS, RUN_ONLY, flag_name, spec_flag_fields
+from sop.schemas import Spec
+
+# The flags as they were written out by hand (before the derivation): scripts and the README use them.
+SPEC_FLAGS = {
+    "--model", "--target-context", "--request", "--corpus", "--profile", "--hardware", "--device", "--attention",
+    "--train-mix", "--seed", "--rope-method", "--max-steps", "--batch-size", "--grad-accum", "--precision",
+    "--lora-rank", "--group-size-ratio", "--no-gradient-checkpointing", "--sequence-parallel", "--max-hours",
+    "--max-gib", "--llm", "--llm-model",
+}  # fmt: skip
+FLAGS = {
+    "plan": SPEC_FLAGS | {"-h", "--help", "--json"},
+    "run": SPEC_FLAGS | {"-h", "--help", "--report-to", "--run-dir", "--runs-dir", "--yes", "-q", "--quiet", "-v",
+                         "--verbose"},
+}  # fmt: skip
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_the_commands_offer_the_same_flags_as_before(command):
+    actions = _subparser(command)._actions
+    assert {opt for a in actions for opt in a.option_strings} == FLAGS[command]
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_each_spec_field_is_a_flag_with_its_description_type_and_choices(command):
+    by_dest = {a.dest: a for a in _subparser(command)._actions}
+    fields = spec_flag_fields(command)
+    assert set(fields) | set(NOT_FLAGS) | (set(RUN_ONLY) if command == "plan" else set()) == set(Spec.model_fields)
+    for name in fields:
+        info, action = Spec.model_fields[name], by_dest[name]
+        assert action.option_strings == [flag_name(name)] and action.default is None
+        assert action.help.startswith(info.description), name
+        literal = next((a for a in (info.annotation, *get_args(info.annotation)) if get_origin(a) is Literal), None)
+        assert action.choices == (get_args(literal) if literal else None), name
+    assert by_dest["seed"].type is int and by_dest["max_hours"].type is float and by_dest["corpus"].nargs == "+"
+    assert flag_name("base_model") == "--model"
+    assert flag_name("gradient_checkpointing") == "--no-gradient-checkpointing"
+
+
+def test_every_flag_reaches_its_spec_field():
+    argv = ["run", "--model", "m", "--target-context", "4096", "--corpus", "a.txt", "b.txt", "--profile", "standard",
+            "--hardware", "1xH100-80GB", "--device", "cpu", "--attention", "full", "--train-mix", "plain", "--seed",
+            "3", "--rope-method", "yarn", "--max-steps", "5", "--batch-size", "2", "--grad-accum", "4", "--precision",
+            "bf16", "--lora-rank", "16", "--group-size-ratio", "0.5", "--no-gradient-checkpointing",
+            "--sequence-parallel", "2", "--max-hours", "1.5", "--max-gib", "40", "--report-to", "tensorboard",
+            "--llm", "http://127.0.0.1:1/v1", "--llm-model", "x"]  # fmt: skip
+    spec = _spec_from_args(build_parser().parse_args(argv))
+    assert spec.model_dump(exclude={"request_text", "custom_hardware"}) == {
+        "base_model": "m", "target_context": 4096, "corpus": ["a.txt", "b.txt"], "profile": "standard",
+        "hardware": "1xH100-80GB", "device": "cpu", "attention": "full", "train_mix": "plain", "seed": 3,
+        "rope_method": "yarn", "max_steps": 5, "batch_size": 2, "grad_accum": 4, "precision": "bf16",
+        "gradient_checkpointing": False, "group_size_ratio": 0.5, "lora_rank": 16, "sequence_parallel": 2,
+        "max_hours": 1.5, "max_gib": 40.0, "report_to": "tensorboard", "llm_base_url": "http://127.0.0.1:1/v1",
+        "llm_model": "x",
+    }  # fmt: skip
+    bare = _spec_from_args(build_parser().parse_args(["plan", "--model", "m", "--target-context", "4096", "--llm",
+                                                      "none", "--llm-model", "x"]))  # fmt: skip
+    assert bare == Spec(base_model="m", target_context=4096)  # unset flags leave Spec's defaults; --llm none: no LLM

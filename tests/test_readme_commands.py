@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.models import tiny_llama
+from tests.support.models import make_tiny_model_dir
 from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ class Step:
     """One invocation. Placeholders: {tiny} {run} {demo} {tmp} {venv} {stamp} {repo} {corpus} {corpus2} {port}
     {port2}.
 
-    via: "main" calls the entry point in this process (`longpilot` -> agents.cli.main, `python -m
+    via: "main" calls the entry point in this process (`longpilot` -> agents.cli.commands, `python -m
     engine.training.launch`
     -> engine.training.launch.main: the console script's own function, without a second interpreter start-up);
     "process" runs
@@ -808,10 +808,7 @@ def _tiny_model_dir(path: Path) -> Path:
     """A random 2-layer Llama (1,024-token context) with the embedded SmolLM2 tokenizer, saved as a model dir."""
     from engine.model.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(DEFAULT_MODEL))
-    tiny_llama(seed=0, vocab=len(tokenizer), context=1024).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return make_tiny_model_dir(path, 1024, tokenizer=load_tokenizer(resolve_model(DEFAULT_MODEL)))
 
 
 @pytest.fixture(scope="module")
@@ -891,7 +888,7 @@ def test_longpilot_app_forwards_every_option_to_the_app(monkeypatch):
     """`longpilot app --port N ...` used to fail (argparse REMAINDER takes no leading option): app.py parses them."""
     import importlib
 
-    cli = importlib.import_module("agents.cli.main")  # the module (agents.cli.main is also the function's name)
+    cli = importlib.import_module("agents.cli.commands")  # the module (agents.cli.commands is also the function's name)
     calls = []
 
     def execv(path, argv):  # the app replaces the `longpilot` process: a terminated longpilot leaves no server

@@ -1,5 +1,5 @@
 """`python -m agents.cli ...` is `longpilot ...` (the background runner and the tests start it so)."""
 
-from agents.cli.main import main
+from agents.cli.commands import main
 
 raise SystemExit(main())

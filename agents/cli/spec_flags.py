@@ -2,9 +2,11 @@
 its help the field's description, its type and choices the field's annotation (a `Literal` gives choices, a list
 takes several values, a bool that defaults to on is turned off by `--no-field-name`).
 
-What the command line spells otherwise is listed here, and only here: the flags named differently from their field,
-the fields no flag sets, the notes the command line adds to a description. A field added to Spec gets its flag with
-no edit here (tests/agents/test_spec_flags.py checks every field is a flag or listed in NOT_FLAGS).
+What the command line spells otherwise is listed here, and only here: the fields no flag sets, the notes the command
+line adds to a description. The flags named differently from their field are listed in agents.language.flags
+(FLAG_NAMES, flag_name), which the commands of the planner's alternatives (agents.roles.plan_alternatives) are
+spelled with too. A field added to Spec gets its flag with no edit here (tests/agents/test_spec_flags.py checks
+every field is a flag or listed in NOT_FLAGS).
 
 Every flag defaults to None, "not given": the plain-language --request then fills it, and Spec its default.
 """
@@ -17,9 +19,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
+from agents.language.flags import FLAG_NAMES, flag_name
 from sop.schemas import Spec
 
-FLAG_NAMES = {"base_model": "--model", "llm_base_url": "--llm"}  # the flags not named `--field-name`
 # Fields no flag sets directly: `--hardware custom:N,GiB,TFLOPS[,MFU]` fills custom_hardware, and the chat text
 # parsed from --request is request_text.
 NOT_FLAGS = ("custom_hardware", "request_text")
@@ -30,14 +32,6 @@ NOTES = {  # what the command line adds to a field's description
     "llm_model": " (with --llm)",
 }
 DEFAULTS = {"profile": "the --hardware's own profile"}  # where Spec's default alone would mislead (its validator)
-
-
-def flag_name(field: str) -> str:
-    """`--lora-rank` for lora_rank; `--no-gradient-checkpointing` for a bool that defaults to on."""
-    if field in FLAG_NAMES:
-        return FLAG_NAMES[field]
-    negated = Spec.model_fields[field].default is True
-    return ("--no-" if negated else "--") + field.replace("_", "-")
 
 
 def spec_flag_fields(command: str) -> list[str]:

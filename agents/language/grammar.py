@@ -10,7 +10,8 @@ Lengths: "k" means 1024 and "m" means 1024**2, as context windows are powers of 
 counts something else ("8 GPUs", "80GB", "500 steps", "2x", "25%") is no length.
 
 GPU counts: digits or a word ("a", "one", "single", "two", "four", "eight"), then the GPU's name ("8xA100",
-"8 A100s", "an H100") or a plain noun ("8 GPUs", "4 devices", "2 cards").
+"8 A100s", "an H100") or "GPUs" ("8 GPUs", "two GPUs"). A revision of a plan also reads "4 devices" and "2 cards",
+digits only (DEVICE_COUNT): in a chat about a waiting plan, "can it run on a GPU?" is a question, not a count.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ SHORTEST_BARE_LENGTH = 512  # a bare number below this ("3", "42") is a count, n
 
 WORD_COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "two": 2, "four": 4, "eight": 8}
 COUNT = r"(\d{1,3}|an?|one|single|two|four|eight)"  # group 1 of the patterns below
-GPUS = rf"{COUNT}\s*(?:x\s*)?(?:gpus?|devices?|cards?)\b"  # for patterns that add words before the count
-GPU_COUNT = re.compile(rf"\b{GPUS}")
+GPU_COUNT = re.compile(rf"\b{COUNT}\s*(?:x\s*)?gpus?\b")
+DEVICE_COUNT = r"(\d{1,4})\s*(?:x\s*)?(?:gpus?|devices?|cards?)\b"  # for patterns that add words before the count
 GPU_MODEL = re.compile(rf"\b(?:{COUNT}\s*(?:x\s*)?)?(?:nvidia\s+)?([ah]100)s?\b")  # group 2: the GPU
 
 
@@ -46,7 +47,7 @@ def lengths(text: str) -> Iterator[tuple[re.Match, int]]:
             yield m, round(float(m.group(1).replace(",", "")) * UNITS.get(m.group(2) or "", 1))
 
 
-def stands_alone(text: str, m: re.Match, tokens: int) -> bool:
+def stands_alone(text: str, m: re.Match, tokens: int, shortest: int = SHORTEST_BARE_LENGTH) -> bool:
     """Whether a length reads as one without a "to" before it: a unit ("16k"), "tokens" after it, or a bare
-    number of at least SHORTEST_BARE_LENGTH."""
-    return bool(m.group(2)) or tokens >= SHORTEST_BARE_LENGTH or bool(TOKENS_AFTER.match(text, m.end()))
+    number of at least `shortest` tokens."""
+    return bool(m.group(2)) or tokens >= shortest or bool(TOKENS_AFTER.match(text, m.end()))

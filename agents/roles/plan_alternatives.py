@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from agents.language.flags import flag_args
 from engine.planning.cost import duration
 from sop.schemas import Spec
 
@@ -57,27 +58,22 @@ def spec_fields(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any]) ->
 
 
 def command_for(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any], verb: str = "run") -> str:
-    """The `longpilot` command line that plans exactly this alternative (every lever spelled out)."""
-    args = ["longpilot", verb, "--model", spec.base_model, "--target-context", str(levers["target_context"]),
-            "--hardware", hardware_arg(hardware), "--profile", spec.profile, "--precision", levers["precision"],
-            "--batch-size", str(levers["per_device_batch_size"]),
-            "--grad-accum", str(levers["gradient_accumulation_steps"]), "--lora-rank", str(levers["lora_rank"]),
-            "--group-size-ratio", f"{levers['group_size_ratio']:g}"]  # fmt: skip
-    if not levers["gradient_checkpointing"]:
-        args.append("--no-gradient-checkpointing")
-    if levers["sequence_parallel"] > 1:
-        args += ["--sequence-parallel", str(levers["sequence_parallel"])]
-    if spec.attention != "s2":
-        args += ["--attention", spec.attention]
-    if spec.rope_method:
-        args += ["--rope-method", spec.rope_method]
-    if spec.corpus:
-        args += ["--corpus", *spec.corpus]
-    if spec.max_steps is not None:
-        args += ["--max-steps", str(spec.max_steps)]
-    if spec.seed:
-        args += ["--seed", str(spec.seed)]
-    return shlex.join(args)
+    """The `longpilot` command line that plans exactly this alternative: every lever spelled out, then the request's
+    other choices where they are not Spec's defaults (flags named by agents.language.flags, as the CLI parses them)."""
+    fields = {"base_model": spec.base_model, "target_context": levers["target_context"],
+              "hardware": hardware_arg(hardware), "profile": spec.profile, "precision": levers["precision"],
+              "batch_size": levers["per_device_batch_size"], "grad_accum": levers["gradient_accumulation_steps"],
+              "lora_rank": levers["lora_rank"], "group_size_ratio": levers["group_size_ratio"],
+              "gradient_checkpointing": levers["gradient_checkpointing"]}  # fmt: skip
+    chosen = {"sequence_parallel": levers["sequence_parallel"], "attention": spec.attention,
+              "rope_method": spec.rope_method, "corpus": spec.corpus, "max_steps": spec.max_steps,
+              "seed": spec.seed}  # fmt: skip
+    fields.update((k, v) for k, v in chosen.items() if v != _default(k))
+    return shlex.join(["longpilot", verb, *flag_args(fields)])
+
+
+def _default(field: str) -> Any:
+    return Spec.model_fields[field].get_default(call_default_factory=True)
 
 
 def search_document(spec: Spec, plan: Any, **make_plan_kwargs: Any) -> tuple[list[dict[str, Any]], dict | None]:

@@ -55,8 +55,8 @@ def evaluation_settings(profile: str, native: int, target: int) -> dict[str, Any
         "ppl_tokens": ev.ppl_tokens_per_target * target, "ppl_stride": stride, "depths": list(ev.depths),
         "seeds": list(ev.seeds), "ruler_tasks": _listed(ev.ruler_tasks), "max_new_tokens_cap": ev.max_new_tokens_cap,
         "longqa_max_items": ev.longqa_max_items, "longqa_max_tokens": native if ev.longqa_within_native else None,
-        "rope_only_baseline": ev.rope_only_baseline, "base_tasks": _listed(ev.base_tasks), "tasks": _listed(ev.tasks),
-        "gates": dict(ev.gates),
+        "rope_only_baseline": ev.rope_only_baseline, "base_tasks": _listed(ev.base_tasks),
+        **({"tasks": list(ev.tasks)} if ev.tasks is not None else {}), "gates": dict(ev.gates),
     }  # fmt: skip
 
 

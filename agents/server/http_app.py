@@ -110,9 +110,8 @@ def _usage(result) -> dict[str, int]:
             "total_tokens": result.prompt_tokens + result.completion_tokens}  # fmt: skip
 
 
-def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over one worker; `api_key` set: every /v1 route needs `Authorization: Bearer <key>`."""
-    app = FastAPI(title="LongPilot OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+def _authorisation(api_key: str | None):
+    """The dependency of every /v1 route: with a key set, a request lacking `Authorization: Bearer <key>` is a 401."""
 
     def authorised(request: Request) -> None:
         if api_key is None:
@@ -121,6 +120,12 @@ def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = N
         token = given[7:] if given[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode(), api_key.encode()):  # constant time; the key is never logged
             raise ApiError(401, "missing or incorrect API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    return authorised
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error, ours, FastAPI's and unexpected ones, in OpenAI's shape, so clients can parse them all."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -144,6 +149,10 @@ def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = N
         return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", "server_error").body(),
                             status_code=500)  # fmt: skip
 
+
+def _add_routes(app: FastAPI, worker: ServingWorker, index: ModelsIndex, authorised) -> None:
+    """The health check and the three OpenAI routes, each /v1 one behind `authorised`."""
+
     @app.get("/")
     def health() -> dict[str, str]:
         """Liveness (no key needed, names nothing)."""
@@ -157,51 +166,73 @@ def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = N
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     def chat(body: ChatRequest):
-        _known(body.model)
+        _known(index, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = _tokens(chat_ids, messages, "messages")
-        return _answer(body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        ids = _tokens(worker, chat_ids, messages, "messages")
+        return _answer(worker, body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     def complete(body: CompletionRequest):
-        _known(body.model)
-        return _answer(body, _tokens(text_ids, body.text(), "prompt"), body.max_tokens or 16, chat=False)
+        _known(index, body.model)
+        ids = _tokens(worker, text_ids, body.text(), "prompt")
+        return _answer(worker, body, ids, body.max_tokens or 16, chat=False)
 
-    def _tokens(fn, text, param: str) -> list[int]:
-        """Token ids, or a 400 for text no tokenizer can encode (a lone UTF-16 surrogate survives JSON decoding)."""
-        try:
-            return worker.tokenize(fn, text)
-        except (UnicodeError, TypeError) as err:
-            raise ApiError(400, f"the {param} cannot be tokenised ({type(err).__name__}): is it valid Unicode text? "
-                           "A lone surrogate such as \\ud800 is not", param=param)  # fmt: skip
 
-    def _known(model_id: str) -> None:
-        if not index.knows(model_id):
-            raise ApiError(404, f"the model {model_id!r} does not exist; GET /v1/models lists the served ones",
-                           "not_found_error", "model", "model_not_found")  # fmt: skip
+def _tokens(worker: ServingWorker, fn, text, param: str) -> list[int]:
+    """Token ids, or a 400 for text no tokenizer can encode (a lone UTF-16 surrogate survives JSON decoding)."""
+    try:
+        return worker.tokenize(fn, text)
+    except (UnicodeError, TypeError) as err:
+        raise ApiError(400, f"the {param} cannot be tokenised ({type(err).__name__}): is it valid Unicode text? "
+                       "A lone surrogate such as \\ud800 is not", param=param)  # fmt: skip
 
-    def _answer(body: _Body, ids: list[int], max_tokens: int | None, chat: bool):
-        try:
-            job = worker.submit(body.model, ids, body.params(max_tokens))
-        except ContextLengthError as err:
-            raise ApiError(400, str(err), param="messages" if chat else "prompt", code="context_length_exceeded")
-        except UnknownModelError as err:
-            raise ApiError(404, str(err), "not_found_error", "model", "model_not_found")
-        except ValueError as err:  # SamplingParams' own checks
-            raise ApiError(400, str(err))
-        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": ident, "created": created, "model": body.model}
-        if body.stream:
-            return StreamingResponse(_events(job, head, chat, body.include_usage()), media_type="text/event-stream")
-        try:
-            result = job.result()
-        except Exception as err:
-            raise ApiError(500, f"generation failed: {err}", "server_error")
-        choice = ({"message": {"role": "assistant", "content": result.text}} if chat
-                  else {"text": result.text, "logprobs": None})  # fmt: skip
-        return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [{"index": 0, **choice, "finish_reason": result.finish_reason}], "usage": _usage(result)}
 
+def _known(index: ModelsIndex, model_id: str) -> None:
+    """Refuse a model the server does not serve with OpenAI's 404, pointing at the list of those it does."""
+    if not index.knows(model_id):
+        raise ApiError(404, f"the model {model_id!r} does not exist; GET /v1/models lists the served ones",
+                       "not_found_error", "model", "model_not_found")  # fmt: skip
+
+
+def _submit(worker: ServingWorker, body: _Body, ids: list[int], max_tokens: int | None, chat: bool):
+    """Queue the generation on the worker; its refusals become OpenAI errors (the prompt too long: a 400)."""
+    try:
+        return worker.submit(body.model, ids, body.params(max_tokens))
+    except ContextLengthError as err:
+        raise ApiError(400, str(err), param="messages" if chat else "prompt", code="context_length_exceeded")
+    except UnknownModelError as err:
+        raise ApiError(404, str(err), "not_found_error", "model", "model_not_found")
+    except ValueError as err:  # SamplingParams' own checks
+        raise ApiError(400, str(err))
+
+
+def _answer(worker: ServingWorker, body: _Body, ids: list[int], max_tokens: int | None, chat: bool):
+    """Generate for one request: a server-sent event stream when it asks for one, else the whole answer."""
+    job = _submit(worker, body, ids, max_tokens, chat)
+    ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+    head = {"id": ident, "created": created, "model": body.model}
+    if body.stream:
+        return StreamingResponse(_events(job, head, chat, body.include_usage()), media_type="text/event-stream")
+    return _completion(job, head, chat)
+
+
+def _completion(job, head: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """Wait for the whole text and shape it as one chat.completion or text_completion object, with usage."""
+    try:
+        result = job.result()
+    except Exception as err:
+        raise ApiError(500, f"generation failed: {err}", "server_error")
+    choice = ({"message": {"role": "assistant", "content": result.text}} if chat
+              else {"text": result.text, "logprobs": None})  # fmt: skip
+    return {**head, "object": "chat.completion" if chat else "text_completion",
+            "choices": [{"index": 0, **choice, "finish_reason": result.finish_reason}], "usage": _usage(result)}
+
+
+def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over one worker; `api_key` set: every /v1 route needs `Authorization: Bearer <key>`."""
+    app = FastAPI(title="LongPilot OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
+    _add_routes(app, worker, index, _authorisation(api_key))
     return app
 
 

@@ -25,7 +25,7 @@ class BackgroundRuns:
             if proc is not None and proc.poll() is None:
                 return
             log = open(run_dir / "worker.log", "ab")
-            repo = str(Path(__file__).resolve().parents[1])
+            repo = str(Path(__file__).resolve().parents[2])  # agents/workflow/ -> the repository
             env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
             self._procs[key] = subprocess.Popen(
                 [sys.executable, "-m", "agents.cli", "resume", key, "--yes"],

@@ -168,129 +168,172 @@ def _apply_retry_change(stage: StageSpec, run_dir: Path, overrides: dict[str, An
     return RETRY_CHANGES[stage.retry.change](overrides) if stage.retry.change else "same settings"
 
 
+def _run_role(roles: Roles, stage: StageSpec, run_dir: Path, manifest: Manifest, overrides: dict) -> str | None:
+    """Run the stage's role; None when it finished, else the error text its gate reports (tagged when final)."""
+    try:
+        roles(stage, run_dir, manifest, overrides)
+    except TamperedArtifactError as err:
+        return f"TAMPERED: {err}"
+    except (ValueError, FileNotFoundError) as err:  # bad input or settings: the same again cannot help
+        return f"{NOT_RETRYABLE} {described(err)}"
+    except Exception as err:  # the gate reports it; a retry may fix it (divergence, a flaky device)
+        return described(err)
+    return None
+
+
+def _start_attempt(stage: StageSpec, state: RunState, run_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """Mark the stage running (the same attempt when a killed run resumes inside it); the role's overrides."""
+    resumed = manifest.stages.get(stage.name, {}).get("status") == "running"  # died inside: same attempt
+    manifest.set_stage(stage.name, "running", new_attempt=not resumed)
+    write_run_file(run_dir, status="running", stage=stage.name)
+    feedback = state.get("feedback", {}).get(stage.name)
+    emit(run_dir, {"event": "stage_resumed" if resumed else "stage_started", "stage": stage.name,
+                   "role": stage.role, "feedback": feedback})  # fmt: skip
+    overrides = dict(state.get("overrides", {}).get(stage.name, {}))
+    if feedback:
+        overrides["feedback"] = feedback  # the failed gate's text, for the role (and its LLM, if any)
+    return overrides
+
+
+def _stage_node(stage: StageSpec, roles: Roles):
+    """The node that runs a stage's role, unless an input changed or the stage's verified output can be reused."""
+
+    def run(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+        run_dir = run_dir_of(config)
+        manifest = Manifest(run_dir)
+        errors = dict(state.get("errors", {}))
+        errors.pop(stage.name, None)
+        try:  # inputs first: even a stage that could be reused must not build on a changed input
+            for name in stage.consumes:
+                manifest.verify(name)
+        except TamperedArtifactError as err:
+            errors[stage.name] = f"TAMPERED: {err}"
+            return {"errors": errors}
+        if _stage_verified(manifest, stage):
+            emit(run_dir, {"event": "stage_reused", "stage": stage.name})
+            return {"errors": errors}
+        overrides = _start_attempt(stage, state, run_dir, manifest)
+        if (error := _run_role(roles, stage, run_dir, manifest, overrides)) is not None:
+            errors[stage.name] = error
+        return {"errors": errors}
+
+    return run
+
+
+def _gate_passed(stage: StageSpec, state: RunState, manifest: Manifest, gates: dict[str, str]) -> dict:
+    """The state update of a passed gate: the stage's artifacts, by path and hash, for the stages after it."""
+    artifacts = dict(state.get("artifacts", {}))
+    for art in stage.produces:
+        entry = manifest.artifacts[art.name]
+        artifacts[art.name] = {"path": entry["path"], "sha256": entry["sha256"]}
+    return {"gates": {**gates, stage.name: "passed"}, "artifacts": artifacts}
+
+
+def _gate_retry(stage: StageSpec, state: RunState, run_dir: Path, gates: dict[str, str], attempts: int,
+                failure: str) -> dict:  # fmt: skip
+    """The state update that sends a failed stage back: its settings changed for the retry, the failure as feedback."""
+    overrides = {k: dict(v) for k, v in state.get("overrides", {}).items()}
+    change = _apply_retry_change(stage, run_dir, overrides.setdefault(stage.name, {}))
+    emit(run_dir, {"event": "retry", "stage": stage.name, "attempt": attempts + 1, "change": change,
+                   "failure": failure})  # fmt: skip
+    feedback = {**state.get("feedback", {}), stage.name: failure}
+    return {"gates": {**gates, stage.name: "retry"}, "overrides": overrides, "feedback": feedback}
+
+
+def _gate_failed(stage: StageSpec, run_dir: Path, gates: dict[str, str], attempts: int, failure: str) -> dict:
+    """The state update that ends the run at a stage out of attempts (or whose error no retry can fix)."""
+    reason = f"stage {stage.name} failed after {attempts} attempt(s): {failure}"
+    write_run_file(run_dir, status="failed", stage=stage.name, failure=reason)
+    emit(run_dir, {"event": "run_failed", "stage": stage.name, "failure": reason})
+    return {"gates": {**gates, stage.name: "failed"}, "status": "failed", "failure": reason}
+
+
+def _verify_node(stage: StageSpec):
+    """The gate after a stage: check what it produced, then pass it, send it back for a retry, or fail the run."""
+
+    def run(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+        run_dir = run_dir_of(config)
+        manifest = Manifest(run_dir)
+        error = state.get("errors", {}).get(stage.name)
+        gates = dict(state.get("gates", {}))
+        emit(run_dir, {"event": "verifying", "stage": stage.name})
+        if error is None and _stage_verified(manifest, stage):
+            return {"gates": {**gates, stage.name: "passed"}}
+        results = _verify_artifacts(stage, run_dir, manifest, error)
+        passed = all(r["passed"] for r in results) and bool(results)
+        emit(run_dir, {"event": "gate", "stage": stage.name, "passed": passed, "checks": results})
+        manifest.set_stage(stage.name, "passed" if passed else "failed")
+        if passed:
+            return _gate_passed(stage, state, manifest, gates)
+        failure = "; ".join(f"{r['name']}: {r['detail']}" for r in results if not r["passed"])
+        attempts = manifest.stages[stage.name]["attempts"]
+        final = error is not None and error.startswith(("TAMPERED", NOT_RETRYABLE))
+        if not final and attempts <= stage.retry.limit:
+            return _gate_retry(stage, state, run_dir, gates, attempts, failure)
+        return _gate_failed(stage, run_dir, gates, attempts, failure)
+
+    return run
+
+
+def _approve_node(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+    """Ask for approval of the plan (an `interrupt`), unless the run was started with --yes; a refusal ends the run."""
+    run_dir = run_dir_of(config)
+    if state.get("auto_approve"):
+        emit(run_dir, {"event": "plan_approved", "by": "--yes"})
+        return {}
+    write_run_file(run_dir, status="awaiting_approval", stage="plan")
+    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    decision = interrupt({"question": "Approve this plan?", "plan_card": planner.plan_card(plan)})
+    if isinstance(decision, dict) and decision.get("approved"):
+        emit(run_dir, {"event": "plan_approved", "by": decision.get("by", "user")})
+        write_run_file(run_dir, status="running", stage="plan")
+        return {}
+    reason = (decision or {}).get("reason", "no reason given") if isinstance(decision, dict) else str(decision)
+    write_run_file(run_dir, status="rejected", stage="plan", failure=f"plan rejected: {reason}")
+    emit(run_dir, {"event": "plan_rejected", "reason": reason})
+    return {"status": "rejected", "failure": f"plan rejected: {reason}"}
+
+
+def _finish_node(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
+    """Mark the run passed once the last stage's gate has."""
+    run_dir = run_dir_of(config)
+    write_run_file(run_dir, status="passed", stage=None, failure=None)
+    emit(run_dir, {"event": "run_passed"})
+    return {"status": "passed"}
+
+
+def _gate_route(name: str, nxt: str):
+    """Where a gate's verdict leads: on to `nxt`, back to the stage for a retry, or to END."""
+
+    def route(state: RunState) -> str:  # named `route`: langgraph names the branch after it
+        verdict: Literal["passed", "retry", "failed"] = state["gates"][name]
+        return {"passed": nxt, "retry": name, "failed": END}[verdict]
+
+    return route
+
+
+def _add_stage(graph: StateGraph, stage: StageSpec, roles: Roles, after: str) -> None:
+    """Wire one stage into the graph: its node, its gate, its approval if it asks one, and where each leads."""
+    graph.add_node(stage.name, _stage_node(stage, roles))
+    graph.add_node(f"verify_{stage.name}", _verify_node(stage))
+    graph.add_edge(stage.name, f"verify_{stage.name}")
+    if stage.approval:
+        graph.add_node(f"approve_{stage.name}", _approve_node)
+        graph.add_conditional_edges(
+            f"approve_{stage.name}", lambda s, nxt=after: END if s.get("status") == "rejected" else nxt,
+            [after, END],
+        )  # fmt: skip
+        after = f"approve_{stage.name}"
+    graph.add_conditional_edges(f"verify_{stage.name}", _gate_route(stage.name, after), [after, stage.name, END])
+
+
 def build_graph(sop: Sop, roles: Roles, checkpointer) -> Any:
     """Compile the SOP into a langgraph graph (see the module docstring for its shape)."""
     graph = StateGraph(RunState)
     names = [s.name for s in sop.stages]
-
-    def stage_node(stage: StageSpec):
-        def run(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
-            run_dir = run_dir_of(config)
-            manifest = Manifest(run_dir)
-            errors = dict(state.get("errors", {}))
-            errors.pop(stage.name, None)
-            try:  # inputs first: even a stage that could be reused must not build on a changed input
-                for name in stage.consumes:
-                    manifest.verify(name)
-            except TamperedArtifactError as err:
-                errors[stage.name] = f"TAMPERED: {err}"
-                return {"errors": errors}
-            if _stage_verified(manifest, stage):
-                emit(run_dir, {"event": "stage_reused", "stage": stage.name})
-                return {"errors": errors}
-            resumed = manifest.stages.get(stage.name, {}).get("status") == "running"  # died inside: same attempt
-            manifest.set_stage(stage.name, "running", new_attempt=not resumed)
-            write_run_file(run_dir, status="running", stage=stage.name)
-            feedback = state.get("feedback", {}).get(stage.name)
-            emit(run_dir, {"event": "stage_resumed" if resumed else "stage_started", "stage": stage.name,
-                           "role": stage.role, "feedback": feedback})  # fmt: skip
-            overrides = dict(state.get("overrides", {}).get(stage.name, {}))
-            if feedback:
-                overrides["feedback"] = feedback  # the failed gate's text, for the role (and its LLM, if any)
-            try:
-                roles(stage, run_dir, manifest, overrides)
-            except TamperedArtifactError as err:
-                errors[stage.name] = f"TAMPERED: {err}"
-            except (ValueError, FileNotFoundError) as err:  # bad input or settings: the same again cannot help
-                errors[stage.name] = f"{NOT_RETRYABLE} {described(err)}"
-            except Exception as err:  # the gate reports it; a retry may fix it (divergence, a flaky device)
-                errors[stage.name] = described(err)
-            return {"errors": errors}
-
-        return run
-
-    def verify_node(stage: StageSpec):
-        def run(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
-            run_dir = run_dir_of(config)
-            manifest = Manifest(run_dir)
-            error = state.get("errors", {}).get(stage.name)
-            gates = dict(state.get("gates", {}))
-            emit(run_dir, {"event": "verifying", "stage": stage.name})
-            if error is None and _stage_verified(manifest, stage):
-                gates[stage.name] = "passed"
-                return {"gates": gates}
-            results = _verify_artifacts(stage, run_dir, manifest, error)
-            passed = all(r["passed"] for r in results) and bool(results)
-            emit(run_dir, {"event": "gate", "stage": stage.name, "passed": passed, "checks": results})
-            manifest.set_stage(stage.name, "passed" if passed else "failed")
-            artifacts = dict(state.get("artifacts", {}))
-            if passed:
-                for art in stage.produces:
-                    entry = manifest.artifacts[art.name]
-                    artifacts[art.name] = {"path": entry["path"], "sha256": entry["sha256"]}
-                gates[stage.name] = "passed"
-                return {"gates": gates, "artifacts": artifacts}
-            failure = "; ".join(f"{r['name']}: {r['detail']}" for r in results if not r["passed"])
-            attempts = manifest.stages[stage.name]["attempts"]
-            final = error is not None and error.startswith(("TAMPERED", NOT_RETRYABLE))
-            if not final and attempts <= stage.retry.limit:
-                overrides = {k: dict(v) for k, v in state.get("overrides", {}).items()}
-                change = _apply_retry_change(stage, run_dir, overrides.setdefault(stage.name, {}))
-                emit(run_dir, {"event": "retry", "stage": stage.name, "attempt": attempts + 1, "change": change,
-                               "failure": failure})  # fmt: skip
-                gates[stage.name] = "retry"
-                feedback = {**state.get("feedback", {}), stage.name: failure}
-                return {"gates": gates, "overrides": overrides, "feedback": feedback}
-            gates[stage.name] = "failed"
-            reason = f"stage {stage.name} failed after {attempts} attempt(s): {failure}"
-            write_run_file(run_dir, status="failed", stage=stage.name, failure=reason)
-            emit(run_dir, {"event": "run_failed", "stage": stage.name, "failure": reason})
-            return {"gates": gates, "status": "failed", "failure": reason}
-
-        return run
-
-    def approve_node(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
-        run_dir = run_dir_of(config)
-        if state.get("auto_approve"):
-            emit(run_dir, {"event": "plan_approved", "by": "--yes"})
-            return {}
-        write_run_file(run_dir, status="awaiting_approval", stage="plan")
-        plan = json.loads((run_dir / PLAN_FILE).read_text())
-        decision = interrupt({"question": "Approve this plan?", "plan_card": planner.plan_card(plan)})
-        if isinstance(decision, dict) and decision.get("approved"):
-            emit(run_dir, {"event": "plan_approved", "by": decision.get("by", "user")})
-            write_run_file(run_dir, status="running", stage="plan")
-            return {}
-        reason = (decision or {}).get("reason", "no reason given") if isinstance(decision, dict) else str(decision)
-        write_run_file(run_dir, status="rejected", stage="plan", failure=f"plan rejected: {reason}")
-        emit(run_dir, {"event": "plan_rejected", "reason": reason})
-        return {"status": "rejected", "failure": f"plan rejected: {reason}"}
-
-    def finish_node(state: RunState, config) -> dict:  # config: untyped, so langgraph passes it
-        run_dir = run_dir_of(config)
-        write_run_file(run_dir, status="passed", stage=None, failure=None)
-        emit(run_dir, {"event": "run_passed"})
-        return {"status": "passed"}
-
     for i, stage in enumerate(sop.stages):
-        graph.add_node(stage.name, stage_node(stage))
-        graph.add_node(f"verify_{stage.name}", verify_node(stage))
-        graph.add_edge(stage.name, f"verify_{stage.name}")
-        after = names[i + 1] if i + 1 < len(names) else "finish"
-        if stage.approval:
-            graph.add_node(f"approve_{stage.name}", approve_node)
-            graph.add_conditional_edges(
-                f"approve_{stage.name}", lambda s, nxt=after: END if s.get("status") == "rejected" else nxt,
-                [after, END],
-            )  # fmt: skip
-            after = f"approve_{stage.name}"
-
-        def route(state: RunState, name=stage.name, nxt=after) -> str:
-            verdict: Literal["passed", "retry", "failed"] = state["gates"][name]
-            return {"passed": nxt, "retry": name, "failed": END}[verdict]
-
-        graph.add_conditional_edges(f"verify_{stage.name}", route, [after, stage.name, END])
-    graph.add_node("finish", finish_node)
+        _add_stage(graph, stage, roles, after=names[i + 1] if i + 1 < len(names) else "finish")
+    graph.add_node("finish", _finish_node)
     graph.add_edge("finish", END)
     graph.add_edge(START, names[0])
     return graph.compile(checkpointer=checkpointer)

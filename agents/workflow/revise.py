@@ -32,7 +32,9 @@ from sop.layout import PLAN_FILE, SPEC_FILE
 from sop.schemas import Spec
 
 _RANK = re.compile(r"\b(?:lora\s+)?(?:rank|r)\s*(?:=|of|to)?\s*(\d{1,4})\b")
-_GPUS = re.compile(rf"\b(?:(?:only|just|on|use|with)\s*)?{grammar.GPUS}")  # "only 2 GPUs", "on two cards"
+_GPUS = re.compile(rf"\b(?:(?:only|just|on|use|with)\s*)?{grammar.DEVICE_COUNT}")  # "only 2 GPUs", "on 4 cards"
+# A bare number is a new target from four digits on: "within 600 minutes" or "use 600" asks no context.
+SHORTEST_BARE_TARGET = 1000
 _HOURS = re.compile(r"\b(?:finish|done|complete|within|under|in|budget(?:\s+of)?)\s+(?:in\s+)?(\d{1,5}(?:\.\d+)?)\s*"
                     r"(?:h|hrs?|hours?)\b")  # fmt: skip
 _ATTENTION = re.compile(r"\b(?:with\s+)?(full|dense|s2)(?:[\s-]*attn|[\s-]*attention)\b|\bs2-attn\b")
@@ -101,7 +103,8 @@ def parse_revision(text: str, spec: Spec) -> Revision:
     take(_PRECISION, "precision", lambda m: "bf16" if m.group(1).startswith("b") else "fp32")
     take(_ATTENTION, "attention", lambda m: "full" if (m.group(1) or "s2") in ("full", "dense") else "s2")
     take(_ROPE, "rope_method", lambda m: m.group(1) or ROPE_METHOD_ALIASES[m.group(2)])
-    if found := next(((m, n) for m, n in grammar.lengths(rest) if grammar.stands_alone(rest, m, n)), None):
+    targets = ((m, n) for m, n in grammar.lengths(rest) if grammar.stands_alone(rest, m, n, SHORTEST_BARE_TARGET))
+    if found := next(targets, None):
         m, tokens = found
         end = (grammar.TOKENS_AFTER.match(rest, m.end()) or m).end()  # "100,000 tokens" is what was asked
         fields["target_context"], said["target_context"] = tokens, text[m.start() : end].strip()

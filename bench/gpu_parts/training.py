@@ -32,8 +32,7 @@ MFU_FORMULA = (
 
 class TokenRows:
     """An in-memory token dataset with the surface `engine.training.train` reads (column_names, len, row and column
-    access),
-    so training needs no `datasets` package (GPU images may lack it)."""
+    access), so training needs no `datasets` package (GPU images may lack it)."""
 
     def __init__(self, rows: list[list[int]]) -> None:
         self.rows = rows

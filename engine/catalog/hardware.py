@@ -1,7 +1,5 @@
-"""The hardware half of the torch-free catalog: GPU profiles, their throughput and interconnects, and the published
-run the throughput is calibrated on. `engine.catalog` re-exports every name, so `from engine.catalog import HARDWARE`
-keeps working; it lives apart because the catalog had reached its 400-line limit when the interconnects came in.
-"""
+"""Hardware in the torch-free catalog: GPU profiles, their throughput and interconnects, and the published run the
+throughput is calibrated on. `engine.catalog` re-exports every name (`from engine.catalog import HARDWARE`)."""
 
 from __future__ import annotations
 
@@ -23,8 +21,8 @@ class HardwareProfile:
     host_link_gb_s: float = 25.0  # host<->GPU GB/s for ZeRO offload: PCIe 4.0 x16 is 32 GB/s a direction, ~25 achieved
     # Interconnects, for sequence parallelism's all-to-alls (engine.planning.sequence_parallel): an HGX/DGX node joins
     # 8 GPUs by NVLink/NVSwitch; A100 SXM NVLink 3 is 600 GB/s bidirectional (300 a direction), H100 SXM NVLink 4 900
-    # (450). Between nodes, DGX A100 has one 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s), DGX H100 one 400 Gb/s NDR
-    # (50).
+    # (450). Between nodes, DGX A100 has one 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s), DGX H100 one 400 Gb/s
+    # NDR (50).
     gpus_per_node: int = 8
     intra_node_gb_s: float = 300.0  # per GPU, a direction (datasheet; nccl-tests all-to-all reach ~70-80% of it)
     inter_node_gb_s: float = 25.0  # per GPU, a direction
@@ -60,8 +58,8 @@ A100_MFU = round(_LONGLORA.steps * _LONGLORA.global_batch * _LONGLORA.target_con
 H100_MFU = 0.40
 # Measured: SmolLM2-135M, fwd+bwd with S2-Attn and gradient checkpointing at 16k tokens, fp32, 2-core CPU ran 55-60
 # tokens/s (runs/demo/*/train/metrics.jsonl). Effective FLOP/s = 57.5 tokens/s * 1,451,261,952 FLOPs a token
-# (engine.planning.plan.train_flops_per_token(smollm2, 16k), recomputation included; tests/engine/test_plan.py checks
-# it).
+# (engine.planning.plan.train_flops_per_token(smollm2, 16k), recomputation included; checked by
+# tests/engine/test_plan.py).
 CPU_MEASURED_TOKENS_PER_S = 57.5
 CPU_EFFECTIVE_TFLOPS = CPU_MEASURED_TOKENS_PER_S * 1_451_261_952 / 1e12
 HARDWARE: dict[str, HardwareProfile] = {

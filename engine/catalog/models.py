@@ -109,9 +109,9 @@ def configured_context(max_position_embeddings: int, rope: Mapping[str, Any] | N
 def architecture_problem(cfg: Mapping[str, Any], target_context: int | None = None) -> str | None:
     """Why S2-Attn, RoPE extension and LoRA+ cannot train this config to `target_context` (one line), or None: the
     one check behind `arch_from_config_json` (plain JSON) and `engine.model.loading.check_supported` (a transformers
-    config's
-    `to_dict()`). A sliding window is refused only when active and shorter than the context to attend over (the
-    target, else `max_position_embeddings`): tokens beyond it would never be attended, so it would be no extension.
+    config's `to_dict()`). A sliding window is refused only when active and shorter than the context to attend over
+    (the target, else `max_position_embeddings`): tokens beyond it would never be attended, so it would be no
+    extension.
     """
     model_type = cfg.get("model_type")
     if model_type in REFUSED_FAMILIES:

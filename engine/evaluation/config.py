@@ -13,32 +13,74 @@ from engine.evaluation.ruler import RULER_TASKS
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how. Lengths are in model tokens; depths are fractions of the haystack."""
+    """What to evaluate and how. Lengths are in model tokens; depths are fractions of the haystack.
 
-    output_dir: str
-    models: tuple[ModelUnderTest, ...] = ()
-    lengths: tuple[int, ...] = (2048, 4096, 8192)
-    tasks: tuple[str, ...] = field(default_factory=task_names)  # every registered task
-    depths: tuple[float, ...] = LONGLORA.evaluation.depths  # LongLoRA's evaluation: the standard profile's
-    seeds: tuple[int, ...] = LONGLORA.evaluation.seeds
-    ruler_tasks: tuple[str, ...] = RULER_TASKS
-    ppl_stride: int = LONGLORA.evaluation.ppl_stride  # type: ignore[assignment]  # a number in the standard profile
-    ppl_tokens: int | None = None  # held-out tokens scored per length; default: the standard profile's x the longest
-    ppl_files: tuple[str, ...] | None = None  # held-out files; default the dataset's eval split
-    data_dir: str | None = None  # a LongPilot dataset (engine.data); its eval split feeds long-QA and perplexity
-    native_length: int | None = None  # default: the reference model's pre-training context
-    target_length: int | None = None  # default: the longest length
-    reference: str | None = None  # model the candidate is compared with; default the first
-    candidate: str | None = None  # model the gate judges; default the last
-    gates: dict[str, float] = field(default_factory=dict)
-    effective_threshold: float | None = None  # default: the reference's RULER average at the native length
-    batch_size: int = 1
-    max_new_tokens_cap: int | None = None  # cap RULER's generation budgets (CPU smoke runs)
-    longqa_max_items: int | None = None
-    longqa_max_tokens: int | None = None  # only QA records up to this many tokens (CPU smoke runs)
-    task_lengths: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-task subset of `lengths`
-    device: str | None = None
-    progress: bool = True
+    Each field's `metadata["help"]` says what it is, and what None means where None is its default: `longpilot eval`
+    shows it as the flag's help (agents.cli.eval_flags derives the flags from these fields).
+    """
+
+    output_dir: str = field(metadata={"help": "output directory for eval_report.json and plots"})
+    models: tuple[ModelUnderTest, ...] = field(
+        default=(), metadata={"help": "the models to evaluate: the first is the reference, the last the candidate"}
+    )
+    lengths: tuple[int, ...] = field(
+        default=(2048, 4096, 8192), metadata={"help": "context lengths to evaluate at, in tokens"}
+    )
+    tasks: tuple[str, ...] = field(  # every registered task
+        default_factory=task_names, metadata={"help": "registered evaluation tasks to run"}
+    )
+    depths: tuple[float, ...] = field(  # LongLoRA's evaluation: the standard profile's
+        default=LONGLORA.evaluation.depths, metadata={"help": "passkey needle depths, fractions in [0, 1]"}
+    )
+    seeds: tuple[int, ...] = field(
+        default=LONGLORA.evaluation.seeds, metadata={"help": "seeds of the passkey and RULER items"}
+    )
+    ruler_tasks: tuple[str, ...] = field(default=RULER_TASKS, metadata={"help": "RULER-lite tasks to run"})
+    ppl_stride: int = field(  # a number in the standard profile
+        default=LONGLORA.evaluation.ppl_stride,  # type: ignore[assignment]
+        metadata={"help": "perplexity's sliding-window stride, in tokens"},
+    )
+    ppl_tokens: int | None = field(
+        default=None,
+        metadata={"help": "held-out tokens scored per length (default: the standard profile's x the longest length)"},
+    )
+    ppl_files: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "held-out files for perplexity (default: the dataset's eval split)"}
+    )
+    data_dir: str | None = field(  # engine.data's layout
+        default=None, metadata={"help": "LongPilot dataset directory: its eval split feeds long-QA and perplexity"}
+    )
+    native_length: int | None = field(
+        default=None, metadata={"help": "the native context (default: the reference model's pre-training context)"}
+    )
+    target_length: int | None = field(
+        default=None, metadata={"help": "the extended context, one of the lengths (default: the longest)"}
+    )
+    reference: str | None = field(
+        default=None, metadata={"help": "model the candidate is compared with (default: the first)"}
+    )
+    candidate: str | None = field(default=None, metadata={"help": "model the gate judges (default: the last)"})
+    gates: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "a registered gate and its threshold, e.g. passkey_min=0.95"}
+    )
+    effective_threshold: float | None = field(
+        default=None,
+        metadata={"help": "RULER average for the effective length (default: the reference's at the native length)"},
+    )
+    batch_size: int = field(default=1, metadata={"help": "sequences per forward pass"})
+    max_new_tokens_cap: int | None = field(
+        default=None, metadata={"help": "cap on RULER's generation budgets (CPU smoke runs)"}
+    )
+    longqa_max_items: int | None = field(default=None, metadata={"help": "long-QA records to score (default: all)"})
+    longqa_max_tokens: int | None = field(
+        default=None, metadata={"help": "only QA records up to this many tokens (CPU smoke runs)"}
+    )
+    task_lengths: dict[str, tuple[int, ...]] = field(
+        default_factory=dict,
+        metadata={"help": "evaluate a length task (perplexity, passkey, ruler) at a subset of the lengths only"},
+    )
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on the terminal"})
 
     def __post_init__(self) -> None:
         problems = []

@@ -38,7 +38,7 @@ from engine.catalog import per_layer_rope, rope_type_of
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-# What the readers above cannot reproduce, by rope_type: said at export, and in the README.
+# What the readers above cannot reproduce, by rope_type: said at export, and in docs/serving.md.
 TOOL_LIMITS: dict[str, str] = {
     "dynamic": "vLLM's DynamicNTKScalingRotaryEmbedding computes its NTK base at max_len = max_position_embeddings x "
     "factor, where the ratio cancels and the base stays unchanged (plain RoPE), and llama.cpp's converter writes no "

@@ -14,7 +14,7 @@ Exact semantics (pinned by tests against an independent dense float64 reference)
   G_t = target_context, so every batch is plain causal; the legacy rule still split the shifted heads at L/2.);
 * the last floor(H/2) query heads are *shifted*; the others are not (odd H works, GQA works). Under Ulysses
   sequence parallelism the function is given a block of heads over the whole sequence; H and the choice are then
-  the model's *global* ones (`engine.training.sequence_parallel.global_head_offset`), so P ranks together equal one;
+  the model's *global* ones (`engine.model.head_shards.global_head_offset`), so P ranks together equal one;
 * unshifted heads attend causally inside [kG, (k+1)G); shifted heads inside [0, G//2), [G//2 + kG, G//2 + (k+1)G);
   the last segment of each kind is what remains. Nothing wraps around the end (the reference LongLoRA roll lets
   the first tokens see the last ones: future-token leakage);

@@ -208,6 +208,131 @@ class Plan:
         return json.loads(json.dumps(out))  # tuples -> lists, as the JSON file will hold
 
 
+def _profile_to_run(profile: Profile | str, hw: HardwareProfile) -> Profile:
+    """The profile as it will run: the one given or the built-in its name picks (a typo is refused with the names),
+    in fp32 on a CPU, where bf16 matmuls are slow."""
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}: use one of {', '.join(PROFILES)}")
+        profile = PROFILES[profile]
+    return profile if hw.gpu else replace(profile, precision="fp32")
+
+
+def _check_target(a: ArchConfig, target_context: int) -> None:
+    """Refuse a target that extends nothing, that the model's attention windows rule out, or that is past planning."""
+    if target_context <= a.native_context:
+        raise ValueError(f"target context {target_context} must exceed {a.name}'s native {a.native_context}")
+    if window_problem := arch_target_problem(a, target_context):
+        raise ValueError(window_problem)
+    if target_context > MAX_TARGET_CONTEXT:
+        raise ValueError(f"target context {target_context:,} is beyond the {MAX_TARGET_CONTEXT:,} tokens LongPilot "
+                         f"plans for: choose a target of at most {MAX_TARGET_CONTEXT:,}")  # fmt: skip
+
+
+def _check_choices(rope_method: str, attention: str) -> None:
+    """Refuse a RoPE method or attention mode the engine does not implement, naming the ones it does."""
+    if rope_method not in ROPE_METHODS:
+        raise ValueError(f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_METHODS)}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(ATTENTION_MODES)}")
+
+
+def _checked_group_size(
+    a: ArchConfig, hw: HardwareProfile, target_context: int, rope_method: str, attention: str,
+    group_size_ratio: float, sequence_parallel: int,
+) -> int:
+    """Refuse a request that cannot be planned (in the order make_plan's Raises lists), else its S2 group size."""
+    _check_target(a, target_context)
+    _check_choices(rope_method, attention)
+    group = group_size(target_context, group_size_ratio)  # raises on a ratio outside (0, 1]
+    if sp_error := sp_problem(a, hw.n_devices, sequence_parallel, target_context):
+        raise ValueError(sp_error)
+    return group
+
+
+def _cheapest_fitting_stage(
+    a: ArchConfig, hw: HardwareProfile, profile: Profile, target_context: int, lora: LoraPlusConfig, zero: str | None,
+    checkpointing: bool, sequence_parallel: int,
+) -> tuple[str, MemoryEstimate]:
+    """The DeepSpeed stage and its memory: `zero` if given, else the cheapest that fits, else the last one tried."""
+    n, batch, sp = hw.n_devices, profile.per_device_batch_size, sequence_parallel
+    # Ulysses runs on DeepSpeed: P > 1 takes a ZeRO stage whatever the profile says
+    stages = (zero,) if zero else ZERO_STAGES if n > 1 and (profile.use_deepspeed or sp > 1) else ("none",)
+    for stage in stages:  # the first that fits, else the last
+        memory = memory_per_device(
+            a, target_context, batch=batch, precision=profile.precision, zero=stage, n_devices=n, lora=lora,
+            runtime_overhead_gib=hw.runtime_overhead_gib, checkpointing=checkpointing, sequence_parallel=sp,
+        )  # fmt: skip
+        if memory.total_gib <= hw.memory_gib:
+            break
+    return stage, memory
+
+
+def _transfer_seconds(
+    a: ArchConfig, hw: HardwareProfile, profile: Profile, target_context: int, stage: str, checkpointing: bool,
+    sequence_parallel: int,
+) -> tuple[float, float]:
+    """Seconds a step spends moving data rather than computing: (ZeRO-3 offload weight traffic, the all-to-alls)."""
+    w = 2 if profile.precision == "bf16" else 4
+    batch, accum = profile.per_device_batch_size, profile.gradient_accumulation_steps
+    offload = offload_seconds_per_step(total_params(a), w, hw, accum, checkpointing) * (stage == "zero3_offload")
+    swaps = all_to_all_seconds(a, hw, sequence_parallel, target_context, batch * accum, w, checkpointing)
+    return offload, swaps
+
+
+def _records_per_step(hw: HardwareProfile, profile: Profile, sequence_parallel: int) -> int:
+    """Sequences one optimizer step consumes: n / P data-parallel replicas x per-device batch x accumulation."""
+    return hw.n_devices // sequence_parallel * profile.per_device_batch_size * profile.gradient_accumulation_steps
+
+
+def _train_flops_by_attention(
+    a: ArchConfig, target_context: int, group_size_ratio: float, lora: LoraPlusConfig, checkpointing: bool
+) -> dict[str, float]:
+    """Train FLOPs per token under each attention mode, so the plan prices S2-Attn and full attention side by side."""
+    return {m: train_flops_per_token(a, target_context, group_size_ratio if m == "s2" else None, lora, checkpointing)
+            for m in ATTENTION_MODES}  # fmt: skip
+
+
+def _default_output_dir(a: ArchConfig, target_context: int) -> str:
+    """runs/<model>-<size>: a name that says what was extended to what (32768 -> 32k, 100000 -> 100k)."""
+    size = f"{target_context // 1024}k" if target_context % 1024 == 0 else f"{round(target_context / 1000)}k"
+    return f"runs/{a.name.replace('/', '-')}-{size}"
+
+
+def _base_model(arch: ArchConfig | str, a: ArchConfig, base_model_ref: str | None) -> str:
+    """What training loads: the ref given, else the model dir a config.json came from, else the built-in's weights."""
+    if base_model_ref is None and isinstance(arch, str) and arch not in BUILTIN_ARCHS:  # a model dir or config.json
+        base_model_ref = arch if Path(arch).is_dir() else str(Path(arch).parent)
+    return base_model_ref or BASE_MODEL_REFS.get(a.name, a.name)
+
+
+def _schedule(profile: Profile) -> dict[str, Any]:
+    """The profile's optimisation settings that TrainConfig takes as they are."""
+    return {k: getattr(profile, k) for k in SCHEDULE_FIELDS}
+
+
+def _plan_notes(
+    a: ArchConfig, hw: HardwareProfile, attention: str, stage: str, offload: float, swaps: float, checkpointing: bool,
+    sequence_parallel: int, target_context: int,
+) -> list[str]:
+    """What a reader of the plan should know about how its numbers were reached."""
+    recompute = " + recompute" * checkpointing
+    notes = [f"wall time: forward + input gradients + LoRA weight gradients{recompute} (engine.planning.cost)"]
+    if attention == "full":
+        notes.append("full attention in training (no S2-Attn): attention FLOPs x1/ratio, LongLoRA's use_full_attn")
+    if stage == "zero3_offload":
+        notes.append(f"ZeRO-3 offload: {offload:,.0f} s a step of host<->GPU weight traffic counted, not overlapped")
+    return notes + sp_notes(a, hw, sequence_parallel, target_context, swaps)
+
+
+def _data_sizes(profile: Profile, hw: HardwareProfile, sequence_parallel: int) -> dict[str, int]:
+    """Records to prepare: the profile's, and at least one optimizer step's worth of distinct training records."""
+    n, sp = hw.n_devices, sequence_parallel
+    batch, accum = profile.per_device_batch_size, profile.gradient_accumulation_steps
+    return {"n_train": max(profile.n_train or profile.max_steps * n // sp * batch * accum, n // sp * batch * accum),
+            "n_eval": profile.n_eval}  # fmt: skip
+
+
 def make_plan(
     arch: ArchConfig | str,
     target_context: int,
@@ -238,79 +363,34 @@ def make_plan(
         ValueError: unknown arch/profile/hardware/RoPE method, target <= native context or above MAX_TARGET_CONTEXT,
             or a ratio outside (0, 1], or a sequence-parallel degree the model or device count does not allow.
     """
-    ref = arch if isinstance(arch, str) else None
     a = resolve_arch(arch) if isinstance(arch, str) else arch
     hw = resolve_hardware(hardware)
-    if isinstance(profile, str):
-        if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}: use one of {', '.join(PROFILES)}")
-        profile = PROFILES[profile]
-    if target_context <= a.native_context:
-        raise ValueError(f"target context {target_context} must exceed {a.name}'s native {a.native_context}")
-    if window_problem := arch_target_problem(a, target_context):
-        raise ValueError(window_problem)
-    if target_context > MAX_TARGET_CONTEXT:
-        raise ValueError(f"target context {target_context:,} is beyond the {MAX_TARGET_CONTEXT:,} tokens LongPilot "
-                         f"plans for: choose a target of at most {MAX_TARGET_CONTEXT:,}")  # fmt: skip
-    if rope_method not in ROPE_METHODS:
-        raise ValueError(f"unknown rope_method {rope_method!r}: use one of {', '.join(ROPE_METHODS)}")
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(ATTENTION_MODES)}")
-    group = group_size(target_context, group_size_ratio)  # raises on a ratio outside (0, 1]
-    if sp_error := sp_problem(a, hw.n_devices, sequence_parallel, target_context):
-        raise ValueError(sp_error)
-
-    if not hw.gpu:
-        profile = replace(profile, precision="fp32")  # bf16 matmuls are slow on CPU
-    n, batch, accum = hw.n_devices, profile.per_device_batch_size, profile.gradient_accumulation_steps
-    sp = sequence_parallel  # Ulysses runs on DeepSpeed: P > 1 takes a ZeRO stage whatever the profile says
-    stages = (zero,) if zero else ZERO_STAGES if n > 1 and (profile.use_deepspeed or sp > 1) else ("none",)
-    for stage in stages:  # the first that fits, else the last
-        memory = memory_per_device(
-            a, target_context, batch=batch, precision=profile.precision, zero=stage, n_devices=n, lora=lora,
-            runtime_overhead_gib=hw.runtime_overhead_gib, checkpointing=gradient_checkpointing, sequence_parallel=sp,
-        )  # fmt: skip
-        if memory.total_gib <= hw.memory_gib:
-            break
-
-    tokens_per_step = n // sp * batch * accum * target_context  # n / P data-parallel replicas
-    flops = {m: train_flops_per_token(a, target_context, group_size_ratio if m == "s2" else None, lora,
-                                      gradient_checkpointing) for m in ATTENTION_MODES}  # fmt: skip
-    w, ckpt = 2 if profile.precision == "bf16" else 4, gradient_checkpointing
-    offload = offload_seconds_per_step(total_params(a), w, hw, accum, ckpt) * (stage == "zero3_offload")
-    swaps = all_to_all_seconds(a, hw, sp, target_context, batch * accum, w, ckpt)
+    profile = _profile_to_run(profile, hw)
+    group = _checked_group_size(a, hw, target_context, rope_method, attention, group_size_ratio, sequence_parallel)
+    sp, ckpt = sequence_parallel, gradient_checkpointing
+    stage, memory = _cheapest_fitting_stage(a, hw, profile, target_context, lora, zero, ckpt, sp)
+    tokens_per_step = _records_per_step(hw, profile, sp) * target_context
+    flops = _train_flops_by_attention(a, target_context, group_size_ratio, lora, ckpt)
+    offload, swaps = _transfer_seconds(a, hw, profile, target_context, stage, ckpt, sp)
     costs = step_costs(hw, profile.precision, tokens_per_step, profile.max_steps, flops, offload + swaps)
-    size = f"{target_context // 1024}k" if target_context % 1024 == 0 else f"{round(target_context / 1000)}k"
-    out_dir = output_dir or f"runs/{a.name.replace('/', '-')}-{size}"
-    if base_model_ref is None and ref is not None and ref not in BUILTIN_ARCHS:  # a model dir or its config.json
-        base_model_ref = ref if Path(ref).is_dir() else str(Path(ref).parent)
-    schedule = {k: getattr(profile, k) for k in SCHEDULE_FIELDS}
+    out_dir = output_dir or _default_output_dir(a, target_context)
     cfg = TrainConfig(
-        output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data",
-        base_model=base_model_ref or BASE_MODEL_REFS.get(a.name, a.name), target_context=target_context,
-        rope_method=rope_method, s2_group_size_ratio=group_size_ratio, use_s2_attention=attention == "s2", lora=lora,
-        gradient_checkpointing=gradient_checkpointing, sequence_parallel_size=sp,
-        deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **schedule,
+        output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data", target_context=target_context,
+        base_model=_base_model(arch, a, base_model_ref), rope_method=rope_method, s2_group_size_ratio=group_size_ratio,
+        use_s2_attention=attention == "s2", lora=lora, gradient_checkpointing=ckpt, sequence_parallel_size=sp,
+        deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **_schedule(profile),
     )  # fmt: skip
     command = plan_launch_command(f"{out_dir}/train_config.json", hw, stage, sp)
-    notes = [f"wall time: forward + input gradients + LoRA weight gradients{' + recompute' * ckpt} (plan_cost)"]
-    if attention == "full":
-        notes.append("full attention in training (no S2-Attn): attention FLOPs x1/ratio, LongLoRA's use_full_attn")
-    if stage == "zero3_offload":
-        notes.append(f"ZeRO-3 offload: {offload:,.0f} s a step of host<->GPU weight traffic counted, not overlapped")
-    notes += sp_notes(a, hw, sp, target_context, swaps)
-    data = {"n_train": max(profile.n_train or profile.max_steps * n // sp * batch * accum, n // sp * batch * accum),
-            "n_eval": profile.n_eval}  # at least one optimizer step's worth of distinct records  # fmt: skip
+    notes = _plan_notes(a, hw, attention, stage, offload, swaps, ckpt, sp, target_context)
     return Plan(
         arch=a, hardware=hw, profile=profile, target_context=target_context, rope_method=rope_method,
         rope_factor=target_context / a.native_context, group_size_ratio=group_size_ratio, group_size=group,
         attention=attention, lora=lora, trainable=trainable_params(a, lora), deepspeed_stage=stage,
         tokens_per_step=tokens_per_step, memory=memory, fits=memory.total_gib <= hw.memory_gib,
         flops_per_token=flops[attention], tokens_per_s=costs[attention]["tokens_per_s"],
-        wall_time_s=costs[attention]["wall_time_s"], data=data, train_config=cfg.to_dict(),
+        wall_time_s=costs[attention]["wall_time_s"], data=_data_sizes(profile, hw, sp), train_config=cfg.to_dict(),
         launch_command=shlex.join(command), notes=tuple(notes), attention_costs=costs,
     )  # fmt: skip
-
 
 def plan_checks(plan: Plan) -> list[CheckResult]:
     """The plan's own sanity checks (engine.planning.checks, the same ones the SOP gate runs on plan.json)."""

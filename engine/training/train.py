@@ -11,12 +11,11 @@ Outputs in `output_dir`:
     run_config.json     the TrainConfig and its hash (a different run may not reuse the directory)
     checkpoints/        Trainer checkpoints; a `longpilot_complete` marker is written once each is fully saved
     metrics.jsonl       one line per optimizer step: step, loss, lr, grad_norm, tokens, tokens_per_s, peak_mem_gib
-    adapter/            the LoRA+ adapter (see engine.model.lora), reloadable with plain transformers + peft; written
-    as
-                        adapter.partial/ and renamed, so it is never half written
+    adapter/            the LoRA+ adapter (see engine.model.lora), reloadable with plain transformers + peft;
+                        written as adapter.partial/ and renamed, so it is never half written
     train_summary.json  status, initial/final loss, tokens seen, wall time, hardware, versions, seed, config hash
     tracking/<tracker>/ with `report_to` tensorboard, wandb or mlflow: that tracker's offline files
-    (engine.training.tracking)
+                        (engine.training.tracking)
 """
 
 from __future__ import annotations
@@ -132,7 +131,7 @@ def train(
     if trainer.state.global_step != cfg.max_steps:  # the gate would fail it as a retry; it is a bug, say so
         raise RuntimeError(f"training ended at step {trainer.state.global_step}, not max_steps {cfg.max_steps}")
     adapter_dir = _save_adapter(cfg, trainer, model, peft_model, masters, out / "adapter", finished, tokenizer)
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = _metrics(out)
     initial, final = (metrics[0]["loss"], metrics[-1]["loss"]) if metrics else (None, None)
     summary = _write_summary(out, {
         **base, "status": "completed", "steps": trainer.state.global_step, "initial_loss": initial,
@@ -166,7 +165,7 @@ def _diverged(err: NonFiniteStep, cfg: TrainConfig, out: Path, base: dict, start
     bad = [p for p in ckpt_dir.glob("checkpoint-*") if checkpoint_step(p) >= err.step - 1]
     for path in bad if is_main_process() else []:
         path.rename(path.with_name(path.name.replace("checkpoint-", "nonfinite-")))
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = _metrics(out)
     last_good = latest_complete_checkpoint(ckpt_dir)
     summary = _write_summary(out, {
         **base, "status": "failed", "failure": str(err), "failed_step": err.step,
@@ -191,3 +190,10 @@ def _maybe_source(ref: str):
         return resolve_model(ref)
     except ValueError:
         return None
+
+
+def _metrics(out: Path) -> list[dict]:
+    """Every row of a finished (or stopped) run's metrics.jsonl, none when no step logged; a line that is not JSON
+    raises, as the file is complete by now."""
+    path = out / "metrics.jsonl"
+    return read_jsonl(path, strict=True) if path.is_file() else []

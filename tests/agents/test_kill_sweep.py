@@ -26,13 +26,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sop.loader import DEFAULT_SOP, load_sop
+from sop.loader import DEFAULT_SOP, parse_sop
 from tests.support.models import make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 3
 CLI_ARGS = ["--target-context", "1024", "--profile", "smoke", "--max-steps", str(MAX_STEPS)]
-STAGES = [s.name for s in load_sop(DEFAULT_SOP).stages]
+STAGES = [s.name for s in parse_sop(DEFAULT_SOP).stages]
 # an event's rank inside its stage; any other event ranks 1 (the stage's work: train_step, evaluation progress)
 RANKS = {"stage_started": 0, "stage_resumed": 0, "stage_reused": 0, "verifying": 2, "gate": 3, "plan_approved": 4}
 UNSTABLE = {"wall_s", "load_s", "started", "items_per_s"}  # timing fields of eval_report.json

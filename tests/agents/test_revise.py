@@ -33,7 +33,7 @@ CLUSTER = Spec(base_model="llama-2-7b", target_context=32768, hardware="8xA100-8
         ("dynamic ntk scaling", {"rope_method": "dynamic"}),
         ("linear interpolation", {"rope_method": "linear"}),
         ("what if 100,000 tokens on 4 gpus", {"target_context": 100_000, "hardware": "4xA100-80GB"}),
-        ("only two cards, 1.5M context", {"hardware": "2xA100-80GB", "target_context": 1_572_864}),  # request grammar
+        ("only 2 cards, 1.5M context", {"hardware": "2xA100-80GB", "target_context": 1_572_864}),  # request grammar
     ],
 )
 def test_revision_phrases(text, fields):

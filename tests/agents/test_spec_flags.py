@@ -4,15 +4,16 @@ were written out by hand, each field's description as its help, its annotation a
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Literal, get_args, get_origin
 
 import pytest
 
-from agents.cli.main import _spec_from_args, build_parser
+from agents.cli.commands import _spec_from_args, build_parser
 from agents.cli.spec_flags import NOT_FLAGS, RUN_ONLY, flag_name, spec_flag_fields
 from sop.schemas import Spec
 
-# The flags as they were written out by hand (before the derivation): scripts and the README use them.
+# The flags as they were written out by hand (before the derivation): scripts and the docs use them.
 SPEC_FLAGS = {
     "--model", "--target-context", "--request", "--corpus", "--profile", "--hardware", "--device", "--attention",
     "--train-mix", "--seed", "--rope-method", "--max-steps", "--batch-size", "--grad-accum", "--precision",
@@ -72,3 +73,27 @@ def test_every_flag_reaches_its_spec_field():
     bare = _spec_from_args(build_parser().parse_args(["plan", "--model", "m", "--target-context", "4096", "--llm",
                                                       "none", "--llm-model", "x"]))  # fmt: skip
     assert bare == Spec(base_model="m", target_context=4096)  # unset flags leave Spec's defaults; --llm none: no LLM
+
+
+def test_the_commands_of_the_planners_alternatives_parse_back_to_their_fields():
+    """agents.roles.plan_alternatives writes its commands with the CLI's flag names (agents.language.flags)."""
+    from agents.roles.plan_alternatives import command_for
+
+    spec = Spec(base_model="my model", target_context=8192, attention="full", rope_method="yarn",
+                corpus=["a.txt", "b c.txt"], max_steps=3, seed=5)  # fmt: skip
+    levers = {"target_context": 16384, "precision": "bf16", "per_device_batch_size": 2, "lora_rank": 16,
+              "gradient_accumulation_steps": 8, "group_size_ratio": 0.125, "gradient_checkpointing": False,
+              "sequence_parallel": 4}  # fmt: skip
+    hardware = {"name": "custom-2x24", "n_devices": 2, "memory_gib": 24.0, "peak_tflops": 100.5, "mfu": 0.4}
+    argv = shlex.split(command_for(spec, levers, hardware, verb="plan"))
+    assert argv[:2] == ["longpilot", "plan"]
+    again = _spec_from_args(build_parser().parse_args(argv[1:]))
+    assert again.model_dump(exclude={"custom_hardware"}) == {
+        **spec.model_dump(exclude={"custom_hardware"}), "target_context": 16384, "hardware": "custom",
+        "precision": "bf16", "batch_size": 2, "grad_accum": 8, "lora_rank": 16, "group_size_ratio": 0.125,
+        "gradient_checkpointing": False, "sequence_parallel": 4,
+    }  # fmt: skip
+    assert again.custom_hardware == {k: hardware[k] for k in ("n_devices", "memory_gib", "peak_tflops", "mfu")}
+    plain = Spec(base_model="m", target_context=8192)
+    default = {**levers, "sequence_parallel": 1, "gradient_checkpointing": True}
+    assert command_for(plain, default, {"name": "1xH100-80GB"}).endswith(" --group-size-ratio 0.125")  # no more flags

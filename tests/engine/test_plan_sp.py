@@ -85,7 +85,7 @@ def test_alst_claims_are_within_reach_once_its_extra_features_are_counted():
     resident = (attention_layer + rest_without_mlp + gathered_weights) / GIB + 1.5
     assert resident < 80, resident
     ours = _longest_fitting("8xH100-80GB", sp)
-    assert 0.25 * seq < ours < seq  # 1.09M tokens: ALST's features buy the rest (README says which)
+    assert 0.25 * seq < ours < seq  # 1.09M tokens: ALST's features buy the rest (docs/sequence-parallel.md says which)
     one_gpu = make_plan("llama-3-8b", 500_000 // 8 * 8, "standard", "1xH100-80GB")  # 500k on one H100
     over = one_gpu.memory.total_gib - 80
     assert not one_gpu.fits and one_gpu.memory.breakdown["activation_checkpoints"] > over * 0.5  # offload closes it

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydantic
 
 from agents.cli.eval import add_eval_parser, run_eval
+from agents.cli.eval_flags import DeferredParser
 from agents.cli.quiet import log_level, quiet_third_party, setup_logging
 from agents.cli.serve import add_serve_parser, run_serve
 from agents.cli.spec_flags import add_spec_arguments, flag_name, spec_flag_values
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="longpilot",
         description="LongPilot: extend the context window of an LLM with LongLoRA (S2-Attn + LoRA+ + RoPE).",
     )
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=DeferredParser)  # `eval` adds its EvalConfig flags late
     run = sub.add_parser("run", help="plan -> data -> train -> evaluate -> report, every artifact verified")
     _add_spec_arguments(run, "run")
     run.add_argument("--run-dir", default=None, help="run directory (default runs/<run-id>)")

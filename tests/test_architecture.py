@@ -149,7 +149,8 @@ def imports_of_test_modules(root: Path, folders: tuple[str, ...] = ("tests", "be
 
 def test_every_product_module_imports():
     modules = product_modules(ROOT)
-    assert {"engine.catalog.models", "engine.planning.plan", "agents.cli.commands", "sop.schemas", "app"} <= set(modules)
+    expected = {"engine.catalog.models", "engine.planning.plan", "agents.cli.commands", "sop.schemas", "app"}
+    assert expected <= set(modules)
     assert import_failures(ROOT, modules) == {}
 
 

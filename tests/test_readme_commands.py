@@ -886,9 +886,7 @@ def test_the_exemptions_are_exactly_the_listed_ones():
 
 def test_longpilot_app_forwards_every_option_to_the_app(monkeypatch):
     """`longpilot app --port N ...` used to fail (argparse REMAINDER takes no leading option): app.py parses them."""
-    import importlib
-
-    cli = importlib.import_module("agents.cli.commands")  # the module (agents.cli.commands is also the function's name)
+    from agents.cli import commands as cli
     calls = []
 
     def execv(path, argv):  # the app replaces the `longpilot` process: a terminated longpilot leaves no server

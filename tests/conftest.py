@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,9 +18,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import engine.model.s2attn  # noqa: E402,F401  (registers s2_attention; `import engine` alone is lazy)
+from tests.support.collection import skip_for_gpu_only  # noqa: E402
 from tests.support.models import tiny_llama  # noqa: E402
 
 
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     return tiny_llama()
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under `-m gpu`, test modules and folders that mark no gpu test are not imported (the GPU image lacks most of
+    their packages; tests/support/collection.py)."""
+    return True if skip_for_gpu_only(collection_path, config.getoption("markexpr") or "") else None

@@ -347,12 +347,17 @@ def _check_lint(r: Result, ctx: dict) -> None:
 
 
 def _check_make_n_gpu_check(r: Result, ctx: dict) -> None:
-    assert r.rc == 0 and "python3 -m bench.gpu_suite --readme README.md" in r.out, r.tail()
-    assert "--print-missing-pip" in r.out and ".longpilot-installed" not in r.out and "-e ." not in r.out, r.out
+    assert r.rc == 0 and "bash bench/gpu_window.sh runs/gpu-suite --readme README.md" in r.out, r.tail()
+    assert "GPU_PY=python3" in r.out and "pip" not in r.out and ".longpilot-installed" not in r.out, r.out
+
+
+def _check_make_n_gpu_wheels(r: Result, ctx: dict) -> None:
+    assert r.rc == 0 and "pip download -q --no-deps --only-binary=:all:" in r.out, r.tail()
+    assert "--python-version 3.12" in r.out and "-d .whl -r bench/gpu_wheels.txt" in r.out, r.out
 
 
 def _check_gpu_suite_tiny(r: Result, ctx: dict) -> None:
-    result = json.loads((Path(ctx["tmp"]) / "gpu-suite.json").read_text())
+    result = json.loads((Path(ctx["tmp"]) / "gpu-suite" / "gpu_suite.json").read_text())
     assert result["mode"] == "tiny" and result["parts"]["attention"]["status"] == "complete", r.tail()
     assert "| 1. S2 vs dense attention | status | complete" in r.out, r.tail()
 
@@ -644,14 +649,21 @@ COMMANDS: dict[str, Entry] = {
     ),
     "python bench/eval.py": Entry("not run here", exempt="evaluator benchmark on the embedded 135M at 4k and 16k"),
     "make gpu-check": Entry(
-        "`make -n gpu-check` (it needs CUDA): the recipe runs the suite on the image's python with --readme "
-        "README.md, installs only what the suite reports missing, and needs no set-up stamp (bare GPU images)",
+        "`make -n gpu-check` (it needs CUDA): the recipe runs bench/gpu_window.sh on the image's python with "
+        "--readme README.md, pip-installs nothing from an index, and needs no set-up stamp (bare GPU images)",
         steps=(Step("make -n gpu-check", check=_check_make_n_gpu_check, via="process", cwd="{repo}"),),
     ),
-    "python -m bench.gpu_suite --tiny --out /tmp/gpu-suite.json": Entry(
-        "with --out <tmp> --parts attention (the whole --tiny run, every part, is tests/bench/test_gpu_suite.py)",
+    "make gpu-wheels": Entry(
+        "`make -n gpu-wheels` (it downloads 15 MiB): cp312 wheels of bench/gpu_wheels.txt into .whl, no deps resolved",
+        steps=(Step("make -n gpu-wheels", check=_check_make_n_gpu_wheels, via="process", cwd="{repo}"),),
+    ),
+    "make gpu-rehearsal": Entry(
+        "not run here", exempt="CI runs it after `make test` (.ci/run): minutes, a venv of the GPU image's packages"
+    ),
+    "python -m bench.gpu_suite --tiny --out-dir /tmp/gpu-suite": Entry(
+        "with --out-dir <tmp> --parts attention (the whole --tiny run, every part, is tests/bench/test_gpu_suite.py)",
         steps=(
-            Step("python -m bench.gpu_suite --tiny --out {tmp}/gpu-suite.json --parts attention",
+            Step("python -m bench.gpu_suite --tiny --out-dir {tmp}/gpu-suite --parts attention",
                  check=_check_gpu_suite_tiny, via="process", cwd="{repo}"),  # fmt: skip
         ),
     ),
@@ -669,7 +681,7 @@ COMMANDS: dict[str, Entry] = {
 
 EXEMPT = {"make test", "make test-slow", "make test-gpu", "make bench",
           'make test TORCH_PIP_ARGS="--index-url <CUDA wheel index>"', "python bench/eval.py",
-          "python -m bench.serve"}  # fmt: skip
+          "python -m bench.serve", "make gpu-rehearsal"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- running the table
@@ -880,6 +892,7 @@ def test_the_exemptions_are_exactly_the_listed_ones():
     assert {k for k, e in COMMANDS.items() if e.exempt} == EXEMPT
     ci = [x.strip() for x in (REPO / ".ci" / "run").read_text().splitlines()]
     assert "make test" in ci, "`make test` is exempt because CI runs it: .ci/run must run it"
+    assert "make gpu-rehearsal" in ci, "`make gpu-rehearsal` is exempt because CI runs it: .ci/run must run it"
     assert all(COMMANDS[k].exempt and COMMANDS[k].how for k in EXEMPT)
     assert all(e.steps or e.custom or e.same_as for k, e in COMMANDS.items() if k not in EXEMPT)
 

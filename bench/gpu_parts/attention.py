@@ -3,6 +3,7 @@
 Shared by `bench/attention.py` (prints a table) and the GPU suite's part 1 (targets: >= 3.5x at 32k, >= 3.8x at 64k,
 32 heads x 128, bf16). Both run the engine's own `s2_attention_forward` on (batch 1, heads, tokens, head_dim)
 tensors against `F.scaled_dot_product_attention(is_causal=True)`; the upstream gradient is the same random tensor.
+Each row names the SDPA kernel the dispatcher picks for the dense call and for one S2 group (`sdpa_backend`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.gpu_parts.budget import Budget
-from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO, s2_attention_forward
+from engine.model.s2attn import DEFAULT_GROUP_SIZE_RATIO, s2_attention_forward, training_group_size
 
 TARGETS = {32768: 3.5, 65536: 3.8}  # the issue's speed-up targets (GPU shapes only)
 
@@ -32,7 +33,7 @@ class AttentionShapes:
     targets: dict[int, float]
 
 
-GPU_SHAPES = AttentionShapes((8192, 16384, 32768, 65536), 32, 128, torch.bfloat16, "cuda", 5, TARGETS)
+GPU_SHAPES = AttentionShapes((8192, 32768, 65536), 32, 128, torch.bfloat16, "cuda", 3, TARGETS)
 CPU_SHAPES = AttentionShapes((1024, 2048, 4096), 8, 64, torch.float32, "cpu", 2, {})  # bench/attention.py on CPU
 TINY_SHAPES = AttentionShapes((256, 512), 2, 16, torch.float32, "cpu", 1, {})  # the suite's --tiny proof
 
@@ -58,6 +59,17 @@ def time_call(fn: Callable[[], None], repeats: int, device: str) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel `F.scaled_dot_product_attention(q, k, v, is_causal=True)` dispatches to here (flash, efficient,
+    cudnn, math), asked of the dispatcher itself (`torch._fused_sdp_choice`, private; "unknown" if it moves)."""
+    from torch.nn.attention import SDPBackend
+
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, True)).name.lower().replace("_attention", "")
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return "unknown"
+
+
 def s2_vs_dense(length: int, shapes: AttentionShapes, ratio: float = DEFAULT_GROUP_SIZE_RATIO) -> dict[str, Any]:
     """One row: dense and S2 fwd+bwd milliseconds at `length` tokens and the speed-up dense / S2."""
     layer = _Layer(ratio).train()
@@ -72,8 +84,10 @@ def s2_vs_dense(length: int, shapes: AttentionShapes, ratio: float = DEFAULT_GRO
         s2_attention_forward(layer, q, k, v, None)[0].backward(grad)
 
     t_dense, t_s2 = time_call(dense, shapes.repeats, shapes.device), time_call(s2, shapes.repeats, shapes.device)
+    group = training_group_size(layer.config, length) or length
     row = {"tokens": length, "dense_ms": round(t_dense * 1e3, 3), "s2_ms": round(t_s2 * 1e3, 3),
-           "speedup": round(t_dense / t_s2, 3)}  # fmt: skip
+           "speedup": round(t_dense / t_s2, 3), "dense_backend": sdpa_backend(q, k, v),
+           "s2_backend": sdpa_backend(q[:, :, :group], k[:, :, :group], v[:, :, :group])}  # fmt: skip
     if length in shapes.targets:
         row.update(target=shapes.targets[length], target_met=row["speedup"] >= shapes.targets[length])
     return row

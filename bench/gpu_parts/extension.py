@@ -1,4 +1,10 @@
-"""Part 3: the embedded SmolLM2-135M extended 8k -> 32k through the product (`longpilot run`), then base vs extended.
+"""Part 5: a SmolLM2-135M-shaped model extended 8k -> 32k through the product (`longpilot run`), base vs extended.
+
+The model is built on the machine from the catalog's SmolLM2-135M architecture (engine.planning.plan.BUILTIN_ARCHS),
+randomly initialised, with the byte tokenizer of tests/support/models.py (vocabulary 257 instead of 49,152: the
+embedded GGUF is 98 MB, more than one GPU call carries). A random model retrieves no passkey and its perplexity is
+~ln V at every length, so this part shows the pipeline on the GPU (tokens/s at 32k, the run's stages, PPL by length
+before and after, the passkey grid evaluated), not the quality of an extension.
 
 1. Warm-up: two or three `engine.training.train` steps at the target length measure tokens/s on this device.
 2. Steps = (the part's time left - a fixed reserve for data, model loads and evaluation) x tokens/s / target.
@@ -27,15 +33,15 @@ import torch
 
 from bench.gpu_parts.budget import Budget, BudgetExhausted
 from bench.gpu_parts.training import TokenRows, train_row
-from engine.catalog import DEFAULT_MODEL
-from tests.support.models import make_tiny_model_dir
+from engine.planning.plan import BUILTIN_ARCHS
+from tests.support.models import BYTE_VOCAB, byte_tokenizer, make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class ExtensionShapes:
-    model: str | None  # None: build a tiny random Llama with the embedded tokenizer (the --tiny proof)
+    arch: str | None  # a BUILTIN_ARCHS shape built from its config; None: the tests' tiny random Llama (--tiny)
     target: int
     device: str
     warmup_steps: int
@@ -44,9 +50,9 @@ class ExtensionShapes:
     tiny_native: int = 256
 
 
-# reserve: `longpilot run` start-up, plan (it scores RoPE candidates), data, two GGUF loads, the window evaluation of
+# reserve: `longpilot run` start-up, plan (it scores RoPE candidates), data, model loads, the window evaluation of
 # base, RoPE-only (PPL) and extended, the report: an estimate until the first GPU run measures it (run_wall_s)
-GPU_SHAPES = ExtensionShapes(DEFAULT_MODEL, 32768, "cuda", 3, 190.0, 2000)
+GPU_SHAPES = ExtensionShapes("smollm2-135m", 32768, "cuda", 3, 60.0, 2000)
 TINY_SHAPES = ExtensionShapes(None, 1024, "cpu", 2, 20.0, 2)
 
 
@@ -77,8 +83,8 @@ def run(shapes: ExtensionShapes, work_dir: Path) -> Any:
 
     def part(budget: Budget, record: dict[str, Any]) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
-        model = shapes.model or str(make_tiny_model_dir(work_dir / "tiny-model", shapes.tiny_native))
-        record.update(model=shapes.model or "tiny random Llama, byte tokenizer", target=shapes.target)
+        model = str(model_dir(shapes, work_dir))
+        record.update(model=f"{shapes.arch or 'tiny Llama'} shape, random init, byte tokenizer", target=shapes.target)
         t0 = time.monotonic()
         record["warmup"] = warm = _warmup(model, shapes)
         record["warmup"]["wall_s"] = round(time.monotonic() - t0, 1)
@@ -106,6 +112,21 @@ def run(shapes: ExtensionShapes, work_dir: Path) -> Any:
             raise RuntimeError(f"`longpilot run` exited {code}: {tail[0][:300]}")
 
     return part
+
+
+def model_dir(shapes: ExtensionShapes, work_dir: Path) -> Path:
+    """The base model directory the run extends, built here (weights in float32; the run loads them in bf16)."""
+    if shapes.arch is None:
+        return make_tiny_model_dir(work_dir / "tiny-model", shapes.tiny_native)
+    from dataclasses import replace
+
+    from bench.gpu_parts.training import random_model
+
+    path = work_dir / f"{shapes.arch}-random"
+    arch = replace(BUILTIN_ARCHS[shapes.arch], vocab_size=BYTE_VOCAB)
+    random_model(arch, "cpu", torch.float32).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
 
 
 def _warmup(model: str, shapes: ExtensionShapes) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Part 2: a Llama-2-7B-shaped model (random bf16 weights), LoRA+ and gradient checkpointing through
-engine.training.train: tokens/s, MFU, peak memory beside the planner's prediction, S2-Attn vs dense, at 16k/32k/64k and
-the longest length the planner says fits.
+engine.training.train: tokens/s, MFU, peak allocated and reserved memory beside the planner's prediction, S2-Attn vs
+dense, at 32k and 64k (part 3, bench/gpu_parts/longest.py, bisects the longest context that trains).
 
 Random weights cost no download and train like real ones for throughput and memory (the loss is ~ln V). Each row
 builds a fresh model (train() wraps it with LoRA in place) and runs a few steps; rows run while the budget lasts, each
@@ -35,7 +35,8 @@ PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G
 class ModelShapes:
     arch: ArchConfig
     lengths: tuple[int, ...]
-    longest_candidates: tuple[int, ...]  # tried longest first: the first the planner fits (and time allows) runs
+    longest_step: int  # part 3 bisects the longest trainable length to a multiple of this
+    longest_cap: int  # ... and probes no further than this
     steps: int
     device: str
     dtype: torch.dtype
@@ -45,14 +46,13 @@ class ModelShapes:
 
 
 GPU_SHAPES = ModelShapes(
-    BUILTIN_ARCHS["llama-2-7b"], (16384, 32768, 65536), tuple(range(262144, 65536, -16384)), 2, "cuda",
-    torch.bfloat16, None, 20.0, 0.3,
+    BUILTIN_ARCHS["llama-2-7b"], (32768, 65536), 16384, 262144, 2, "cuda", torch.bfloat16, None, 20.0, 0.3,
 )  # fmt: skip
 TINY_ARCH = ArchConfig(64, 128, 2, 4, 4, 16, 256, 64, 10000.0, False, "tiny-llama")
-# The tiny "device" holds exactly what the planner predicts at 512 tokens, so the search for the longest length that
-# fits runs the same code as on a GPU and lands on 512.
+# The tiny "device" holds exactly what the planner predicts at 512 tokens: part 3's bisection, where a probe above it
+# counts as out of memory on CPU, runs the same code as on a GPU and lands on 512.
 TINY_SHAPES = ModelShapes(
-    TINY_ARCH, (128,), (1024, 768, 512, 384), 2, "cpu", torch.float32,
+    TINY_ARCH, (128,), 128, 1024, 2, "cpu", torch.float32,
     memory_per_device(TINY_ARCH, 512, precision="fp32").total_gib, 1.0, 0.5,
 )  # fmt: skip
 
@@ -99,25 +99,8 @@ def row_estimate_s(shapes: ModelShapes, length: int, s2: bool, flop_rate: float)
     )
 
 
-def longest_that_fits(shapes: ModelShapes, budget: Budget, flop_rate: float) -> tuple[int | None, str]:
-    """The longest candidate whose planned memory (overhead included) fits the device and whose estimated S2 row fits
-    the remaining time; the reason when none does."""
-    capacity = device_memory_gib(shapes)
-    precision = "bf16" if shapes.dtype == torch.bfloat16 else "fp32"
-    fitting = [n for n in shapes.longest_candidates if memory_per_device(shapes.arch, n, precision=precision).total_gib
-               <= capacity]  # fmt: skip
-    if not fitting:
-        return None, f"no candidate length fits {capacity:.1f} GiB by the planner"
-    timely = [n for n in fitting if row_estimate_s(shapes, n, True, flop_rate) <= budget.remaining()]
-    if not timely:
-        return None, f"{fitting[0]} tokens fit in memory but not in the {max(budget.remaining(), 0):.0f} s left"
-    return timely[0], f"longest of {list(shapes.longest_candidates)} the planner fits in {capacity:.1f} GiB" + (
-        "" if timely[0] == fitting[0] else f" and in the time left ({fitting[0]} would fit in memory)"
-    )
-
-
 def run(shapes: ModelShapes) -> Any:
-    """Part 2 as a suite part: rows (16k s2, 16k dense, 32k s2, ...), then the longest S2 length that fits."""
+    """Part 2 as a suite part: rows (32k s2, 32k dense, 64k s2, 64k dense) while the budget lasts."""
 
     def part(budget: Budget, record: dict[str, Any]) -> None:
         peak, peak_source = peak_tflops(shapes.device)
@@ -126,28 +109,17 @@ def run(shapes: ModelShapes) -> Any:
                       peak_tflops=float(f"{peak:.4g}"), peak_source=peak_source, mfu_formula=MFU_FORMULA,
                       steps_per_row=shapes.steps)  # fmt: skip
         flop_rate = peak * 1e12 * shapes.assumed_mfu
-        # S2 and dense at each length, except that the longest length runs before the dearest row (dense at the
-        # last length), so a tight budget drops a dense row rather than the longest-context measurement
-        plan: list[tuple[int | None, bool]] = [(n, s2) for n in shapes.lengths for s2 in (True, False)]
-        plan.insert(len(plan) - 1, (None, True))
-        for planned, s2 in plan:
-            longest = planned is None
-            if longest:
-                length, why = longest_that_fits(shapes, budget, flop_rate)
-                record["longest"] = {"tokens": length, "why": why}
-                if length is None:
-                    continue
-            else:
-                length = planned
+        for length in shapes.lengths:
+            for s2 in (True, False):
                 budget.require(row_estimate_s(shapes, length, s2, flop_rate), f"{'s2' if s2 else 'dense'} at {length}")
-            try:
-                row = {**_row(shapes, length, s2, peak, precision), "longest": longest}
-            except torch.cuda.OutOfMemoryError as err:  # the planner was wrong: a result to keep, not a crash
-                record["rows"].append({"tokens": length, "attention": "s2" if s2 else "dense",
-                                       "oom": str(err).splitlines()[0][:200]})  # fmt: skip
-                raise
-            record["rows"].append(row)
-            flop_rate = row["model_tflops"] * 1e12 * CHECKPOINT_RECOMPUTE  # what the hardware actually sustained
+                try:
+                    row = _row(shapes, length, s2, peak, precision)
+                except torch.cuda.OutOfMemoryError as err:  # the planner was wrong: a result to keep, not a crash
+                    record["rows"].append({"tokens": length, "attention": "s2" if s2 else "dense",
+                                           "oom": str(err).splitlines()[0][:200]})  # fmt: skip
+                    raise
+                record["rows"].append(row)
+                flop_rate = row["model_tflops"] * 1e12 * CHECKPOINT_RECOMPUTE  # what the hardware sustained
 
     return part
 

@@ -24,9 +24,10 @@ def _attention_rows(part: dict[str, Any]) -> list[tuple[str, str]]:
         target = ""
         if "target" in r:
             target = f" (target >= {r['target']}x: {'met' if r['target_met'] else 'MISSED'})"
+        kernels = f" (SDPA kernel: dense {r['dense_backend']}, S2 {r['s2_backend']})" if "dense_backend" in r else ""
         rows.append((f"{_k(r['tokens'])} tokens, {part.get('heads')} heads x {part.get('head_dim')}, "
                      f"{part.get('dtype')}", f"dense {r['dense_ms']:.1f} ms, S2 {r['s2_ms']:.1f} ms: "
-                     f"**{r['speedup']:.2f}x**{target}"))  # fmt: skip
+                     f"**{r['speedup']:.2f}x**{target}{kernels}"))  # fmt: skip
     return rows
 
 
@@ -36,16 +37,38 @@ def _llama_rows(part: dict[str, Any]) -> list[tuple[str, str]]:
         if "oom" in r:
             rows.append((f"{_k(r['tokens'])} {r['attention']}", f"out of memory: {r['oom']}"))
             continue
-        pred = r["predicted_gib"]
-        what = f"{_k(r['tokens'])} {r['attention']}" + (" (longest that fits)" if r.get("longest") else "")
-        rows.append((what, f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.3g}% ({r['model_tflops']:.3g} "
-                     f"TFLOP/s), peak {r['peak_gib']:.3g} GiB vs planner {pred['allocated']:.3g} allocated / "
-                     f"{pred['planned']:.3g} planned, loss {r['loss']:.2f}"))  # fmt: skip
+        rows.append((f"{_k(r['tokens'])} {r['attention']}", _train_figures(r)))
     if "peak_tflops" in part:
         rows.append(("MFU peak", f"{part['peak_tflops']:g} TFLOP/s ({part['peak_source']}); {part['mfu_formula']}"))
-    if "longest" in part:
-        rows.append(("longest length", f"{part['longest']['tokens']}: {part['longest']['why']}"))
     return rows
+
+
+def _train_figures(r: dict[str, Any]) -> str:
+    pred = r["predicted_gib"]
+    reserved = f", reserved {r['reserved_gib']:.3g} GiB" if r.get("reserved_gib") is not None else ""
+    kernel = f", SDPA {r['sdpa_backend']}" if r.get("sdpa_backend") else ""
+    return (f"{r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.3g}% ({r['model_tflops']:.3g} TFLOP/s), peak "
+            f"allocated {r['peak_gib']:.3g} GiB{reserved} vs planner {pred['allocated']:.3g} allocated / "
+            f"{pred['planned']:.3g} planned, loss {r['loss']:.2f}{kernel}")  # fmt: skip
+
+
+def _longest_rows(part: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [(f"probe {_k(r['tokens'])}", _train_figures(r) if r["trained"] else "out of memory")
+            for r in part.get("rows", [])]  # fmt: skip
+    if "planner_longest" in part:
+        trained, failed = part.get("trained"), part.get("failed")
+        bound = f", {_k(failed)} did not" if failed else ""
+        exact = " (exact on the grid)" if part.get("exact") else " (the bisection stopped before the bounds met)"
+        rows.append(("longest that trains", f"{_k(trained) if trained else 'none'}{bound}{exact}; the planner "
+                     f"said {_k(part['planner_longest']) if part['planner_longest'] else 'none'} in "
+                     f"{part['capacity_gib']} GiB, grid {_k(part['step'])}"))  # fmt: skip
+    return rows
+
+
+def _decode_rows(part: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(f"{_k(r['tokens'])} prompt, batch 1", f"s2_attention (eval path) {r['s2_attention_ms_per_token']:.3g} "
+             f"ms/token, sdpa {r['sdpa_ms_per_token']:.3g} ms/token (ratio {r['ratio']})")
+            for r in part.get("rows", [])]  # fmt: skip
 
 
 def _by_length(models: dict[str, Any], key: str, fmt: str) -> str:
@@ -99,8 +122,10 @@ def _extension_rows(part: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-ROWS = {"attention": _attention_rows, "llama7b": _llama_rows, "extension": _extension_rows}
-TITLES = {"attention": "1. S2 vs dense attention", "llama7b": "2. Llama-2-7B shape", "extension": "3. 8k -> 32k"}
+ROWS = {"attention": _attention_rows, "llama7b": _llama_rows, "longest": _longest_rows, "decode": _decode_rows,
+        "extension": _extension_rows}  # fmt: skip
+TITLES = {"attention": "1. S2 vs dense attention", "llama7b": "2. Llama-2-7B shape", "longest": "3. longest context",
+          "decode": "4. eval decode", "extension": "5. 8k -> 32k"}  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -111,7 +136,8 @@ def markdown(result: dict[str, Any]) -> str:
         + (f" ({hw['memory_gib']} GiB, CUDA {hw['cuda']})" if hw.get("cuda") else "")
         + f", torch {hw['torch']}, {result['started']}; command `{result['command']}`; "
         f"wall {result['wall_s']:.0f} s"
-        + (f" (`make gpu-check`, installs included: {result['make_wall_s']:.0f} s)" if "make_wall_s" in result else "")
+        + (f" (the whole command, wheels and imports included: {result['command_wall_s']:.0f} s of "
+           f"{result['total_s']:.0f} s)" if "command_wall_s" in result else "")
         + ".",
         "",
         "| part | what | measured |",

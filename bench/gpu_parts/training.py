@@ -5,7 +5,8 @@ Shared by `bench/train.py`, the GPU suite's part 2 (a Llama-2-7B-shaped random m
 embedded SmolLM2 at the target length, whose tokens/s sizes the real run). Each row is one `train()` call: RoPE
 interpolation to the length, S2-Attn or dense SDPA, LoRA+ with fp32 masters, gradient checkpointing, the chunked loss,
 one checkpoint and the adapter at the end. tokens/s is the last step's (the first includes warm-up); peak memory is
-CUDA's max_memory_allocated over the run (on CPU the process's peak RSS, which never goes down between rows).
+CUDA's max_memory_allocated over the run (on CPU the process's peak RSS, which never goes down between rows), and on
+CUDA also max_memory_reserved (what the caching allocator held: the figure an out-of-memory error is about).
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ def llama_config(a: ArchConfig, context: int | None = None) -> LlamaConfig:
     )  # fmt: skip
 
 
-def random_model(a: ArchConfig, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+def random_model(
+    a: ArchConfig, device: str, dtype: torch.dtype, seed: int = 0, attn: str = "sdpa", context: int | None = None
+) -> torch.nn.Module:
     """A randomly initialised causal LM of shape `a`, built directly on `device` in `dtype` (no weights to load)."""
     torch.manual_seed(seed)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(llama_config(a), dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(llama_config(a, context), dtype=dtype, attn_implementation=attn)
 
 
 def random_rows(vocab: int, length: int, n: int, seed: int = 0) -> TokenRows:
@@ -85,6 +88,9 @@ def train_row(
     `model`: an in-memory base (random 7B-shaped); otherwise `base_model` is loaded by the engine. The run directory
     is temporary: checkpoints and the adapter are written (the engine always does) and deleted.
     """
+    cuda = torch.cuda.is_available() and str(getattr(model, "device", "cuda")).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="gpu-suite-train-") as tmp:
         cfg = TrainConfig(
             output_dir=tmp, base_model=base_model, target_context=length, max_steps=steps, per_device_batch_size=1,
@@ -94,12 +100,15 @@ def train_row(
         result = train(cfg, model=model, dataset=data)
         metrics = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads(result.summary_path.read_text())
+    reserved = round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None
     del result
     release()
     last = metrics[-1]
     return {"tokens": length, "attention": "s2" if s2 else "dense", "steps": len(metrics),
-            "tokens_per_s": last["tokens_per_s"], "peak_gib": last["peak_mem_gib"], "loss": round(last["loss"], 4),
-            "precision": summary["precision"], "train_wall_s": round(summary["wall_seconds"], 1)}  # fmt: skip
+            "tokens_per_s": last["tokens_per_s"], "peak_gib": last["peak_mem_gib"], "reserved_gib": reserved,
+            "loss": round(last["loss"], 4), "precision": summary["precision"],
+            "sdpa_backend": summary.get("attention_backend"),  # engine.model.attention_backend, where recorded
+            "train_wall_s": round(summary["wall_seconds"], 1)}  # fmt: skip
 
 
 def release() -> None:

@@ -24,9 +24,20 @@ Exact semantics (pinned by tests against an independent dense float64 reference)
 * in eval mode, or whenever queries and keys differ in length (KV cache), it is exactly full causal attention.
 
 Memory: no (L, L) tensor is ever built. Unpadded and right-padded inputs use SDPA's ``is_causal`` kernel with no
-mask (with right padding a valid query only sees earlier keys, which are valid); other padding and KV-cache queries
-go through `_blockwise_causal_sdpa`, whose (N, 1, C, K) masks hold at most `MAX_MASK_ELEMENTS` entries. (SDPA's
-fused kernels, CPU flash included, never hold more; its math fallback, e.g. dropout on CPU, holds H times that.)
+mask (with right padding a valid query only sees earlier keys, which are valid); a single query against unpadded
+keys (a decoding step) calls SDPA with no mask at all, as it sees every key; other padding and KV-cache queries go
+through `_blockwise_causal_sdpa`, whose (N, 1, C, K) masks hold at most `MAX_MASK_ELEMENTS` entries. (SDPA's fused
+kernels, CPU flash included, never hold more; its math fallback, e.g. dropout on CPU, holds H times that. Which
+kernel runs is decided, and the math one turned off on CUDA, by `engine.model.attention_backend`.)
+
+GQA: K/V keep their KV heads and SDPA gets ``enable_gqa=True`` wherever the kernel serving that call takes it
+(`attention_backend.native_gqa`: every call on CPU; on CUDA with torch 2.11 the mask-free calls, which flash or
+cuDNN run). The masked calls on CUDA go to the memory-efficient kernel, which in torch 2.11 takes no GQA: only there
+are K/V repeated (`_repeat_kv`), once per call of `_blockwise_causal_sdpa`.
+
+Masks: `s2_mask` inspects the padding once per forward (one host sync) and hands every layer None (nothing padded),
+the (B,) lengths of right-padded rows, or the (B, Tk) mask of any other padding; the layers never wait for the
+device. A (B, Tk) mask given directly is taken as it comes: exact, through the blockwise kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from engine.model.attention_backend import native_gqa
 from engine.model.head_shards import global_head_offset
 from engine.model.s2_groups import DEFAULT_GROUP_SIZE_RATIO, group_size
 
@@ -91,6 +103,35 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+def _kv_for_heads(x: torch.Tensor, heads: slice, n_rep: int) -> torch.Tensor:
+    """K or V for the query heads `heads` (query head h reads KV head h // n_rep).
+
+    (B, KV, T, D) -> (B, h_kv, T, D): whole KV heads when the slice starts and ends on a KV group boundary (SDPA's
+    GQA maps query head i of the slice to KV head i // n_rep of it), else one KV head per query head.
+    """
+    if heads.start % n_rep == 0 and heads.stop % n_rep == 0:
+        return x[:, heads.start // n_rep : heads.stop // n_rep]
+    index = torch.arange(heads.start, heads.stop, device=x.device) // n_rep  # (h,)
+    return x.index_select(1, index)  # (B, h, T, D)
+
+
+def _gqa_kwargs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, bool]]:
+    """(k, v, SDPA kwargs) for q's heads: `enable_gqa` where the kernel serving the call takes it, else K/V
+    repeated to q's heads. (B, KV, T, D) -> (B, KV, T, D) or (B, H, T, D)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep == 1:
+        return k, v, {}
+    dtype = q.dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):  # SDPA runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(q.device.type)
+    capability = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+    if native_gqa(q.device.type, dtype, q.shape[-1], capability, masked):
+        return k, v, {"enable_gqa": True}
+    return _repeat_kv(k, n_rep), _repeat_kv(v, n_rep), {}
+
+
 def _causal_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,7 +144,7 @@ def _causal_sdpa(
     """Causal SDPA aligned at the end (query i sits at key position Tk - Tq + i), keys masked by `key_valid`.
 
     Args:
-        q: (N, H, Tq, D); k, v: (N, H, Tk, D).
+        q: (N, H, Tq, D); k, v: (N, KV, Tk, D) with H divisible by KV.
         key_valid: (N, Tk) bool, or None when every key is valid.
         right_padded: every row of `key_valid` is a run of valid keys followed only by padding.
 
@@ -114,8 +155,14 @@ def _causal_sdpa(
     if tq == tk and (key_valid is None or right_padded):
         # A valid query i of a right-padded row sees keys [0, i], all valid: is_causal is exact for it, and the
         # padded rows (the only ones that could see padding, or nothing) are zeroed. No mask, fastest kernel.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        k, v, gqa = _gqa_kwargs(q, k, v, masked=False)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **gqa)
         return out if key_valid is None else out.masked_fill(~key_valid[:, None, :, None], 0.0)  # mask (N, 1, T, 1)
+    if tq == 1 and key_valid is None:
+        # A decoding step: the one query sits at the last position and sees every key. No mask, so flash can run
+        # (SDPA's is_causal is aligned top-left and would let it see key 0 only).
+        k, v, gqa = _gqa_kwargs(q, k, v, masked=False)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, **gqa)  # (N, H, 1, D)
     return _blockwise_causal_sdpa(q, k, v, key_valid, scaling, dropout)
 
 
@@ -138,6 +185,7 @@ def _blockwise_causal_sdpa(
     n, _, tq, _ = q.shape
     tk = k.shape[-2]
     first = tk - tq  # key position of query row 0
+    k, v, gqa = _gqa_kwargs(q, k, v, masked=True)  # a repeat, if any, once for all blocks
     rows = max(1, MAX_MASK_ELEMENTS // (n * tk))
     positions = torch.arange(tk, device=q.device)  # (Tk,)
     pieces = []
@@ -154,7 +202,13 @@ def _blockwise_causal_sdpa(
             # Let zeroed rows attend everywhere to keep the softmax finite (SDPA gives NaN on an empty row).
             mask = mask | zero_rows
         out = F.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], attn_mask=mask, dropout_p=dropout, scale=scaling
+            q[:, :, start:stop],
+            k[:, :, :keys],
+            v[:, :, :keys],
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
+            **gqa,
         )  # (N, H, C, D)
         pieces.append(out if zero_rows is None else out.masked_fill(zero_rows, 0.0))
     return torch.cat(pieces, dim=2)  # (N, H, Tq, D)
@@ -178,7 +232,7 @@ def _segmented_attention(
     `right_padded` holds for every segment.
 
     Args:
-        q, k, v: (B, h, L, D) with as many KV heads as query heads.
+        q: (B, h, L, D); k, v: (B, h_kv, L, D) with h divisible by h_kv.
         key_valid: (B, L) bool or None.
 
     Returns:
@@ -198,8 +252,9 @@ def _segmented_attention(
         sl = slice(offset, offset + n_full * group)
 
         def fold(x: torch.Tensor) -> torch.Tensor:
+            h = x.shape[1]  # h for q, h_kv for k and v
             # (B, h, n*G, D) -> (B, h, n, G, D) -> (B, n, h, G, D) -> (B*n, h, G, D)
-            return x[:, :, sl].reshape(bsz, heads, n_full, group, dim).transpose(1, 2).reshape(-1, heads, group, dim)
+            return x[:, :, sl].reshape(bsz, h, n_full, group, dim).transpose(1, 2).reshape(-1, h, group, dim)
 
         valid = None if key_valid is None else key_valid[:, sl].reshape(bsz * n_full, group)  # (B*n, G)
         out = _causal_sdpa(fold(q), fold(k), fold(v), valid, right_padded, scaling, dropout)  # (B*n, h, G, D)
@@ -211,19 +266,29 @@ def _segmented_attention(
     return torch.cat(pieces, dim=2)
 
 
+def _padding_layout(valid: torch.Tensor) -> tuple[bool, bool]:
+    """(every key valid, every row right-padded) of a (B, T) bool mask: one host sync for both answers."""
+    # Right-padded <=> no valid key follows a padded one <=> each row is non-increasing.
+    all_valid, right_padded = torch.stack([valid.all(), (valid[:, 1:] <= valid[:, :-1]).all()]).tolist()
+    return all_valid, right_padded
+
+
 def _key_valid_from_mask(attention_mask: torch.Tensor | None, kv_len: int) -> tuple[torch.Tensor | None, bool]:
-    """Turn the 2-D padding mask produced by `s2_mask` into ((B, kv_len) bool or None when nothing is masked,
-    whether every row is right-padded). One host sync for both answers, once per layer call."""
+    """Turn what `s2_mask` hands the layers into ((B, kv_len) bool or None when nothing is masked, whether every row
+    is right-padded), with no host sync: `s2_mask` has classified the padding once for the whole forward.
+
+    A (B, Tk) mask is taken as left or inner padding (`s2_mask` hands right padding over as lengths): exact for any
+    mask, through the blockwise kernel; a direct caller with right padding or none passes lengths or None instead.
+    """
     if attention_mask is None:
         return None, True
+    if attention_mask.dim() == 1:  # right-padded: row b holds attention_mask[b] valid keys, then padding
+        return torch.arange(kv_len, device=attention_mask.device)[None, :] < attention_mask[:, None], True  # (B, Tk)
     if attention_mask.dim() != 2:
         raise ValueError(
             f"s2_attention expects a 2-D padding mask (batch, keys); got shape {tuple(attention_mask.shape)}"
         )
-    valid = attention_mask[:, -kv_len:].bool()  # (B, Tk)
-    # Right-padded <=> no valid key follows a padded one <=> each row is non-increasing.
-    all_valid, right_padded = torch.stack([valid.all(), (valid[:, 1:] <= valid[:, :-1]).all()]).tolist()
-    return (None, True) if all_valid else (valid, right_padded)
+    return attention_mask[:, -kv_len:].bool(), False  # (B, Tk)
 
 
 def s2_attention_forward(
@@ -242,7 +307,8 @@ def s2_attention_forward(
         module: the attention layer; its `config` sets the group (`training_group_size`), its `training` flag
             turns S2 on.
         query: (B, H, Tq, D); key, value: (B, KV, Tk, D) with H divisible by KV.
-        attention_mask: 2-D (B, Tk) padding mask from `s2_mask`, or None.
+        attention_mask: what `s2_mask` returns: None (nothing padded), (B,) lengths of right-padded rows, or a
+            (B, Tk) padding mask (any padding; exact, through the blockwise kernel).
         kwargs: a `sliding_window` shorter than Tk is refused (a longer one masks nothing).
 
     Returns:
@@ -258,7 +324,6 @@ def s2_attention_forward(
         raise ValueError(f"s2_attention does not implement sliding windows ({window} tokens < {kv_len} keys)")
     key_valid, right_padded = _key_valid_from_mask(attention_mask, kv_len)
     group = training_group_size(getattr(module, "config", None), seq_len)
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)  # (B, H, Tk, D)
 
     if not module.training or seq_len != kv_len or group is None:
         out = _causal_sdpa(query, key, value, key_valid, right_padded, scaling, dropout)
@@ -270,7 +335,8 @@ def s2_attention_forward(
         outs = []
         for heads, offset in ((slice(0, split), 0), (slice(split, num_heads), group // 2)):
             if heads.stop > heads.start:  # H = 1: nothing is shifted
-                q_h, k_h, v_h = query[:, heads], key[:, heads], value[:, heads]  # (B, h, L, D)
+                q_h = query[:, heads]  # (B, h, L, D)
+                k_h, v_h = _kv_for_heads(key, heads, n_rep), _kv_for_heads(value, heads, n_rep)  # (B, h_kv, L, D)
                 part = _segmented_attention(q_h, k_h, v_h, key_valid, right_padded, group, offset, scaling, dropout)
                 outs.append(part)  # (B, h, L, D)
         out = torch.cat(outs, dim=1)  # (B, H, L, D)
@@ -286,16 +352,24 @@ def s2_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """Mask builder for `s2_attention`: pass the 2-D padding mask through (None when nothing is padded).
+    """Mask builder for `s2_attention`: the padding, inspected once per forward rather than once per layer.
 
     S2-Attn derives its causal segments itself from tensor positions, so a 4-D mask would only cost memory.
+
+    Returns:
+        None when nothing is padded; the (B,) int64 count of valid keys when every row is right-padded (training
+        batches, `PadCollator`); else the (B, kv_length) padding mask (left-padded generation).
     """
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    if attention_mask.shape[1] != kv_length:
+        return attention_mask  # shorter than the keys: passed on unchanged, as before
+    valid = attention_mask.bool()  # (B, Tk)
+    all_valid, right_padded = _padding_layout(valid)  # the one host sync of the forward
+    if all_valid:
         return None
-    return attention_mask
+    return valid.sum(dim=1) if right_padded else attention_mask  # (B,) or (B, Tk)
 
 
 def register() -> None:

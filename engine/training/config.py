@@ -42,6 +42,8 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"  # auto: bf16 + tf32 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
+    # Deterministic kernels only (engine.training.determinism): a resumed CUDA run then repeats bit for bit, at a cost
+    deterministic: bool = False
     deepspeed: str | None = None  # path to a DeepSpeed JSON (engine/deepspeed/*.json)
     save_steps: int = LONGLORA.save_steps
     save_total_limit: int | None = 2
@@ -104,4 +106,6 @@ class TrainConfig:
         experiment tracker)."""
         ignored = ("output_dir", "quiet", "deepspeed", "report_to", "run_name")
         relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        if not self.deterministic:  # the default keeps the hash runs had before the option existed
+            relevant.pop("deterministic")
         return sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

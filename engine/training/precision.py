@@ -78,6 +78,41 @@ def _cast_output(dtype: torch.dtype):
     return hook
 
 
+def to_deepspeed_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast every trainable parameter to `dtype` (the base's load dtype) for DeepSpeed; returns how many were cast.
+
+    peft upcasts LoRA A/B to fp32 while the `modules_to_save` copies keep the base's bf16; DeepSpeed's bf16 engine
+    keeps its own fp32 masters of the module's 16-bit parameters and ZeRO-3 flattens them into one buffer, which
+    refuses mixed dtypes (`defragment`'s assertion). A no-op for fp32 runs."""
+    cast = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dtype != dtype]
+    for param in cast:
+        param.data = param.data.to(dtype)  # the Parameter keeps its identity (tied copies stay tied)
+    return len(cast)
+
+
+def deepspeed_fp32_masters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The fp32 master of every trainable parameter DeepSpeed optimises, full (gathered) and on CPU, by state-dict
+    name: what the adapter is saved from under DeepSpeed, instead of the 16-bit weights the forward uses (ZeRO-3's
+    `stage3_gather_16bit_weights_on_model_save` and ZeRO-2's module both hold bf16 copies under bf16 training).
+
+    A collective under ZeRO-3 (each rank holds a shard): every rank must call it. A tied parameter (peft's
+    `ensure_weight_tying`) is gathered once and listed under each of its names, as `state_dict()` does. A parameter
+    DeepSpeed does not map (not optimised by it) is taken as it is.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param  # lazy: only DeepSpeed runs get here
+
+    gathered: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not param.requires_grad:
+            continue
+        if id(param) not in gathered:
+            full = safe_get_full_fp32_param(param)
+            gathered[id(param)] = (full if full is not None else param.detach()).to("cpu", torch.float32).clone()
+        out[name] = gathered[id(param)]
+    return out
+
+
 def dtype_summary(model: torch.nn.Module) -> dict[str, dict[str, int]]:
     """Parameter counts by {trainable, frozen} and dtype name, for the run summary and tests."""
     out: dict[str, dict[str, int]] = {"trainable": {}, "frozen": {}}

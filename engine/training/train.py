@@ -4,16 +4,20 @@ Reads top to bottom: validate -> claim the output directory -> load data -> load
 S2-Attn -> LoRA+ (bf16 without DeepSpeed: fp32 masters of what trains, engine.training.precision) -> Trainer (optional
 DeepSpeed JSON) -> resume from the latest complete checkpoint -> train -> save ONE standard PEFT directory (+ extended
 config) -> train_summary.json. Deterministic for a given seed; a run killed at any moment and resumed ends with the
-uninterrupted run's adapter bit for bit (a checkpoint at max_steps is finished, not trained again). The loss is
+uninterrupted run's adapter bit for bit on CPU (a checkpoint at max_steps is finished, not trained again); on CUDA
+only with `deterministic` (engine.training.determinism; docs/training.md gives the tolerance otherwise). The loss is
 token-weighted over each accumulated batch (see LongLoraTrainer).
 
 Outputs in `output_dir`:
     run_config.json     the TrainConfig and its hash (a different run may not reuse the directory)
     checkpoints/        Trainer checkpoints; a `longpilot_complete` marker is written once each is fully saved
-    metrics.jsonl       one line per optimizer step: step, loss, lr, grad_norm, tokens, tokens_per_s, peak_mem_gib
+    metrics.jsonl       one line per optimizer step: step, loss, lr, grad_norm, tokens, tokens_per_s, peak_mem_gib,
+                        peak_reserved_gib (CUDA's allocator: reserved minus allocated is fragmentation and cache)
     adapter/            the LoRA+ adapter (see engine.model.lora), reloadable with plain transformers + peft;
                         written as adapter.partial/ and renamed, so it is never half written
-    train_summary.json  status, initial/final loss, tokens seen, wall time, hardware, versions, seed, config hash
+    train_summary.json  status, initial/final loss, tokens seen, wall time, hardware, versions, seed, config hash,
+                        the attention kernel that ran (`attention_backend`, engine.model.attention_backend),
+                        `deterministic`, the CUDA variables set (`cuda_env`), peak allocated and reserved memory
     tracking/<tracker>/ with `report_to` tensorboard, wandb or mlflow: that tracker's offline files
                         (engine.training.tracking)
 """
@@ -29,7 +33,9 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback, set_seed
 
+from engine.environ import cuda_env_defaults
 from engine.files import read_jsonl, write_atomic
+from engine.model.attention_backend import choose_for_model, sdpa_kernels
 from engine.model.loading import default_device, resolve_model, tokenizer_or_none
 from engine.model.lora import count_trainable, write_adapter_sidecars
 from engine.training.checkpoints import (
@@ -41,6 +47,7 @@ from engine.training.checkpoints import (
     save_adapter,
 )
 from engine.training.config import TrainConfig
+from engine.training.determinism import deterministic_mode
 from engine.training.precision import dtype_summary
 from engine.training.provenance import hardware, versions
 from engine.training.setup import (
@@ -53,7 +60,7 @@ from engine.training.setup import (
     training_arguments,
 )
 from engine.training.tracking import check_tracker, tracking_env
-from engine.training.trainer_parts import NonFiniteStep
+from engine.training.trainer_parts import NonFiniteStep, peak_memory
 
 __all__ = [  # TrainConfig, the set-up steps and latest_complete_checkpoint live in their own modules
     "TrainConfig",
@@ -76,6 +83,11 @@ class TrainResult:
     final_loss: float | None
     summary_path: Path
     model: torch.nn.Module | None = None  # the trained PeftModel, in eval mode (not serialised)
+    attention_backend: str | None = None  # the SDPA kernel of the training attention ("flash", "cpu-flash"...)
+
+
+# The dtype attention computes in: bf16/fp16 under autocast (and a bf16 base), fp32 otherwise
+COMPUTE_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -104,6 +116,7 @@ def train(
         TrainingDivergedError: non-finite loss or gradient norm; train_summary.json says status "failed".
     """
     started = time.perf_counter()
+    cuda_env = cuda_env_defaults(deterministic=cfg.deterministic)  # before anything can start CUDA
     check_tracker(cfg.report_to)  # before anything is loaded: the Trainer would only fail at its first log
     out = claim_output_dir(cfg)
     train_data = load_train_dataset(cfg, dataset)
@@ -112,19 +125,24 @@ def train(
     precision = precision_for(cfg, device)
     args = training_arguments(cfg, device, precision, out / "checkpoints")
     model, peft_model, masters, attn = prepare_model(cfg, model, args, precision)
+    # On CUDA: flash (or another fused kernel) checked now, the math kernel off while training (never L x L)
+    kernels = choose_for_model(model.config, device, COMPUTE_DTYPE[precision])
     trainer = build_trainer(cfg, peft_model, args, train_data, out, callbacks)
     resume, finished = resume_point(cfg, out)
     base = {
         "config_hash": cfg.config_hash(), "seed": cfg.seed, "hardware": hardware(), "versions": versions(),
         "resumed_from": str(resume) if resume else None, "precision": precision, "attention": attn,
+        "attention_backend": kernels.name, "attention_kernels": list(kernels.kernels),
         "trainable": asdict(count_trainable(peft_model)),
         "param_dtypes": dtype_summary(peft_model),  # as trained: fp32 masters, frozen base in the load dtype
+        "deterministic": cfg.deterministic, "cuda_env": cuda_env,
     }  # fmt: skip
     try:
         if finished is not None:
             restore_finished(trainer, finished, load_weights=not cfg.deepspeed)
         else:
-            with tracking_env(cfg.report_to, out):  # W&B and MLflow read theirs when training begins
+            # W&B and MLflow read theirs here; deterministic kernels only while training, when asked
+            with tracking_env(cfg.report_to, out), sdpa_kernels(kernels), deterministic_mode(cfg.deterministic):
                 trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except NonFiniteStep as err:
         raise _diverged(err, cfg, out, base, started) from None
@@ -137,10 +155,10 @@ def train(
         **base, "status": "completed", "steps": trainer.state.global_step, "initial_loss": initial,
         "final_loss": final, "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "wall_seconds": time.perf_counter() - started, "adapter_dir": str(adapter_dir),
-        "metrics": str(out / "metrics.jsonl"),
+        "metrics": str(out / "metrics.jsonl"), **peak_memory(metrics),
     })  # fmt: skip
     steps = trainer.state.global_step
-    return TrainResult("completed", out, adapter_dir, steps, initial, final, summary, peft_model.eval())
+    return TrainResult("completed", out, adapter_dir, steps, initial, final, summary, peft_model.eval(), kernels.name)
 
 
 def _save_adapter(cfg: TrainConfig, trainer, model, peft_model, masters, adapter_dir: Path, finished, tokenizer):

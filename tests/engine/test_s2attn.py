@@ -212,11 +212,12 @@ def test_model_level_s2_matches_reference_path_and_switches_with_mode(family, he
     sdpa_model = tiny_family_model(family, seed=1, attn="sdpa", **shape).double()
 
     def reference_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        valid = (
-            torch.ones(query.shape[0], query.shape[2], dtype=torch.bool)
-            if attention_mask is None
-            else attention_mask.bool()
-        )
+        if attention_mask is None:
+            valid = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool)
+        elif attention_mask.dim() == 1:  # s2_mask's right-padded form: the count of valid keys per row
+            valid = torch.arange(query.shape[2])[None, :] < attention_mask[:, None]
+        else:
+            valid = attention_mask.bool()
         return reference_attention(query, key, value, valid, 0.25, s2=module.training), None
 
     AttentionInterface.register("s2_reference_test", reference_fn)
@@ -458,7 +459,8 @@ def test_kv_cache_decoding_with_padding_is_full_attention(new_tokens, training, 
 
 
 def test_right_padding_and_no_padding_keep_the_mask_free_kernel(monkeypatch):
-    """Training batches are right-padded (PadCollator): they must not pay for a mask; left padding does need one."""
+    """Training batches are right-padded (PadCollator): through s2_mask (which hands their lengths to the layers)
+    they must not pay for a mask; left padding does need one."""
     calls: list[bool] = []
     real = s2attn.F.scaled_dot_product_attention
 
@@ -473,11 +475,83 @@ def test_right_padding_and_no_padding_keep_the_mask_free_kernel(monkeypatch):
     for module in (fake_module(training=False), fake_module(), fake_module(group=16)):
         for mask in (right.long(), right_and_empty.long(), None):
             calls.clear()
-            s2_attention_forward(module, q, k, v, mask)
+            s2_attention_forward(module, q, k, v, s2attn.s2_mask(3, 41, 41, attention_mask=mask))
             assert calls and not any(calls)
         calls.clear()
-        s2_attention_forward(module, q, k, v, valid_from_pads(41, PAD_ROWS["left"]).long())
+        left = valid_from_pads(41, PAD_ROWS["left"]).long()
+        s2_attention_forward(module, q, k, v, s2attn.s2_mask(3, 41, 41, attention_mask=left))
         assert any(calls)
+
+
+def recording_sdpa(monkeypatch) -> list[dict]:
+    """Spy on s2attn's SDPA calls: each call's keyword arguments, plus its K heads as `kv_heads`."""
+    calls: list[dict] = []
+    real = s2attn.F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append({**kwargs, "kv_heads": k.shape[1]})
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(s2attn, "F", types.SimpleNamespace(scaled_dot_product_attention=recording))
+    return calls
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_single_unpadded_decoding_query_calls_sdpa_without_mask_and_with_gqa(monkeypatch, training):
+    """A decoding step (Tq = 1, every cached key valid): one SDPA call, no mask, not is_causal (the query sees every
+    key), K/V with their own 2 heads and enable_gqa (no repeat); equal to the dense float64 reference."""
+    calls = recording_sdpa(monkeypatch)
+    q_full, k, v = random_qkv(2, 6, 2, 30, seed=11)
+    out, _ = s2_attention_forward(fake_module(0.25, training=training, group=8), q_full[:, :, -1:], k, v, None)
+    assert calls == [{"dropout_p": 0.0, "scale": None, "enable_gqa": True, "kv_heads": 2}]
+    ref = reference_attention(q_full, k, v, torch.ones(2, 30, dtype=torch.bool), 0.25, s2=False)[:, -1:]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_every_sdpa_call_gets_unrepeated_kv_on_cpu(monkeypatch, mode):
+    """CPU SDPA takes enable_gqa in all its calls (masked blocks included): K/V are never repeated; S2's head halves
+    get whole KV groups when they fall on a group boundary (H 6, KV 2: split at 3 = one group)."""
+    calls = recording_sdpa(monkeypatch)
+    q, k, v = random_qkv(3, 6, 2, 41, seed=12)
+    valid = valid_from_pads(41, PAD_ROWS["mixed"])  # left and right: the blockwise masked path
+    module = fake_module(0.25, training=mode == "train", group=16)
+    ref = {"eval": dict(ratio=0.25, s2=False), "train": dict(ratio=0.25, s2=True, target_group=16)}[mode]
+    check_against_reference(module, q, k, v, valid, ref)
+    assert calls and all(c.get("enable_gqa") for c in calls)
+    assert {c["kv_heads"] for c in calls} == ({2} if mode == "eval" else {1})
+
+
+def test_without_native_gqa_kv_are_repeated_once_per_blockwise_call(monkeypatch):
+    """Where the serving kernel takes no GQA (CUDA's efficient kernel for masked calls), K/V reach SDPA repeated to
+    the query heads and without enable_gqa; the result is the same."""
+    monkeypatch.setattr(s2attn, "native_gqa", lambda *args: False)
+    calls = recording_sdpa(monkeypatch)
+    q, k, v = random_qkv(3, 6, 2, 41, seed=12)
+    valid = valid_from_pads(41, PAD_ROWS["mixed"])
+    check_against_reference(fake_module(0.25, training=False), q, k, v, valid, dict(ratio=0.25, s2=False))
+    assert calls and all("enable_gqa" not in c and c["kv_heads"] == 6 for c in calls)
+
+
+@pytest.mark.parametrize("pads", [None, "right", "left"])
+def test_the_padding_layout_is_read_once_per_forward_not_per_layer(monkeypatch, pads):
+    """s2_mask inspects the padding (one host sync); the layers do not, for None, right padding ((B,) lengths) and
+    left padding ((B, T) mask) alike."""
+    seen: list[int] = []
+    real = s2attn._padding_layout
+    monkeypatch.setattr(s2attn, "_padding_layout", lambda valid: seen.append(1) or real(valid))
+    model = tiny_family_model("llama", seed=1, attn=S2_ATTENTION, layers=3).train()
+    ids = torch.randint(3, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    if pads == "right":
+        mask[1, -5:] = 0
+    elif pads == "left":
+        mask[1, :5] = 0
+    model(ids, attention_mask=mask)
+    assert len(seen) == 1
+    built = s2attn.s2_mask(2, 20, 20, attention_mask=mask.bool())
+    expected = {None: None, "right": (2,), "left": (2, 20)}[pads]
+    assert (built if built is None else tuple(built.shape)) == expected
 
 
 class LargestAllocation(TorchDispatchMode):

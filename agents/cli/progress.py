@@ -31,7 +31,8 @@ from rich.progress import (
 from engine.planning.cost import duration  # `3 min 20 s`: the plan card's units
 
 Mode = Literal["live", "plain", "quiet"]
-PLAIN_EVERY_S = 30.0  # plain mode: a running bar's line at most this often
+PLAIN_EVERY_S = 20.0  # plain mode: a running bar's line at most this often (events come every few seconds, so a
+# stage is never silent for more than about 25 s)
 FINAL_EVENTS = ("plan_approved", "plan_rejected", "run_failed", "run_passed")
 
 
@@ -47,16 +48,17 @@ class _Bar:
     label: str
     total: int | None
     started: float = field(default_factory=lambda: _now())
-    done: int = 0
+    done: float = 0  # fractional while an item runs (a long forward's heartbeat)
     note: str = ""  # loss and tokens/s for training
     task: TaskID | None = None  # its rich task in live mode
-    said_at: tuple[float, int] = (0.0, -1)  # plain mode: when and at which count its last line was printed
+    said_at: tuple[float, float] = (0.0, -1)  # plain mode: when and at which count its last line was printed
 
     def __post_init__(self) -> None:
         self.said_at = (self.started, -1)
 
     def count(self) -> str:
-        return f"{self.done}/{self.total}" if self.total else str(self.done)
+        done = int(self.done)  # whole items; the fraction shows in the bar and the ETA
+        return f"{done}/{self.total}" if self.total else str(done)
 
     def eta(self, now: float) -> str:
         if not self.total or self.done <= 0 or self.done >= self.total:
@@ -104,6 +106,8 @@ class ProgressView:
             self._gate(event)
         elif kind == "train_begin":
             self._bar("train", "training steps", event.get("max_steps"))
+        elif kind == "train_progress":  # inside a long step: how far it has got
+            self._advance(self._bar("train", "training steps", event.get("max_steps")), float(event.get("step") or 0))
         elif kind == "train_step":
             bar = self._bar("train", "training steps", event.get("max_steps"))
             note = f"loss {event['loss']:.4f}" if isinstance(event.get("loss"), (int, float)) else ""
@@ -111,7 +115,7 @@ class ProgressView:
         elif kind == "progress":
             task = str(event.get("task", "items"))
             label = "records built" if task == "records" else task
-            self._advance(self._bar(task, label, event.get("total")), int(event.get("done") or 0))
+            self._advance(self._bar(task, label, event.get("total")), float(event.get("done") or 0))
         else:
             self._other(kind, event)
 
@@ -177,7 +181,7 @@ class ProgressView:
                 self._progress.update(bar.task, total=bar.total)
         return bar
 
-    def _advance(self, bar: _Bar, done: int, note: str = "") -> None:
+    def _advance(self, bar: _Bar, done: float, note: str = "") -> None:
         bar.done, bar.note = done, note or bar.note
         now = _now()
         if self._progress is not None and bar.task is not None:

@@ -4,6 +4,7 @@ this role picks the architecture from the spec, adds the evaluation settings of 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,13 @@ def fit_to_tokenizer(ev: dict[str, Any], target: int, tokenizer) -> dict[str, An
     }  # fmt: skip
 
 
-def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = False) -> dict[str, Any]:
+def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = False,
+                       on_event: Callable[[dict], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """The plan as a dict valid against sop.schemas.Plan; training paths point into the run directory.
 
     `measure_rope` scores the RoPE candidates rope-only before choosing (rope_planner; minutes on a CPU for
-    a 135M model at 16k): the run's plan stage does, `plan` and the run's pre-checks use the rule's prior.
+    a 135M model at 16k): the run's plan stage does, `plan` and the run's pre-checks use the rule's prior. `on_event`
+    gets the measurement's progress events.
     """
     from engine.catalog import custom_hardware
     from engine.planning.plan import make_plan
@@ -137,12 +140,12 @@ def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = 
 
         ev = fit_to_tokenizer(ev, spec.target_context, tokenizer_or_none(spec.base_model))
     doc["evaluation"] = ev
-    doc["rope_choice"] = _rope_choice(spec, doc, measure_rope)
+    doc["rope_choice"] = _rope_choice(spec, doc, measure_rope, on_event)
     doc["rope_method"] = doc["train_config"]["rope_method"] = doc["rope_choice"]["method"]
     return Plan.model_validate(doc).model_dump()
 
 
-def _rope_choice(spec: Spec, doc: dict[str, Any], measure: bool) -> dict[str, Any]:
+def _rope_choice(spec: Spec, doc: dict[str, Any], measure: bool, on_event=None) -> dict[str, Any]:
     """How the run extends RoPE (agents.roles.rope_planner): the user's method, measured candidates, or the prior."""
     from agents.roles.rope_planner import choose_rope
     from agents.roles.rope_planner import measure as measure_candidates
@@ -150,12 +153,13 @@ def _rope_choice(spec: Spec, doc: dict[str, Any], measure: bool) -> dict[str, An
     steps = int(doc["train_config"]["max_steps"])
     if spec.rope_method or not measure:
         return choose_rope(steps, spec.rope_method, not_measured="planning only; `longpilot run` measures")
-    return measure_candidates(spec, doc, steps)
+    return measure_candidates(spec, doc, steps, on_event)
 
 
-def write_plan(spec: Spec, run_dir: str | Path) -> Path:
+def write_plan(spec: Spec, run_dir: str | Path, on_event: Callable[[dict], None] | None = None) -> Path:
     path = Path(run_dir) / PLAN_FILE
-    path.write_text(json.dumps(make_plan_document(spec, run_dir, measure_rope=True), indent=2) + "\n")
+    doc = make_plan_document(spec, run_dir, measure_rope=True, on_event=on_event)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
 
@@ -198,4 +202,4 @@ def plan_card(plan: dict[str, Any]) -> str:
 
 @stage_action("plan", role="planner", approval=True)  # the approval prompt shows plan_card(plan)
 def plan_stage(ctx: StageContext) -> None:
-    write_plan(ctx.spec(), ctx.run_dir)
+    write_plan(ctx.spec(), ctx.run_dir, ctx.progress)

@@ -10,8 +10,13 @@ on held-out text); this role decides with one documented rule:
   this is YaRN (PPL 10.8 at 16k, 11.9 at 2k, base 11.6) and never linear PI (28.9 at 16k, 29.5 at 2k).
 - `PI_RECOVERY_STEPS` or more: training adapts the model to fixed interpolated positions (Position Interpolation,
   Chen et al., 2023, fine-tunes 1,000 steps, as LongLoRA does; YaRN, Peng et al., 2023, fine-tunes in fewer). Choose
-  between linear and YaRN by rope-only PPL at the target, the better starting point; dynamic NTK is left out, its
-  positions change with the sequence length, so what training learns at the target does not hold at other lengths.
+  between linear and YaRN by rope-only PPL at the target, the better starting point.
+- Dynamic NTK is never measured (`MEASURED_METHODS`): it cannot win what the planner chooses, a method to train and
+  then serve. Its frequencies are a function of the current length, so the weights trained at the target run with
+  other frequencies at every other length; under a KV cache transformers re-derives them as the cache grows while the
+  keys already cached keep their old rotation, so what the evaluator and the server generate is not the model that
+  was scored; and neither vLLM nor llama.cpp reproduces it (docs/serving.md). Each of its measurements was a
+  forward pass at the target (98 s of the demo's plan stage). `--rope-method dynamic` still runs it.
 - Not measured (no weights here, or `longpilot plan`, which runs nothing): the same rule's prior, YaRN with few
   steps and LongLoRA's linear with many, and the card says it was not measured.
 """
@@ -26,6 +31,7 @@ from engine.catalog import DEFAULT_ROPE_METHOD, FEW_STEPS_ROPE_METHOD, FIXED_POS
 PI_RECOVERY_STEPS = 200  # below this many optimizer steps, a training-free method is preferred
 SHORT_TOLERANCE = 0.05  # a candidate may cost at most 5% PPL at the short length (the quality gate's ppl ratio)
 TRAINED_METHODS = FIXED_POSITION_ROPE_METHODS  # methods with fixed positions that training adapts to
+MEASURED_METHODS = FIXED_POSITION_ROPE_METHODS  # what the plan stage scores (dynamic NTK: see the module docstring)
 
 
 def _ppl(score: dict[str, Any], length: int) -> float | None:
@@ -57,14 +63,12 @@ def _measured_choice(scores: dict[str, Any], steps: int) -> tuple[str, str]:
 
 
 def scoring_plan(steps: int) -> dict[str, Any]:
-    """What to measure for this many steps (engine.planning.rope_choice options): with few steps every method, a
-    candidate that fails the short-length tolerance skips the (costly) target; with many steps only the trained
-    methods."""
+    """What to measure for this many steps (engine.planning.rope_choice options): the methods a run can train and
+    serve; with few steps a candidate that fails the short-length tolerance skips the (costly) target."""
     from engine.planning.rope_choice import DEFAULT_CANDIDATES
 
-    if steps < PI_RECOVERY_STEPS:
-        return {"candidates": DEFAULT_CANDIDATES, "screen": SHORT_TOLERANCE}
-    return {"candidates": tuple(c for c in DEFAULT_CANDIDATES if c.method in TRAINED_METHODS), "screen": None}
+    candidates = tuple(c for c in DEFAULT_CANDIDATES if c.method in MEASURED_METHODS)
+    return {"candidates": candidates, "screen": SHORT_TOLERANCE if steps < PI_RECOVERY_STEPS else None}
 
 
 def prior_method(steps: int) -> str:
@@ -121,9 +125,10 @@ SCORING_ENV = "LONGPILOT_ROPE_SCORING"  # "off": the plan stage uses the prior (
 SHORT_SAMPLE_WINDOWS = 2  # windows scored at the short length: a screen, not the evaluation (that scores more)
 
 
-def measure(spec, plan_doc: dict[str, Any], steps: int) -> dict[str, Any]:
+def measure(spec, plan_doc: dict[str, Any], steps: int, on_event=None) -> dict[str, Any]:
     """Score the candidates for this spec (engine.planning.rope_choice) and choose; a failure to measure (no weights,
-    too little text, out of memory) is recorded as the reason and the prior is used, never a failed plan."""
+    too little text, out of memory) is recorded as the reason and the prior is used, never a failed plan.
+    `on_event` gets the scoring's progress (method, length, windows done), so the plan stage is never silent."""
     from engine.planning.rope_choice import score_model
 
     if os.environ.get(SCORING_ENV, "on").lower() == "off":  # the test suite: minutes per real-model plan otherwise
@@ -132,7 +137,8 @@ def measure(spec, plan_doc: dict[str, Any], steps: int) -> dict[str, Any]:
     short = scoring_short_length(plan_doc["evaluation"])
     try:
         scores = score_model(spec.base_model, spec.target_context, short, spec.corpus or None, device=device,
-                             short_tokens=SHORT_SAMPLE_WINDOWS * short, **scoring_plan(steps))  # fmt: skip
+                             short_tokens=SHORT_SAMPLE_WINDOWS * short, on_event=on_event,
+                             **scoring_plan(steps))  # fmt: skip
         return choose_rope(steps, scores=scores.to_dict())
     except (ValueError, OSError, RuntimeError) as err:
         return choose_rope(steps, not_measured=str(err).splitlines()[0][:200])

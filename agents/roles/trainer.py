@@ -43,24 +43,42 @@ def _move_aside_if_other_run(out: Path, config_hash: str) -> None:
 
 
 def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Event) -> None:
-    """Forward each new step of metrics.jsonl as a progress event until `stop` is set.
+    """Forward each new step of metrics.jsonl as a progress event until `stop` is set, and the engine's heartbeat
+    (heartbeat.json: how far into the current step) as `train_progress`, so a long step is never silent.
 
     Steps already in the file when a resumed run starts were reported before the kill; the engine recomputes the
     ones after its checkpoint with identical losses (tested), so only steps beyond the last reported one are sent.
     """
     reported = max((row.get("step", 0) for row in read_jsonl(path)), default=0)
+    heartbeat, beat_at = path.with_name("heartbeat.json"), None
     while True:
         stopping = stop.wait(1.0)
         for row in read_jsonl(path):
             if row.get("step", 0) > reported:
                 emit({"event": "train_step", **row})
                 reported = row["step"]
+        beat = _read_heartbeat(heartbeat)
+        if beat and beat.get("time") != beat_at and float(beat.get("step", 0)) > reported:
+            beat_at = beat.get("time")
+            emit({"event": "train_progress", "step": float(beat["step"]), "max_steps": beat.get("max_steps")})
         if stopping:  # one last read after training returned, so the final step is reported too
             return
 
 
+def _read_heartbeat(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, Any], emit: Callable[[dict], None]):
-    """Train (or resume) and return the engine's TrainResult. Raises TrainingDivergedError on a non-finite loss."""
+    """Train (or resume) and return the engine's TrainResult. Raises TrainingDivergedError on a non-finite loss.
+
+    A multi-device plan trains in one worker per device, each loading its own copy (or ZeRO-3 shard) of the base: this
+    process loads none. One device: the engine loads the base itself (CUDA when present) unless `--device` names one,
+    then it is loaded here on that device, after the CUDA variables are set (engine.environ.cuda_env_defaults)."""
+    from engine.environ import cuda_env_defaults
     from engine.model.loading import load_model
     from engine.training.train import train as engine_train
 
@@ -69,9 +87,12 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     _move_aside_if_other_run(out, cfg.config_hash())
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # what the launch line runs
+    n_devices = int(plan["hardware"]["n_devices"])
     model = None
-    if spec.device != "auto":  # an explicit device: load the base there; otherwise the engine picks CUDA when present
+    if spec.device != "auto" and n_devices == 1:  # an explicit device for one process: load the base there
         from engine.model.s2attn import S2_ATTENTION
+
+        cuda_env_defaults(deterministic=cfg.deterministic)  # before this process can start CUDA
 
         model, _ = load_model(
             cfg.base_model, device=spec.device, attn_implementation=S2_ATTENTION, with_tokenizer=False
@@ -83,7 +104,6 @@ def train(spec: Spec, plan: dict[str, Any], run_dir: Path, overrides: dict[str, 
     )
     follower.start()
     try:
-        n_devices = int(plan["hardware"]["n_devices"])
         if n_devices > 1:  # the plan's global batch needs one process per device: launched as the plan says
             return _train_distributed(out / "train_config.json", n_devices, spec.device, cfg.sequence_parallel_size)
         return engine_train(cfg, model=model)

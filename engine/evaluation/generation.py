@@ -6,16 +6,20 @@ Generation goes through a small `Generator` protocol so tasks can be scored agai
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.cache import ResultCache, code_version, digest, state_fingerprint
 from engine.catalog import DEFAULT_ROPE_METHOD
+from engine.model.heartbeat import layer_heartbeat
 from engine.model.loading import default_device, default_dtype, load_model
 from engine.model.lora import load_adapter
 from engine.model.rope import RopeMethod, apply_rope_extension, current_context, original_context
@@ -65,11 +69,14 @@ def generate_and_score(
     finishes (progress). Returns the logs in prompt order."""
     step = max(int(getattr(generator, "batch_size", 1)), 1)
     logs = []
-    for start in range(0, len(prompts), step):
-        for offset, text in enumerate(generator.generate(prompts[start : start + step], max_new_tokens)):
-            logs.append(score(start + offset, text))
-            if on_item is not None:
-                on_item(logs[-1])
+    # a 16k-token prefill takes minutes on a CPU: `on_item.partial(fraction)` (EvalRun.progress) hears from inside it
+    with layer_heartbeat(getattr(generator, "model", None), getattr(on_item, "partial", None)) as next_unit:
+        for start in range(0, len(prompts), step):
+            for offset, text in enumerate(generator.generate(prompts[start : start + step], max_new_tokens)):
+                logs.append(score(start + offset, text))
+                if on_item is not None:
+                    on_item(logs[-1])
+            next_unit()
     return logs
 
 
@@ -85,30 +92,60 @@ class LoadedModel:
     kind: str  # base | rope_only | adapter | model_dir
     allow_beyond_context: bool = False
     batch_size: int = 1
+    cached_batches: int = 0  # generate() batches read from the results cache (reported per task)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's exact state (`engine.cache.state_fingerprint`), hashed once: the key its results are kept by.
+        Evaluation never changes the weights, so one hash serves the whole evaluation."""
+        if self._fingerprint is None:
+            self._fingerprint = state_fingerprint(self.model)
+        return self._fingerprint
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-        """Greedy, batched with left padding; transformers projects only the last position during prefill."""
+        """Greedy, batched with left padding; transformers projects only the last position during prefill.
+
+        Each batch's continuations are kept in the results cache by (model state, exact prompts, decoding settings,
+        code version): greedy decoding of the same state on the same prompts gives the same text, so a second run
+        of an unchanged model reads them back. `cached_batches` counts those."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        device = next(self.model.parameters()).device
         out: list[str] = []
+        store = ResultCache("generate")
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # (B, T)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)  # (B, T)
-            generated = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad,
-                eos_token_id=self.tokenizer.eos_token_id,
-                use_cache=True,
-            )
-            out += self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            key = digest(["generate", 1, self.fingerprint, code_version(), max_new_tokens, pad,
+                          self.tokenizer.eos_token_id, [_ids_digest(p) for p in batch]])  # fmt: skip
+            texts = store.get(key)
+            if texts is None:
+                texts = self._generate_batch(batch, max_new_tokens, pad)
+                store.put(key, texts)
+            else:
+                self.cached_batches += 1
+            out += texts
         return out
+
+    def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, pad: int) -> list[str]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)  # (B, T)
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad,
+            eos_token_id=self.tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        return self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+
+
+def _ids_digest(ids: list[int]) -> str:
+    return hashlib.sha256(array("q", ids).tobytes()).hexdigest()
 
 
 def _adapter_tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:

@@ -90,6 +90,10 @@ class EvalRun:
         bar = tqdm(total=total, desc=desc, disable=not self.cfg.progress, leave=False)
         done = [0]  # counted here: a disabled tqdm does not count
 
+        def emit(fraction: float = 0.0) -> None:
+            if self.on_event is not None:
+                self.on_event({"event": "progress", "task": desc, "done": done[0] + fraction, "total": total})
+
         def step(item: dict | int) -> None:
             n = item if isinstance(item, int) else 1
             bar.update(n)
@@ -97,11 +101,11 @@ class EvalRun:
             if isinstance(item, dict):
                 self.items_file.write(json.dumps({"model": desc.split(":")[0], **item}, default=_jsonable) + "\n")
                 self.items_file.flush()
-            if self.on_event is not None:
-                self.on_event({"event": "progress", "task": desc, "done": done[0], "total": total})
+            emit()
             if done[0] >= total:
                 bar.close()
 
+        step.partial = emit  # type: ignore[attr-defined]  # within an item: the fraction of it done (a long forward)
         return step
 
 
@@ -133,9 +137,11 @@ def _evaluate_model(run: EvalRun, model: LoadedModel, native: int, only: tuple[s
     entry.update(kind=model.kind, context=model.context, native_context=model.native_context, status="running")
     ctx = TaskContext(run, model, native, entry)
     for task in [t for t in EVAL_TASKS if t in cfg.tasks and (only is None or t in only)]:
-        t0 = time.time()
+        t0, reused = time.time(), getattr(model, "cached_batches", 0)
         entry[task] = EVAL_TASKS[task].run(ctx)
         entry[task]["wall_s"] = round(time.time() - t0, 2)
+        if getattr(model, "cached_batches", 0) > reused:  # continuations read back from the results cache
+            entry[task]["cached_batches"] = model.cached_batches - reused
         run.write()
         if run.on_event is not None:
             run.on_event({"event": "task_done", "model": model.name, "task": task})

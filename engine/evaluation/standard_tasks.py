@@ -44,7 +44,8 @@ def _eval_perplexity(run, model: LoadedModel, lengths: list[int]) -> dict:
     for n in lengths:
         t0 = time.time()
         res = sliding_window_perplexity(
-            model.model, stream, n, cfg.ppl_stride, batch_size=cfg.batch_size, on_window=step
+            model.model, stream, n, cfg.ppl_stride, batch_size=cfg.batch_size, on_window=step, on_beat=step.partial,
+            cache_as=model.fingerprint,
         )
         rows.append({**asdict(res), "beyond_context": n > model.context, "wall_s": round(time.time() - t0, 2)})
     return {"source": "files" if cfg.ppl_files else "eval split (packed LM records)", "by_length": rows}
@@ -151,7 +152,9 @@ def _eval_native(run, model: LoadedModel, native: int, done: dict) -> dict:
 def _plot_perplexity(run, models: dict[str, dict], native: int) -> str:
     series = {n: [(r["length"], r["ppl"]) for r in m["perplexity"]["by_length"]]
               for n, m in models.items() if "perplexity" in m}  # fmt: skip
-    return plot_perplexity(series, run.out / "ppl_vs_length.png", native).name
+    # the line marks the model's own native context (8,192 for SmolLM2), not the short-context check's length
+    model_native = next((m["native_context"] for m in models.values() if m.get("native_context")), native)
+    return plot_perplexity(series, run.out / "ppl_vs_length.png", model_native).name
 
 
 def _plot_passkey(run, models: dict[str, dict], native: int) -> str:

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+CACHED_MARK = "†"  # a figure read (in whole or part) from the results cache: same model state, same tokens
+CACHED_NOTE = (f"{CACHED_MARK} read from the results cache (engine.cache): measured before on the same model state, "
+               "the same tokens and the same code, by the planner or an earlier run.")  # fmt: skip
+
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def true_native(report: dict) -> int | None:
+    """The reference model's own native context (8,192 for SmolLM2), whatever lengths were evaluated."""
+    return next((m.get("native_context") for m in report.get("models", {}).values() if m.get("native_context")), None)
+
+
+def check_length_label(report: dict, length: int | None) -> str:
+    """What the short-context check's length is: "native" only when it is the model's native context; the smoke
+    profile checks at 2,048 (for cost) on a model whose native context is 8,192, and says so."""
+    native = true_native(report)
+    return "native" if length is None or native is None or length == native else "short-context check"
+
+
+def _cached(section: dict) -> bool:
+    return bool(section.get("cached_windows") or section.get("cached_batches"))
 
 
 def summary_table(report: dict) -> str:
@@ -30,7 +50,8 @@ def summary_table(report: dict) -> str:
         if "regression" in m:
             r = m["regression"]
             lines.append(
-                f"{name:<12} at native {r['length']}: passkey {_fmt(r['passkey']['value'])}, "
+                f"{name:<12} at {check_length_label(report, r['length'])} {r['length']}: "
+                f"passkey {_fmt(r['passkey']['value'])}, "
                 f"RULER {_fmt(r['ruler_average'])}" + (f", PPL {_fmt(r['ppl'])}" if r.get("ppl") else "")
             )
     comparison = report.get("comparison") or {}
@@ -40,7 +61,9 @@ def summary_table(report: dict) -> str:
         )
     if "regression_ppl" in comparison:
         r = comparison["regression_ppl"]
-        lines.append(f"PPL at native: {_fmt(r['reference'])} -> {_fmt(r['candidate'])} (x{r['ratio']:.3f})")
+        at = comparison.get("native_length")
+        lines.append(f"PPL at {check_length_label(report, at)} {at}: {_fmt(r['reference'])} -> "
+                     f"{_fmt(r['candidate'])} (x{r['ratio']:.3f})")  # fmt: skip
     if "effective_length" in comparison:
         lines.append(f"effective length (RULER >= threshold): {comparison['effective_length']}")
     gate = report.get("gate")
@@ -61,11 +84,13 @@ def _by_length(m: dict) -> dict[int, dict[str, str]]:
     """{length: {"ppl", "passkey", "ruler"}} cells of one model (a task it was not scored on is left out)."""
     cells: dict[int, dict[str, str]] = {}
     for r in m.get("perplexity", {}).get("by_length", []):
-        cells.setdefault(r["length"], {})["ppl"] = _fmt(r["ppl"])
+        cells.setdefault(r["length"], {})["ppl"] = _fmt(r["ppl"]) + (CACHED_MARK if _cached(r) else "")
+    mark = CACHED_MARK if _cached(m.get("passkey", {})) else ""
     for n, pk in m.get("passkey", {}).get("by_length", {}).items():
-        cells.setdefault(int(n), {})["passkey"] = f"{pk['value']:.2f} (n={pk['n']})"
+        cells.setdefault(int(n), {})["passkey"] = f"{pk['value']:.2f} (n={pk['n']}){mark}"
+    mark = CACHED_MARK if _cached(m.get("ruler", {})) else ""
     for n, ru in m.get("ruler", {}).get("by_length", {}).items():
-        cells.setdefault(int(n), {})["ruler"] = _fmt(ru.get("average"))
+        cells.setdefault(int(n), {})["ruler"] = _fmt(ru.get("average")) + mark
     if "regression" in m:  # the short-context check scores passkey and RULER at the native length too
         r, native = m["regression"], cells.setdefault(m["regression"]["length"], {})
         native.setdefault("passkey", f"{r['passkey']['value']:.2f} (n={r['passkey']['n']})")
@@ -80,7 +105,9 @@ def comparison_markdown(report: dict) -> str:
     cells = {name: _by_length(m) for name, m in report["models"].items()}
     lengths = sorted({n for c in cells.values() for n in c})
     config = report.get("config", {})
-    marks = {config.get("native_length"): " (native)", config.get("target_length"): " (target)"}
+    check = config.get("native_length")
+    marks = {true_native(report): " (native)", check: f" ({check_length_label(report, check)})",
+             config.get("target_length"): " (target)"}  # fmt: skip
     header = ["length"] + [f"{metric} {name}" for metric in ("PPL", "passkey", "RULER") for name in models]
     rows = [header, ["---:"] * len(header)]
     for n in lengths:
@@ -90,7 +117,8 @@ def comparison_markdown(report: dict) -> str:
         rows.append(row)
     regression = _regression_row(report.get("comparison") or {}, models)
     rows += [regression] if regression else []
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return table + (f"\n\n{CACHED_NOTE}" if CACHED_MARK in table else "")
 
 
 def _regression_row(comparison: dict, models: list[str]) -> list[str] | None:

@@ -20,17 +20,18 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.cache import cache_root, state_fingerprint
 from engine.catalog import ROPE_METHODS
-from engine.evaluation.perplexity import sliding_window_perplexity
+from engine.evaluation.generation import EVAL_ATTENTION
+from engine.evaluation.perplexity import sliding_window_perplexity, windows
 from engine.files import write_atomic
 from engine.model.rope import apply_rope_extension, current_context, rebuild_rotary
 
@@ -132,8 +133,27 @@ def _extend(model: torch.nn.Module, target: int, candidate: RopeCandidate) -> No
     apply_rope_extension(model, target, candidate.method)
 
 
-def _ppl(model: torch.nn.Module, tokens: list[int], window: int, stride: int) -> float:
-    return sliding_window_perplexity(model, tokens, window, stride).ppl
+ProgressFn = Callable[[dict], None]
+
+
+def _ppl(model: torch.nn.Module, tokens: list[int], window: int, stride: int, label: str = "base",
+         on_event: ProgressFn | None = None) -> float:  # fmt: skip
+    """Rope-only PPL through the evaluator's own function, so its windows land in the shared results cache (the
+    evaluator's rope-only model reads them back), with a progress bar per method and length."""
+    total = len(windows(len(tokens), window, stride))
+    task, done = f"rope-only PPL: {label} at {window:,}", [0]
+
+    def emit(fraction: float = 0.0) -> None:
+        if on_event is not None:
+            on_event({"event": "progress", "task": task, "done": done[0] + fraction, "total": total})
+
+    def counted(n: int) -> None:
+        done[0] += n
+        emit()
+
+    emit()
+    return sliding_window_perplexity(model, tokens, window, stride, on_window=counted, on_beat=emit,
+                                     cache_as=state_fingerprint(model)).ppl  # fmt: skip
 
 
 def score_rope_candidates(
@@ -146,6 +166,7 @@ def score_rope_candidates(
     short_tokens: int | None = None,
     screen: float | None = None,
     base_at_target: bool = False,
+    on_event: ProgressFn | None = None,
 ) -> RopeScores:
     """Rope-only PPL of the base model and of each candidate at `short` and `target` on `tokens` (see the module
     docstring). `model` is an unscaled causal LM in eval mode; its RoPE config is restored when this returns.
@@ -163,6 +184,7 @@ def score_rope_candidates(
         short_tokens: tokens scored at the short length (default: the whole sample); at least `short`.
         screen: the short-length screen (None: every candidate is scored at the target).
         base_at_target: also score the unscaled base at the target (past its context: a reference figure).
+        on_event: progress events (`{"event": "progress", "task", "done", "total"}`), a few seconds apart.
 
     Raises:
         ValueError: too few tokens, lengths out of order, or a model whose context already reaches `target`.
@@ -178,15 +200,15 @@ def score_rope_candidates(
     head = tokens[: max(short, min(short_tokens or target, target))]
     saved, max_positions = copy.deepcopy(model.config.rope_parameters), model.config.max_position_embeddings
     start = time.perf_counter()
-    base_ppl = {short: _ppl(model, head, short, short)}
+    base_ppl = {short: _ppl(model, head, short, short, "base", on_event)}
     if base_at_target:
-        base_ppl[target] = _ppl(model, tokens, target, target)
+        base_ppl[target] = _ppl(model, tokens, target, target, "base", on_event)
     base = CandidateScore("none", {}, base_ppl, round(time.perf_counter() - start, 2))
     log.info("rope-only base: %s (%.1f s)", base.ppl, base.seconds)
     scores = []
     try:
         for cand in candidates:
-            scores.append(_score_one(model, cand, tokens, head, target, short, base, native, screen))
+            scores.append(_score_one(model, cand, tokens, head, target, short, base, native, screen, on_event))
             log.info("rope-only %s: %s (%.1f s)", cand.label, scores[-1].ppl, scores[-1].seconds)
             _restore(model, saved, max_positions)
     finally:
@@ -197,7 +219,8 @@ def score_rope_candidates(
 
 
 def _score_one(model, cand: RopeCandidate, tokens: list[int], head: list[int], target: int, short: int,
-               base: CandidateScore, native: int, screen: float | None) -> CandidateScore:  # fmt: skip
+               base: CandidateScore, native: int, screen: float | None,
+               on_event: ProgressFn | None = None) -> CandidateScore:  # fmt: skip
     """One candidate: the short length first (cheap), then the target unless the screen rules it out."""
     t0 = time.perf_counter()
     _extend(model, target, cand)
@@ -205,11 +228,11 @@ def _score_one(model, cand: RopeCandidate, tokens: list[int], head: list[int], t
     if cand.method == "dynamic" and short <= native:  # identical to the base below the original context
         ppl[short], notes[short] = base.ppl[short], "the base's (dynamic NTK rescales only past the context)"
     else:
-        ppl[short] = _ppl(model, head, short, short)
+        ppl[short] = _ppl(model, head, short, short, cand.label, on_event)
     if screen is not None and ppl[short] > base.ppl[short] * (1 + screen):
         notes[target] = f"not scored: PPL at {short} is over {1 + screen:g} x the base's"
     else:
-        ppl[target] = _ppl(model, tokens, target, target)
+        ppl[target] = _ppl(model, tokens, target, target, cand.label, on_event)
     return CandidateScore(cand.method, dict(cand.params), ppl, round(time.perf_counter() - t0, 2), notes)
 
 
@@ -217,9 +240,8 @@ SCORING_VERSION = 1  # part of the cache key: bump when what a score means chang
 
 
 def cache_dir() -> Path:
-    """Where measured scores are kept: $LONGPILOT_CACHE/rope_scores, else ~/.cache/longpilot/rope_scores."""
-    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longpilot"
-    return Path(os.environ.get("LONGPILOT_CACHE") or xdg) / "rope_scores"
+    """Where measured scores are kept: `engine.cache.cache_root()`/rope_scores."""
+    return cache_root() / "rope_scores"
 
 
 def _cache_key(source, tokens: list[int], args: dict[str, Any]) -> str:
@@ -241,6 +263,7 @@ def score_model(
     *,
     device: str | None = None,
     use_cache: bool = True,
+    on_event: ProgressFn | None = None,
     **options: Any,
 ) -> RopeScores:
     """Load `model_ref` (alias, directory or cached hub id), take a held-out sample of `target` tokens from
@@ -263,9 +286,9 @@ def score_model(
             return _from_dict(json.loads(path.read_text()), cached=True)
         except (ValueError, KeyError, TypeError):  # a damaged entry is measured again and rewritten
             log.warning("ignoring unreadable cached RoPE scores %s", path)
-    # sdpa: one unpadded row per forward, so causal SDPA needs no mask (the evaluator's attention exists for padding)
-    model, _ = load_model(model_ref, device=device, attn_implementation="sdpa", with_tokenizer=False)
-    scores = score_rope_candidates(model, tokens, target, short, candidates, **options)
+    # the evaluator's attention (full causal SDPA in eval mode): the same model state, so the same cached windows
+    model, _ = load_model(model_ref, device=device, attn_implementation=EVAL_ATTENTION, with_tokenizer=False)
+    scores = score_rope_candidates(model, tokens, target, short, candidates, on_event=on_event, **options)
     del model
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)

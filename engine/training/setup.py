@@ -21,7 +21,7 @@ from engine.model.rope import apply_rope_extension, current_context
 from engine.model.s2attn import S2_ATTENTION
 from engine.training.checkpoints import checkpoint_step, is_main_process, latest_complete_checkpoint, truncate_metrics
 from engine.training.config import TrainConfig
-from engine.training.precision import MasterWeights
+from engine.training.precision import MasterWeights, to_deepspeed_dtype
 from engine.training.sequence_parallel import (
     check_dataset,
     check_model,
@@ -30,7 +30,7 @@ from engine.training.sequence_parallel import (
     parallelism_config,
 )
 from engine.training.tracking import tracking_env
-from engine.training.trainer_parts import CompleteMarker, LongLoraTrainer, MetricsWriter, PadCollator
+from engine.training.trainer_parts import CompleteMarker, LongLoraTrainer, MetricsWriter, PadCollator, StepHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,16 @@ def prepare_model(cfg: TrainConfig, model: torch.nn.Module | None, args: Trainin
     model.config.s2_group_size_ratio = cfg.s2_group_size_ratio
     model.config.s2_group_size = int(cfg.target_context * cfg.s2_group_size_ratio)  # G_t for every batch length
     model.config.use_cache = False
+    if cfg.deterministic:  # read by the SDPA kernel choice: deterministic backward kernels only
+        model.config.deterministic_attention = True
     if cfg.target_context > current_context(model.config):
         apply_rope_extension(model, cfg.target_context, cfg.rope_method)
     peft_model = apply_lora_plus(model, cfg.lora)
     # bf16 without DeepSpeed: fp32 masters for everything that trains (DeepSpeed keeps its own; see
     # engine.training.precision)
     masters = None if cfg.deepspeed else MasterWeights.apply(peft_model)
+    if cfg.deepspeed:
+        to_deepspeed_dtype(peft_model, dtype)  # one 16-bit dtype for DeepSpeed's engine; it holds the fp32 masters
     log.info("%s; attention %s", describe(count_trainable(peft_model)), attn)
     return model, peft_model, masters, attn
 
@@ -191,13 +195,15 @@ def build_trainer(
     """The Trainer with our collator, token-weighted chunked loss, metrics file and checkpoint-complete marker."""
     config = peft_model.get_base_model().config
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    sp_width = cfg.target_context if cfg.sequence_parallel_size > 1 else None
+    on_cuda = next(peft_model.parameters()).device.type == "cuda"  # bucketed lengths: fewer kernel plans
     with tracking_env(cfg.report_to, out):  # TensorBoard takes its directory when the Trainer builds its callbacks
         trainer = LongLoraTrainer(
             model=peft_model,
             args=args,
             train_dataset=train_data,
-            data_collator=PadCollator(pad_id, cfg.target_context if cfg.sequence_parallel_size > 1 else None),
-            callbacks=[MetricsWriter(out / "metrics.jsonl"), CompleteMarker(), *callbacks],
+            data_collator=PadCollator(pad_id, sp_width, bucket_target=cfg.target_context if on_cuda else None),
+            callbacks=[MetricsWriter(out / "metrics.jsonl"), StepHeartbeat(out), CompleteMarker(), *callbacks],
             loss_chunk_tokens=cfg.loss_chunk_tokens,
             sequence_parallel_size=cfg.sequence_parallel_size,
         )

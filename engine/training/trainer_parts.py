@@ -1,5 +1,6 @@
 """The pieces engine.training.train wires into the transformers Trainer: the padding collator, the Trainer subclass
-with the chunked token-weighted loss, and the callbacks that write metrics.jsonl and mark checkpoints complete."""
+with the chunked token-weighted loss, and the callbacks that write metrics.jsonl and heartbeat.json and mark
+checkpoints complete."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import math
 import resource
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
+from engine.files import write_atomic
+from engine.model.attention_backend import bucket_length
+from engine.model.heartbeat import decoder_layers, layer_heartbeat
 from engine.model.loss import IGNORE_INDEX, FinalHiddenCapture, chunked_lm_nll
 from engine.training.checkpoints import COMPLETE_MARKER
+from engine.training.precision import deepspeed_fp32_masters
 from engine.training.sequence_parallel import count_shift_labels, gradient_mean_ranks
 
 
@@ -32,13 +38,21 @@ class PadCollator:
     Under Ulysses SP (`sp_width` set, to the target context) every batch is padded to that one width and gets
     `position_ids` 0..T-1: DeepSpeed's adapter gathers the batches of all ranks of a group (gloo, the CPU backend,
     only gathers equal shapes) and cuts each row into P shards that must keep their global positions.
+
+    With `bucket_target` set (CUDA runs, to the target context) the width is rounded up by
+    `engine.model.attention_backend.bucket_length`: a few distinct batch lengths, so cuDNN and the allocator reuse
+    their plans and blocks. Still right padding, so S2-Attn keeps its mask-free kernel; valid rows are unchanged (the
+    S2 group is the target's, whatever the batch length). Off on CPU, where tests pin exact batch shapes.
     """
 
     pad_id: int
     sp_width: int | None = None
+    bucket_target: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = self.sp_width or max(len(r["input_ids"]) for r in rows)
+        if self.bucket_target and not self.sp_width:
+            width = bucket_length(width, self.bucket_target)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -97,6 +111,16 @@ class LongLoraTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         return loss * (self.accelerator.num_processes / self.gradient_divisor)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, except under DeepSpeed: there the adapter (in every checkpoint and at the end) is
+        written from DeepSpeed's fp32 masters of what trains (`deepspeed_fp32_masters`, gathered on every rank,
+        written by rank 0), not from the 16-bit weights the forward uses, so it holds the trained values in full
+        precision as a run without DeepSpeed does (engine.training.precision)."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        masters = deepspeed_fp32_masters(self.model)
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=masters)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         causal_lm = self.accelerator.unwrap_model(model)
         causal_lm = causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
@@ -133,6 +157,22 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def _peak_reserved_gib() -> float | None:
+    """What CUDA's caching allocator held at most (allocated + cached + fragmented); None without CUDA."""
+    return round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+def peak_memory(rows: list[dict]) -> dict[str, float | None]:
+    """The run's peaks over its metrics rows (those of a killed attempt included), for train_summary.json:
+    `peak_mem_gib` (CUDA: allocated by tensors; CPU: the process's peak RSS) and `peak_reserved_gib` (CUDA only)."""
+
+    def peak(key: str) -> float | None:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        return max(values) if values else None
+
+    return {"peak_mem_gib": peak("peak_mem_gib"), "peak_reserved_gib": peak("peak_reserved_gib")}
+
+
 class MetricsWriter(TrainerCallback):
     """Appends one JSON line per logged step to metrics.jsonl and stops on a non-finite loss or gradient norm."""
 
@@ -166,10 +206,45 @@ class MetricsWriter(TrainerCallback):
             "tokens": tokens,
             "tokens_per_s": round(rate, 2),
             "peak_mem_gib": round(_peak_memory_gib(), 3),
+            "peak_reserved_gib": _peak_reserved_gib(),
         }
         if state.is_world_process_zero:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+
+class StepHeartbeat(TrainerCallback):
+    """Writes `heartbeat.json` ({"step": steps done + the fraction of the current one, "max_steps"}) every few seconds
+    from inside a step: one 16k-token step takes minutes on a CPU, and metrics.jsonl only grows once it ends.
+
+    The fraction counts decoder-layer calls (engine.model.heartbeat): layers x micro-batches per step, twice with
+    gradient checkpointing (the layers run again during backward). Rank 0 only; the file is replaced atomically."""
+
+    HEARTBEAT_FILE = "heartbeat.json"
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / self.HEARTBEAT_FILE
+        self._hooks = ExitStack()
+        self._next_unit = lambda: None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or not state.is_world_process_zero:
+            return
+        layers = decoder_layers(model)
+        per_step = (len(layers) if layers else 1) * max(args.gradient_accumulation_steps, 1)
+        per_step *= 2 if args.gradient_checkpointing else 1
+
+        def beat(fraction: float) -> None:
+            row = {"step": round(state.global_step + fraction, 3), "max_steps": state.max_steps, "time": time.time()}
+            write_atomic(self.path, json.dumps(row))
+
+        self._next_unit = self._hooks.enter_context(layer_heartbeat(model, beat, per_step))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._next_unit()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._hooks.close()
 
 
 class CompleteMarker(TrainerCallback):

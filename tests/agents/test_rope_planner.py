@@ -53,11 +53,19 @@ def test_the_plan_stage_measures_chooses_and_shows_the_figures(tmp_path, tiny_mo
     assert off["rope_choice"]["by"] == "prior" and "LONGPILOT_ROPE_SCORING=off" in off["rope_choice"]["reason"]
     monkeypatch.setenv("LONGPILOT_ROPE_SCORING", "on")
     spec = Spec(base_model=str(tiny_model_dir), target_context=2048, profile="smoke")
-    doc = make_plan_document(spec, tmp_path, measure_rope=True)
+    events: list[dict] = []
+    doc = make_plan_document(spec, tmp_path, measure_rope=True, on_event=events.append)
     choice = doc["rope_choice"]
     assert choice["by"] == "measured" and choice["scores"]["target"] == 2048
     assert doc["rope_method"] == doc["train_config"]["rope_method"] == choice["method"]
-    assert {c["method"] for c in choice["scores"]["candidates"]} == {"linear", "yarn", "dynamic"}
+    # the methods a run can train and serve; dynamic NTK is never scored (rope_planner's docstring says why)
+    assert {c["method"] for c in choice["scores"]["candidates"]} == {"linear", "yarn"}
+    # never silent: each measurement is a progress bar named by method and length, counted to its end
+    tasks = {e["task"] for e in events if e["event"] == "progress"}
+    short = f"{choice['scores']['short']:,}"
+    assert {f"rope-only PPL: base at {short}", f"rope-only PPL: yarn at {short}"} <= tasks, tasks
+    last = {e["task"]: e for e in events}
+    assert all(e["done"] == e["total"] for e in last.values())
     Plan.model_validate(doc)
     card = plan_card(doc)
     assert f"RoPE choice (measured): {choice['method']}" in card and "rope-only PPL at" in card

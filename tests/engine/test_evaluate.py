@@ -176,8 +176,8 @@ def _qa_row(question: str, answer: str, kind: str = "longqa") -> dict:
             "task": "code_default", "question": question, "answer": answer, "num_tokens": len(prompt) + 2}  # fmt: skip
 
 
-def make_eval_data(path: Path, lm_tokens: int = 3000, empty_eval: bool = False) -> Path:
-    gen = torch.Generator().manual_seed(0)
+def make_eval_data(path: Path, lm_tokens: int = 3000, empty_eval: bool = False, seed: int = 0) -> Path:
+    gen = torch.Generator().manual_seed(seed)
     lm = {"input_ids": torch.randint(32, 120, (lm_tokens,), generator=gen).tolist(), "kind": "lm", "task": "packed_lm",
           "question": "", "answer": "", "num_tokens": lm_tokens}  # fmt: skip
     lm["labels"] = lm["input_ids"]

@@ -120,3 +120,24 @@ def test_not_a_causal_lm_and_unsupported_architecture(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="not supported"):
         load_model(str(tmp_path / "gpt2"))
+
+
+def test_the_gguf_copy_loads_what_the_gguf_gives(tmp_path):
+    """The safetensors copy (engine.model.loading.loadable) holds exactly the GGUF's weights and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.model.loading import load_tokenizer, loadable
+
+    source = resolve_model("smollm2-135m")
+    copy = loadable(source)
+    assert copy.gguf_file is None and (copy.path / "model.safetensors").is_file()
+    assert loadable(source) == copy  # made once
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    direct = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    ours = model.state_dict()
+    assert direct.state_dict().keys() == ours.keys()
+    assert all(torch.equal(t, ours[k]) for k, t in direct.state_dict().items())
+    text = (tmp_path.parent / "x").name + " The passkey is 71432. Remember it. " * 20
+    plain = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    assert tokenizer(text)["input_ids"] == plain(text)["input_ids"] == load_tokenizer(source)(text)["input_ids"]
+    assert tokenizer.eos_token_id == plain.eos_token_id and tokenizer.chat_template == plain.chat_template

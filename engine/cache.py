@@ -46,25 +46,43 @@ def digest(value: Any) -> str:
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """torch + transformers versions and a hash of every engine source file: a code change re-measures."""
+    """torch, transformers and peft versions, the CUDA device and cuDNN when there is one (kernels differ by GPU,
+    and greedy tokens can flip with them), and a hash of every engine source file: a code change re-measures."""
+    import peft
     import torch
     import transformers
 
-    h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}".encode())
+    cuda = ""
+    if torch.cuda.is_available():
+        cuda = f"{torch.cuda.get_device_name()}|{torch.cuda.get_device_capability()}|{torch.backends.cudnn.version()}"
+    h = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}|{peft.__version__}|{cuda}".encode())
     for path in sorted(ENGINE_DIR.rglob("*.py")):
         h.update(str(path.relative_to(ENGINE_DIR)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:20]
 
 
-def state_fingerprint(model: Any) -> str:
-    """The hash of a model's exact state: every parameter and buffer (name, dtype, shape, bytes), the config that
-    shapes the forward (RoPE parameters, attention implementation), its device type and whether it trains.
+# Rotary types whose tables change during a forward (transformers re-derives them from the current length and keeps
+# them): a result would depend on what ran before, which no key of the state before it can say.
+STATEFUL_ROPE_TYPES = ("dynamic", "longrope")
+# Config entries that say where a model came from, not what it computes.
+_PROVENANCE_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache")
 
-    Hashing reads every weight once (about 1 s for 135M fp32 parameters); callers hash once per model state.
+
+def state_fingerprint(model: Any) -> str | None:
+    """The hash of a model's exact state: every parameter and buffer (name, dtype, shape, bytes), its whole config
+    (RoPE, attention implementation, norms, windows...), peft's adapter settings and active adapters, its device type
+    and whether it trains. None, meaning "do not cache", when the state cannot be known from the model before a
+    forward: a dynamic/longrope RoPE (its tables change with each forward) or parameters that are not all here
+    (ZeRO-3 partitions, meta tensors).
+
+    Hashing reads every weight once (about 1 s for 135M fp32 parameters; an 8B model on a GPU copies 16 GB to the
+    host for it, tens of seconds): callers hash once per model state, and not at all with the cache off.
     """
     import torch
 
+    if _stateful(model):
+        return None
     h = hashlib.blake2b(digest_size=20)
     with torch.no_grad():
         for name, tensor in [*model.state_dict(keep_vars=False).items(), *_rotary_buffers(model)]:
@@ -72,11 +90,12 @@ def state_fingerprint(model: Any) -> str:
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
     config = getattr(model, "config", None)
-    shaping = {} if config is None else {
-        "rope": getattr(config, "rope_parameters", None),
-        "max_positions": getattr(config, "max_position_embeddings", None),
-        "attn": getattr(config, "_attn_implementation", None),
-    }  # fmt: skip
+    shaping: dict[str, Any] = {"attn": getattr(config, "_attn_implementation", None)}
+    if config is not None:
+        shaping["config"] = {k: v for k, v in config.to_dict().items() if k not in _PROVENANCE_KEYS}
+    if hasattr(model, "peft_config"):  # LoRA scaling, rank, targets; which adapters are on
+        shaping["peft"] = {name: c.to_dict() for name, c in model.peft_config.items()}
+        shaping["active_adapters"] = list(getattr(model, "active_adapters", []) or [])
     for module in model.modules():  # YaRN's attention temperature is an attribute, not a buffer
         if hasattr(module, "attention_scaling"):
             shaping["attention_scaling"] = float(module.attention_scaling)
@@ -85,6 +104,14 @@ def state_fingerprint(model: Any) -> str:
     shaping.update(device=None if first is None else first.device.type, training=bool(model.training))
     h.update(json.dumps(shaping, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _stateful(model: Any) -> bool:
+    """A RoPE whose tables a forward changes, or parameters that are not all materialised here."""
+    for module in model.modules():
+        if any(kind in str(getattr(module, "rope_type", "")) for kind in STATEFUL_ROPE_TYPES):
+            return True
+    return any(hasattr(p, "ds_id") or p.is_meta for p in model.parameters())
 
 
 def _rotary_buffers(model: Any) -> list[tuple[str, Any]]:

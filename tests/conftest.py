@@ -9,8 +9,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# Measured RoPE scores (engine.planning.rope_choice) are cached per test session, never in the user's ~/.cache
-os.environ.setdefault("LONGPILOT_CACHE", tempfile.mkdtemp(prefix="longpilot-test-cache-"))
+# Measured RoPE scores, results and the embedded model's safetensors copy (engine.cache) are kept per test session,
+# never in the user's ~/.cache, and removed when the session ends (the copy alone is 540 MB)
+_SESSION_CACHE = None if "LONGPILOT_CACHE" in os.environ else tempfile.mkdtemp(prefix="longpilot-test-cache-")
+os.environ.setdefault("LONGPILOT_CACHE", _SESSION_CACHE or "")
 # ...and not measured at all unless a test turns it on: a plan for the real SmolLM2 at 16k would cost minutes
 os.environ.setdefault("LONGPILOT_ROPE_SCORING", "off")
 
@@ -25,6 +27,14 @@ from tests.support.models import tiny_llama  # noqa: E402
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     return tiny_llama()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's cache folder, only when this conftest made it (a LONGPILOT_CACHE set outside stays)."""
+    if _SESSION_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

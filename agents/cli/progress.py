@@ -31,8 +31,8 @@ from rich.progress import (
 from engine.planning.cost import duration  # `3 min 20 s`: the plan card's units
 
 Mode = Literal["live", "plain", "quiet"]
-PLAIN_EVERY_S = 20.0  # plain mode: a running bar's line at most this often (events come every few seconds, so a
-# stage is never silent for more than about 25 s)
+PLAIN_EVERY_S = 15.0  # plain mode: a running bar's line at most this often; heartbeats come once a layer ends
+# (one layer of a 16k-token forward: about 6.5 s on the 2-core CPU), so a log is never silent for much over 20 s
 FINAL_EVENTS = ("plan_approved", "plan_rejected", "run_failed", "run_passed")
 
 
@@ -78,6 +78,7 @@ class ProgressView:
         self._bars: dict[str, _Bar] = {}
         self._stage: str | None = None
         self._stage_task: TaskID = TaskID(0)
+        self._said_at = _now()  # plain mode: when the view last printed anything
 
     def __enter__(self) -> "ProgressView":
         return self
@@ -95,6 +96,7 @@ class ProgressView:
     def say(self, text: str) -> None:
         if self.mode != "quiet":
             self.console.print(text)
+            self._said_at = _now()
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.mode == "quiet":
@@ -190,7 +192,9 @@ class ProgressView:
                                   note=bar.note)  # fmt: skip
             self._progress.refresh()
             return
-        if done == bar.total or now - bar.said_at[0] >= PLAIN_EVERY_S:
+        # a line when the bar ends, or when this bar (or the whole view) has said nothing for PLAIN_EVERY_S: a new
+        # bar that starts after a silent model load speaks at its first event, not 15 s later
+        if done == bar.total or now - min(bar.said_at[0], self._said_at) >= PLAIN_EVERY_S:
             self._plain_line(bar, now)
 
     def _plain_line(self, bar: _Bar, now: float) -> None:

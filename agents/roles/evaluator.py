@@ -95,7 +95,10 @@ def _rope_section(plan: dict[str, Any], report: dict[str, Any]) -> list[str]:
     if choice:
         lines += [f"RoPE {plan['rope_method']} was chosen by {choice['by']}: {choice['reason']}."]
     if choice.get("scores"):
-        lines += [f"The planner's {score_line(choice['scores'])} (its own held-out sample, before training)."]
+        scores = choice["scores"]
+        lines += [f"The planner's {score_line(scores)} (before training, on the same held-out stream: the first "
+                  f"{scores['short_tokens']:,} tokens at {scores['short']:,}, {scores['tokens']:,} at "
+                  f"{scores['target']:,})."]  # fmt: skip
     return [*lines, ""]
 
 

@@ -122,7 +122,10 @@ def scoring_short_length(evaluation: dict[str, Any]) -> int:
 
 
 SCORING_ENV = "LONGPILOT_ROPE_SCORING"  # "off": the plan stage uses the prior (the test suite sets it)
-SHORT_SAMPLE_WINDOWS = 2  # windows scored at the short length: a screen, not the evaluation (that scores more)
+# Windows scored at the short length: a screen, not the evaluation (that scores more). Windows overlap by one token
+# (engine.evaluation.perplexity.windows caps the stride at W - 1), so n windows of W cover n(W - 1) + 1 tokens; these
+# are the evaluator's first n windows on the same held-out stream, which it then reads back from the results cache.
+SHORT_SAMPLE_WINDOWS = 2
 
 
 def measure(spec, plan_doc: dict[str, Any], steps: int, on_event=None) -> dict[str, Any]:
@@ -137,7 +140,7 @@ def measure(spec, plan_doc: dict[str, Any], steps: int, on_event=None) -> dict[s
     short = scoring_short_length(plan_doc["evaluation"])
     try:
         scores = score_model(spec.base_model, spec.target_context, short, spec.corpus or None, device=device,
-                             short_tokens=SHORT_SAMPLE_WINDOWS * short, on_event=on_event,
+                             short_tokens=SHORT_SAMPLE_WINDOWS * (short - 1) + 1, on_event=on_event,
                              **scoring_plan(steps))  # fmt: skip
         return choose_rope(steps, scores=scores.to_dict())
     except (ValueError, OSError, RuntimeError) as err:

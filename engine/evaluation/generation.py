@@ -12,7 +12,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -69,9 +69,12 @@ def generate_and_score(
     finishes (progress). Returns the logs in prompt order."""
     step = max(int(getattr(generator, "batch_size", 1)), 1)
     logs = []
-    # a 16k-token prefill takes minutes on a CPU: `on_item.partial(fraction)` (EvalRun.progress) hears from inside it
-    with layer_heartbeat(getattr(generator, "model", None), getattr(on_item, "partial", None)) as next_unit:
+    # a 16k-token prefill takes minutes on a CPU: `on_item.partial(items)` (EvalRun.progress) hears from inside it
+    partial, size = getattr(on_item, "partial", None), [step]
+    beat = None if partial is None else lambda fraction: partial(fraction * size[0])
+    with layer_heartbeat(getattr(generator, "model", None), beat) as next_unit:
         for start in range(0, len(prompts), step):
+            size[0] = len(prompts[start : start + step])
             for offset, text in enumerate(generator.generate(prompts[start : start + step], max_new_tokens)):
                 logs.append(score(start + offset, text))
                 if on_item is not None:
@@ -93,15 +96,20 @@ class LoadedModel:
     allow_beyond_context: bool = False
     batch_size: int = 1
     cached_batches: int = 0  # generate() batches read from the results cache (reported per task)
-    _fingerprint: str | None = field(default=None, repr=False)
+    _fingerprint: tuple[Any, str | None] | None = field(default=None, repr=False)  # (version stamp, hash)
 
     @property
-    def fingerprint(self) -> str:
-        """The model's exact state (`engine.cache.state_fingerprint`), hashed once: the key its results are kept by.
-        Evaluation never changes the weights, so one hash serves the whole evaluation."""
-        if self._fingerprint is None:
-            self._fingerprint = state_fingerprint(self.model)
-        return self._fingerprint
+    def fingerprint(self) -> str | None:
+        """The model's exact state (`engine.cache.state_fingerprint`): the key its results are kept by. Hashed once
+        and kept while no tensor changes (the stamp: each parameter's and buffer's version counter and storage, which
+        an optimizer step or a reassigned `.data` moves), so a model trained further between two evaluations is
+        hashed again. None when the results cache is off (nothing hashed) or the state cannot be keyed."""
+        if not ResultCache.enabled():
+            return None
+        stamp = tuple((t._version, t.data_ptr()) for t in [*self.model.parameters(), *self.model.buffers()])
+        if self._fingerprint is None or self._fingerprint[0] != stamp:
+            self._fingerprint = (stamp, state_fingerprint(self.model))
+        return self._fingerprint[1]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -112,19 +120,28 @@ class LoadedModel:
         of an unchanged model reads them back. `cached_batches` counts those."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out: list[str] = []
-        store = ResultCache("generate")
+        store = ResultCache("generate") if self.fingerprint else None
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
-            key = digest(["generate", 1, self.fingerprint, code_version(), max_new_tokens, pad,
-                          self.tokenizer.eos_token_id, [_ids_digest(p) for p in batch]])  # fmt: skip
-            texts = store.get(key)
+            key = store and digest(["generate", 2, self.fingerprint, code_version(), max_new_tokens, pad,
+                                    self._decoding(), [_ids_digest(p) for p in batch]])  # fmt: skip
+            texts = store.get(key) if store else None
             if texts is None:
                 texts = self._generate_batch(batch, max_new_tokens, pad)
-                store.put(key, texts)
+                if store:
+                    store.put(key, texts)
             else:
                 self.cached_batches += 1
             out += texts
         return out
+
+    def _decoding(self) -> list[Any]:
+        """What turns the same logits into other text: the generation config (a repetition penalty in
+        generation_config.json applies to greedy search) and the tokenizer that decodes (the cached value is text)."""
+        tok = self.tokenizer
+        gen = getattr(self.model, "generation_config", None)
+        return [gen.to_diff_dict() if gen is not None else None, type(tok).__name__, len(tok), tok.eos_token_id,
+                tok.all_special_ids, getattr(tok, "clean_up_tokenization_spaces", None)]  # fmt: skip
 
     def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, pad: int) -> list[str]:
         device = next(self.model.parameters()).device

@@ -74,7 +74,8 @@ def sliding_window_perplexity(
 
     Args:
         on_window: called with the number of windows of each batch once it is scored.
-        on_beat: called every few seconds during a batch's forward with the fraction of that batch done.
+        on_beat: called every few seconds during a batch's forward with how many of its windows are done (a
+            fraction of the batch's size), for progress inside a long forward.
         cache_as: the model's `engine.cache.state_fingerprint`: each batch's summed NLL is then kept in the results
             cache by (model state, exact window tokens, protocol, code version) and read back instead of recomputed,
             so the planner's RoPE scoring, the evaluator and a later run share every window they have in common.
@@ -86,10 +87,13 @@ def sliding_window_perplexity(
     capture = FinalHiddenCapture(causal_lm.get_decoder().norm)
     store = ResultCache("ppl") if cache_as else None
     total, count, cached = 0.0, 0, 0
+    size = [batch_size]  # the current batch's windows: a beat's fraction of the batch, in windows
+    beat = None if on_beat is None else lambda fraction: on_beat(fraction * size[0])
     try:
-        with layer_heartbeat(model, on_beat) as next_unit:
+        with layer_heartbeat(model, beat) as next_unit:
             for start in range(0, len(spans), batch_size):
                 batch = spans[start : start + batch_size]
+                size[0] = len(batch)
                 key = _batch_key(cache_as, token_ids, batch, chunk_tokens) if store else ""
                 hit = store.get(key) if store else None
                 if hit is not None:

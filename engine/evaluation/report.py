@@ -90,9 +90,9 @@ class EvalRun:
         bar = tqdm(total=total, desc=desc, disable=not self.cfg.progress, leave=False)
         done = [0]  # counted here: a disabled tqdm does not count
 
-        def emit(fraction: float = 0.0) -> None:
+        def emit(within: float = 0.0) -> None:  # items done inside the current batch
             if self.on_event is not None:
-                self.on_event({"event": "progress", "task": desc, "done": done[0] + fraction, "total": total})
+                self.on_event({"event": "progress", "task": desc, "done": done[0] + within, "total": total})
 
         def step(item: dict | int) -> None:
             n = item if isinstance(item, int) else 1
@@ -105,7 +105,8 @@ class EvalRun:
             if done[0] >= total:
                 bar.close()
 
-        step.partial = emit  # type: ignore[attr-defined]  # within an item: the fraction of it done (a long forward)
+        step.partial = emit  # type: ignore[attr-defined]  # inside a batch: how much of it is done (a long forward)
+        emit()  # the bar starts now, not when its first item ends (its elapsed time and ETA count from here)
         return step
 
 

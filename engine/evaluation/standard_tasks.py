@@ -38,10 +38,9 @@ def _eval_perplexity(run, model: LoadedModel, lengths: list[int]) -> dict:
     stream = heldout_token_stream(model.tokenizer, data_dir=cfg.data_dir, files=cfg.ppl_files, max_tokens=n_tokens)
     if len(stream) < max(lengths):
         raise ValueError(f"held-out text has {len(stream)} tokens, fewer than the longest length {max(lengths)}")
-    total = sum(len(windows(len(stream), n, cfg.ppl_stride)) for n in lengths)
-    step = run.progress(total, f"{model.name}: perplexity")
     rows = []
-    for n in lengths:
+    for n in lengths:  # one bar per length: its windows cost the same, so its ETA holds (a 16k window is 8 x a 2k one)
+        step = run.progress(len(windows(len(stream), n, cfg.ppl_stride)), f"{model.name}: perplexity at {n:,}")
         t0 = time.time()
         res = sliding_window_perplexity(
             model.model, stream, n, cfg.ppl_stride, batch_size=cfg.batch_size, on_window=step, on_beat=step.partial,

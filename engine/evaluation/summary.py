@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 CACHED_MARK = "†"  # a figure read (in whole or part) from the results cache: same model state, same tokens
-CACHED_NOTE = (f"{CACHED_MARK} read from the results cache (engine.cache): measured before on the same model state, "
-               "the same tokens and the same code, by the planner or an earlier run.")  # fmt: skip
+CACHED_NOTE = (f"{CACHED_MARK} all or part of the figure (perplexity windows, generated items) was read from the "
+               "results cache (engine.cache): measured before on the same model state, the same tokens and the same "
+               "code, by the planner or an earlier run; eval_report.json counts them (cached_windows, "
+               "cached_batches).")  # fmt: skip
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

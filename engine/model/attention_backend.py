@@ -131,6 +131,7 @@ def choose_backend(
     training: bool = True,
     dropout: float = 0.0,
     prefer: str = FLASH,
+    deterministic: bool = False,
 ) -> BackendChoice:
     """The attention kernels for a run's shapes (see the module docstring for the rules).
 
@@ -142,6 +143,9 @@ def choose_backend(
         training: a backward pass will run (flash has training-only limits on consumer GPUs).
         dropout: the attention dropout probability.
         prefer: FLASH or CUDNN, the kernel tried first for the mask-free training call.
+        deterministic: only kernels whose backward torch runs deterministically under
+            `torch.use_deterministic_algorithms(True)`: flash and efficient switch to their deterministic backward
+            there; cuDNN's has none, so it is left out (torch's own dispatcher skips it in that mode too).
 
     Raises:
         ValueError: `prefer` is not flash or cudnn, or on CUDA no fused kernel qualifies (math is never chosen).
@@ -156,7 +160,8 @@ def choose_backend(
         return BackendChoice(f"{device_type}-sdpa", (), f"{device_type}: torch's own SDPA choice, not restricted")
     refusals = {
         FLASH: flash_refusal(dtype, head_dim, capability, training=training, dropout=dropout),
-        CUDNN: cudnn_refusal(dtype, head_dim, capability),
+        CUDNN: "cudnn: no deterministic backward (TrainConfig.deterministic)" if deterministic
+        else cudnn_refusal(dtype, head_dim, capability),
         EFFICIENT: efficient_refusal(dtype, head_dim, capability),
     }
     order = (FLASH, CUDNN, EFFICIENT) if prefer == FLASH else (CUDNN, FLASH, EFFICIENT)
@@ -217,7 +222,8 @@ def choose_for_model(config: Any, device: torch.device, dtype: torch.dtype, *, t
     """
     heads, kv_heads, head_dim, dropout = model_shape(config)
     capability = _capability(device)
-    choice = choose_backend(device.type, dtype, head_dim, capability, training=training, dropout=dropout)
+    choice = choose_backend(device.type, dtype, head_dim, capability, training=training, dropout=dropout,
+                            deterministic=bool(getattr(config, "deterministic_attention", False)))  # fmt: skip
     measured = measure(choice, device, dtype, heads, kv_heads, head_dim, dropout=dropout, training=training)
     if device.type == "cuda" and measured != choice.name:
         log.warning("attention: torch selects %s where %s was expected (%s)", measured, choice.name, choice.reason)

@@ -98,6 +98,8 @@ def resolve_model(ref: str, cache_dir: str | Path | None = None) -> ModelSource:
 
 
 GGUF_COPY_VERSION = 1  # part of a converted copy's key: bump when what a copy holds changes
+# Larger GGUFs are loaded as they are: an 8B Q4 GGUF (4.7 GB) would become a 32 GB fp32 copy, in RAM and on disk.
+GGUF_COPY_MAX_BYTES = 2 * 2**30
 
 
 def _gguf_copy_dir(source: ModelSource) -> Path:
@@ -111,30 +113,53 @@ def _gguf_copy_dir(source: ModelSource) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key[:16]}"
 
 
-def loadable(source: ModelSource) -> ModelSource:
+def loadable(source: ModelSource, *, create: bool = True) -> ModelSource:
     """The same weights in the fastest form to load: for a GGUF source, a safetensors copy made once.
 
     Why: transformers dequantises a GGUF on every load (14 s for the embedded SmolLM2-135M, plus 6 s for its
     tokenizer), and one run loads the base five times or more (planner, data, trainer, three evaluated models). The
     copy holds the dequantised fp32 weights, the config and the tokenizer exactly as loading the GGUF gives them
-    (tested equal), and loads in under a second; any dtype is cast from it as it would be from the GGUF. A copy that
-    cannot be written (read-only cache) leaves the GGUF in use. Other sources are returned unchanged.
+    (tested equal), and loads in under a second; any dtype is cast from it as it would be from the GGUF.
+
+    The GGUF stays in use when the copy cannot or should not be made: `create=False` (a tokenizer alone is not worth
+    a dequantised model), a GGUF over `GGUF_COPY_MAX_BYTES`, or any failure while making it (read-only cache, disk
+    full, out of memory), which is logged. Concurrent processes (DeepSpeed workers) convert once: the first holds a
+    lock, the others wait for its copy. Other sources are returned unchanged.
     """
     if not source.gguf_file:
         return source
     target = _gguf_copy_dir(source)
-    if not (target / "config.json").is_file() or not (target / "tokenizer_config.json").is_file():
-        try:
-            _write_gguf_copy(source, target)
-        except OSError as err:
-            log.warning("could not keep a safetensors copy of %s (%s); loading the GGUF", source.gguf_file, err)
-            return source
+    if target.is_dir():
+        return ModelSource(source.ref, target)
+    if not create or (source.path / source.gguf_file).stat().st_size > GGUF_COPY_MAX_BYTES:
+        return source
+    try:
+        _write_gguf_copy(source, target)
+    except Exception as err:  # noqa: BLE001  (a copy is an optimisation: the GGUF itself always works)
+        log.warning("could not keep a safetensors copy of %s (%s); loading the GGUF", source.gguf_file, err)
+        return source
     return ModelSource(source.ref, target)
 
 
 def _write_gguf_copy(source: ModelSource, target: Path) -> None:
-    """Dequantise once (fp32, CPU) and save model + tokenizer; written beside `target` and renamed into place, so a
-    concurrent loader sees a whole copy or none."""
+    """Dequantise once (fp32, CPU) and save model + tokenizer, under a lock (a second process waits, then finds the
+    copy); written beside `target` and renamed into place, so a reader sees a whole copy or none. Leftovers of a
+    killed conversion are removed first (the lock says nobody else is writing)."""
+    import fcntl
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():  # made while this process waited
+            return
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        _convert_gguf(source, target)
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
     import shutil
     import tempfile
 
@@ -143,16 +168,11 @@ def _write_gguf_copy(source: ModelSource, target: Path) -> None:
                                                  **source.from_pretrained_kwargs())  # fmt: skip
     _drop_gguf_quantization_marker(model)
     tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **source.from_pretrained_kwargs())
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
-        if (target / "config.json").is_file():  # another process made the same copy first
-            return
-        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -192,7 +212,7 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    source = loadable(source)
+    source = loadable(source, create=False)  # the copy's tokenizer when there is one; never a model for a tokenizer
     tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **source.from_pretrained_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

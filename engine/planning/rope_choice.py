@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from engine.cache import cache_root, state_fingerprint
+from engine.cache import ResultCache, cache_root, state_fingerprint
 from engine.catalog import ROPE_METHODS
 from engine.evaluation.generation import EVAL_ATTENTION
 from engine.evaluation.perplexity import sliding_window_perplexity, windows
@@ -143,17 +143,18 @@ def _ppl(model: torch.nn.Module, tokens: list[int], window: int, stride: int, la
     total = len(windows(len(tokens), window, stride))
     task, done = f"rope-only PPL: {label} at {window:,}", [0]
 
-    def emit(fraction: float = 0.0) -> None:
+    def emit(within: float = 0.0) -> None:  # items done inside the current batch
         if on_event is not None:
-            on_event({"event": "progress", "task": task, "done": done[0] + fraction, "total": total})
+            on_event({"event": "progress", "task": task, "done": done[0] + within, "total": total})
 
     def counted(n: int) -> None:
         done[0] += n
         emit()
 
     emit()
+    fingerprint = state_fingerprint(model) if ResultCache.enabled() else None
     return sliding_window_perplexity(model, tokens, window, stride, on_window=counted, on_beat=emit,
-                                     cache_as=state_fingerprint(model)).ppl  # fmt: skip
+                                     cache_as=fingerprint).ppl  # fmt: skip
 
 
 def score_rope_candidates(

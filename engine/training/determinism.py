@@ -10,7 +10,8 @@ so two runs of the same step differ in the last bits and the difference grows wi
 * `CUBLAS_WORKSPACE_CONFIG=:4096:8` (engine.environ.cuda_env_defaults, before CUDA starts), which that mode requires;
 * `torch.backends.cudnn.deterministic = True`, `benchmark = False`;
 * `model.config.deterministic_attention = True` (engine.training.setup.prepare_model): the flag the SDPA kernel
-  choice (engine.model.attention_backend) reads to keep to kernels whose backward is deterministic.
+  choice (engine.model.attention_backend.choose_for_model) reads: flash and the efficient kernel, whose backward torch
+  runs deterministically in that mode, and never cuDNN, whose backward has no deterministic variant.
 
 The torch settings hold while the Trainer trains and are put back afterwards (train() leaves no global state behind);
 the choice is in run_config.json and train_summary.json. docs/training.md states what then holds bit for bit, and the

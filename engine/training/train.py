@@ -60,7 +60,7 @@ from engine.training.setup import (
     training_arguments,
 )
 from engine.training.tracking import check_tracker, tracking_env
-from engine.training.trainer_parts import NonFiniteStep, peak_memory
+from engine.training.trainer_parts import NonFiniteStep, StepHeartbeat, peak_memory
 
 __all__ = [  # TrainConfig, the set-up steps and latest_complete_checkpoint live in their own modules
     "TrainConfig",
@@ -146,6 +146,10 @@ def train(
                 trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except NonFiniteStep as err:
         raise _diverged(err, cfg, out, base, started) from None
+    finally:  # a step that raised never reached on_train_end: its layer hooks must not stay on the caller's model
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, StepHeartbeat):
+                callback.close()
     if trainer.state.global_step != cfg.max_steps:  # the gate would fail it as a retry; it is a bug, say so
         raise RuntimeError(f"training ended at step {trainer.state.global_step}, not max_steps {cfg.max_steps}")
     adapter_dir = _save_adapter(cfg, trainer, model, peft_model, masters, out / "adapter", finished, tokenizer)

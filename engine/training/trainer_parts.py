@@ -218,7 +218,9 @@ class StepHeartbeat(TrainerCallback):
     from inside a step: one 16k-token step takes minutes on a CPU, and metrics.jsonl only grows once it ends.
 
     The fraction counts decoder-layer calls (engine.model.heartbeat): layers x micro-batches per step, twice with
-    gradient checkpointing (the layers run again during backward). Rank 0 only; the file is replaced atomically."""
+    gradient checkpointing, where each layer runs again during backward; that recompute call stands for the layer's
+    backward too, so it weighs 3 forwards to the forward call's 1 (backward costs about 2 forwards) and the fraction
+    tracks time. Rank 0 only; the file is replaced atomically."""
 
     HEARTBEAT_FILE = "heartbeat.json"
 
@@ -230,21 +232,30 @@ class StepHeartbeat(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or not state.is_world_process_zero:
             return
-        layers = decoder_layers(model)
-        per_step = (len(layers) if layers else 1) * max(args.gradient_accumulation_steps, 1)
-        per_step *= 2 if args.gradient_checkpointing else 1
+        self.path.unlink(missing_ok=True)  # a killed attempt's last beat is not this run's progress
+        n_layers = len(decoder_layers(model) or [None])
+        pattern = [1.0] * n_layers + ([3.0] * n_layers if args.gradient_checkpointing else [])  # one micro-batch
+        per_step = len(pattern) * max(args.gradient_accumulation_steps, 1)
 
         def beat(fraction: float) -> None:
             row = {"step": round(state.global_step + fraction, 3), "max_steps": state.max_steps, "time": time.time()}
-            write_atomic(self.path, json.dumps(row))
+            try:
+                write_atomic(self.path, json.dumps(row))
+            except OSError:  # progress only: a full disk must not fail the step (metrics.jsonl will say it)
+                pass
 
-        self._next_unit = self._hooks.enter_context(layer_heartbeat(model, beat, per_step))
+        self._next_unit = self._hooks.enter_context(layer_heartbeat(model, beat, per_step, call_weights=pattern))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._next_unit()
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Remove the layer hooks (idempotent): at the end of training, or after a step raised."""
         self._hooks.close()
+        self._next_unit = lambda: None
 
 
 class CompleteMarker(TrainerCallback):

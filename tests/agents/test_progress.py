@@ -42,15 +42,22 @@ def _render(mode, events, terminal: bool, verbose: bool = False) -> str:
 
 
 def test_plain_mode_prints_lines_a_log_can_hold(monkeypatch):
-    clock = iter(range(0, 10_000, 20))  # every reading of the clock is 20 s after the one before
-    monkeypatch.setattr(progress, "_now", lambda: float(next(clock)))
-    text = _render(None, _run_events(), terminal=False)  # not a terminal: plain lines, no escape codes
+    now = [0.0]
+    monkeypatch.setattr(progress, "_now", lambda: now[0])
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 30.0)  # a line at most every 30 s: every other event
+    out = io.StringIO()
+    with ProgressView(Console(file=out, force_terminal=False, width=120)) as view:  # not a terminal: plain lines
+        for event in _run_events():
+            now[0] += 20.0  # every event comes 20 s after the one before
+            view(event)
+    text = out.getvalue()
     lines = text.splitlines()
     assert "\x1b[" not in text and ">> train (trainer)" in lines
     assert "   records built: 8/8, " in text  # the final count of a bar
     # a running bar says its count, loss, tokens/s and ETA at most every 30 s; the stage ended at step 3 of 4
-    assert "   training steps: 2/4, loss 3.8000, 950 tok/s, 40 s, ETA 40 s" in lines, text
-    assert "   training steps: 3/4, loss 3.7000, 950 tok/s, 1 min 20 s, ETA 27 s" in lines  # its last count, at gate
+    assert "   training steps: 1/4, loss 3.9000, 950 tok/s, 20 s, ETA 1 min" in lines, text
+    assert "   training steps: 3/4, loss 3.7000, 950 tok/s, 1 min, ETA 20 s" in lines  # the count it stopped at
+    assert "   training steps: 2/4" not in text  # 20 s after the line before: within the 30 s
     # a gate is one line with its tally; only the failed check is listed
     assert "   gate prepare_data: passed (1/1 checks)" in lines and "   gate train: FAILED (1/2 checks)" in lines
     assert "     XX train_loss_finite: loss nan at step 3" in lines and "train_completed" not in text
@@ -114,3 +121,29 @@ def test_the_cli_module_loads_no_torch_or_tqdm_before_main():
 
     code = "import sys, agents.cli; sys.exit(bool({'torch', 'tqdm'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_long_step_or_window_is_never_silent_in_plain_mode(monkeypatch):
+    """Heartbeats from inside one training step (train_progress) and one 16k-token window (a fractional `done`)
+    reach a log as a line every PLAIN_EVERY_S (15 s) plus at most one heartbeat, with the fraction in the ETA."""
+    now = [0.0]
+    monkeypatch.setattr(progress, "_now", lambda: now[0])
+    events = [{"event": "stage_started", "stage": "train", "role": "trainer"},
+              {"event": "train_begin", "max_steps": 1}]  # fmt: skip
+    events += [{"event": "train_progress", "step": round(0.01 * i, 2), "max_steps": 1} for i in range(1, 41)]
+    events += [{"event": "stage_started", "stage": "plan", "role": "planner"}]
+    events += [{"event": "progress", "task": "rope-only PPL: yarn at 16,384", "done": 0.02 * i, "total": 1}
+               for i in range(1, 41)]  # fmt: skip
+    out = io.StringIO()
+    stamps = []
+    with ProgressView(Console(file=out, width=120), mode="plain") as view:
+        for event in events:
+            now[0] += 5.0  # a heartbeat every 5 s
+            before = out.getvalue().count("\n")
+            view(event)
+            if out.getvalue().count("\n") > before:
+                stamps.append(now[0])
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert stamps and max(gaps) <= progress.PLAIN_EVERY_S + 5.0, (stamps, out.getvalue())
+    text = out.getvalue()
+    assert "training steps: 0/1" in text and "ETA" in text and "rope-only PPL: yarn at 16,384: 0/1" in text

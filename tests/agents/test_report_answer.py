@@ -36,6 +36,27 @@ def test_one_table_has_both_models_at_each_length_and_the_regression():
     assert rows[4] == "| change vs base at 8,192 |  | x1.021 |  | -25.0 pts |  | +0.0 pts |"
 
 
+def test_native_means_the_models_native_context_and_the_short_check_says_what_it_is():
+    """The smoke profile checks at 2,048 (for cost) a model whose native context is 8,192: the row is labelled the
+    short-context check, never "native" (the reference model's `native_context` says what native is)."""
+    import copy
+
+    from engine.evaluation.summary import summary_table
+
+    smoke = copy.deepcopy(REPORT)
+    smoke["config"]["native_length"] = 2048
+    smoke["models"]["base"]["native_context"] = smoke["models"]["extended"]["native_context"] = 8192
+    for m in smoke["models"].values():
+        m["perplexity"]["by_length"][0]["length"] = 2048
+    smoke["models"]["base"]["regression"]["length"] = smoke["comparison"]["native_length"] = 2048
+    rows = comparison_markdown(smoke).splitlines()
+    assert rows[2].startswith("| 2,048 (short-context check) |") and "native" not in comparison_markdown(smoke)
+    assert "at short-context check 2048" in summary_table({**smoke, "status": "complete"})
+    native = copy.deepcopy(REPORT)
+    native["models"]["base"]["native_context"] = 8192
+    assert comparison_markdown(native).splitlines()[2].startswith("| 8,192 (native) |")
+
+
 def test_each_gate_check_has_its_direction_and_verdict():
     rows = gates_markdown(REPORT).splitlines()
     assert rows[2:] == ["| passkey_min | 0.500 | >= 0.95 | **FAIL** |", "| ppl_ratio_max | 0.980 | <= 1.05 | PASS |"]

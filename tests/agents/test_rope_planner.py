@@ -48,6 +48,7 @@ def test_the_users_method_wins_and_nothing_is_measured_and_the_prior_says_so():
 
 
 def test_the_plan_stage_measures_chooses_and_shows_the_figures(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("LONGPILOT_CACHE", str(tmp_path / "cache"))  # measured here, not read from an earlier test
     monkeypatch.setenv("LONGPILOT_ROPE_SCORING", "off")
     off = make_plan_document(Spec(base_model=str(tiny_model_dir), target_context=2048), tmp_path, measure_rope=True)
     assert off["rope_choice"]["by"] == "prior" and "LONGPILOT_ROPE_SCORING=off" in off["rope_choice"]["reason"]

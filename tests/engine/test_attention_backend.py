@@ -170,3 +170,13 @@ def test_training_on_cuda_runs_flash_and_says_so(tmp_path):
     assert summary["attention_backend"] == result.attention_backend == "flash"
     assert summary["attention_kernels"][0] == "flash" and "math" not in summary["attention_kernels"]
     assert summary["status"] == "completed" and summary["final_loss"] is not None
+
+
+def test_deterministic_training_never_allows_cudnn():
+    from engine.model.attention_backend import CUDNN, choose_backend
+
+    asked = choose_backend("cuda", torch.bfloat16, 128, (9, 0), prefer=CUDNN)
+    assert asked.name == CUDNN
+    deterministic = choose_backend("cuda", torch.bfloat16, 128, (9, 0), prefer=CUDNN, deterministic=True)
+    assert CUDNN not in deterministic.kernels and deterministic.name == "flash"
+    assert "no deterministic backward" in deterministic.reason

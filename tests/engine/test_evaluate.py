@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, DatasetDict
 
 from engine.evaluation import EvalConfig, ModelUnderTest, evaluate, wrap_loaded
 from engine.evaluation.gates import effective_length, judge
@@ -26,6 +25,7 @@ from engine.evaluation.passkey import GARBAGE, NEEDLE, QUESTION, TASK_DESCRIPTIO
 from engine.evaluation.perplexity import sliding_window_perplexity, windows
 from engine.evaluation.ruler import RULER_TASKS, ruler_items, run_ruler
 from tests.engine.evaluate_fakes import ANSWERS, ScriptedModel, oracle_answer, wrong_answer
+from tests.support.eval_data import make_eval_data, qa_row
 from tests.support.models import BYTE_VOCAB, byte_tokenizer, make_tiny_model_dir, tiny_llama
 
 # ---------------------------------------------------------------- metrics
@@ -168,28 +168,8 @@ def test_ruler_unknown_task_and_too_short_length():
 # ---------------------------------------------------------------- data for long-QA and perplexity
 
 
-def _qa_row(question: str, answer: str, kind: str = "longqa") -> dict:
-    tok = byte_tokenizer()
-    prompt = tok(f"Some document.\nQuestion: {question}", add_special_tokens=False)["input_ids"]
-    answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return {"input_ids": prompt + answer_ids, "labels": [-100] * len(prompt) + answer_ids, "kind": kind,
-            "task": "code_default", "question": question, "answer": answer, "num_tokens": len(prompt) + 2}  # fmt: skip
-
-
-def make_eval_data(path: Path, lm_tokens: int = 3000, empty_eval: bool = False, seed: int = 0) -> Path:
-    gen = torch.Generator().manual_seed(seed)
-    lm = {"input_ids": torch.randint(32, 120, (lm_tokens,), generator=gen).tolist(), "kind": "lm", "task": "packed_lm",
-          "question": "", "answer": "", "num_tokens": lm_tokens}  # fmt: skip
-    lm["labels"] = lm["input_ids"]
-    rows = [lm, _qa_row("What is the default of x?", "42"), _qa_row("Name the class.", "ValueError", "short")]
-    full = Dataset.from_list(rows)
-    splits = {"train": full, "eval": full.filter(lambda _: False) if empty_eval else full}
-    DatasetDict(splits).save_to_disk(str(path))
-    return path
-
-
 def test_longqa_prompt_extraction_and_errors(tmp_path):
-    row = _qa_row("Q?", "A")
+    row = qa_row("Q?", "A")
     assert byte_tokenizer().decode(qa_prompt(row)).endswith("Question: Q?")
     with pytest.raises(ValueError, match="does not exist"):
         load_eval_split(tmp_path / "missing")
@@ -392,7 +372,8 @@ def test_adapter_for_a_different_base_is_refused(tmp_path):
         load_for_eval(ModelUnderTest("x", str(adapter), base_ref=str(other)), device="cpu")
 
 
-def test_wrap_loaded_generates_greedily_and_deterministically():
+def test_wrap_loaded_generates_greedily_and_deterministically(monkeypatch):
+    monkeypatch.setenv("LONGPILOT_RESULT_CACHE", "off")  # two real generations, not one read back
     model = wrap_loaded("tiny", tiny_llama(seed=1, vocab=BYTE_VOCAB, context=1024), byte_tokenizer(), batch_size=2)
     prompts = [list(range(40, 100)), list(range(50, 80))]  # different lengths: left padding in one batch
     first, again = model.generate(prompts, 6), model.generate(prompts, 6)

@@ -141,3 +141,13 @@ def test_the_gguf_copy_loads_what_the_gguf_gives(tmp_path):
     plain = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     assert tokenizer(text)["input_ids"] == plain(text)["input_ids"] == load_tokenizer(source)(text)["input_ids"]
     assert tokenizer.eos_token_id == plain.eos_token_id and tokenizer.chat_template == plain.chat_template
+
+
+def test_a_tokenizer_alone_never_makes_a_copy_and_a_large_gguf_is_not_copied(tmp_path, monkeypatch):
+    import engine.model.loading as loading
+
+    monkeypatch.setenv("LONGPILOT_CACHE", str(tmp_path / "cache"))
+    source = resolve_model(DEFAULT_MODEL)
+    assert loading.loadable(source, create=False) == source  # no copy yet: the GGUF, nothing converted
+    monkeypatch.setattr(loading, "GGUF_COPY_MAX_BYTES", 1000)
+    assert loading.loadable(source) == source and not (tmp_path / "cache").exists()

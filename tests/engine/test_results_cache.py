@@ -15,7 +15,7 @@ from engine.evaluation.summary import CACHED_MARK, comparison_markdown
 from engine.model.loading import load_model
 from engine.model.rope import apply_rope_extension
 from engine.planning.rope_choice import RopeCandidate, score_rope_candidates
-from tests.engine.test_evaluate import make_eval_data
+from tests.support.eval_data import make_eval_data
 from tests.support.models import make_tiny_model_dir, tiny_llama
 
 
@@ -124,3 +124,16 @@ def test_a_second_identical_evaluation_measures_nothing_and_says_so(tmp_path, fo
     before = forwards["ppl"]
     evaluate(_eval_config(tmp_path, "eval4", other, base_dir))
     assert forwards["ppl"] > before
+
+
+def test_with_the_cache_off_everything_is_measured_and_nothing_hashed(tmp_path, forwards, monkeypatch):
+    import engine.evaluation.generation as generation
+
+    monkeypatch.setenv("LONGPILOT_RESULT_CACHE", "off")
+    monkeypatch.setattr(generation, "state_fingerprint", lambda model: pytest.fail("hashed with the cache off"))
+    base_dir = make_tiny_model_dir(tmp_path / "base", context=512)
+    data = make_eval_data(tmp_path / "data")
+    evaluate(_eval_config(tmp_path, "eval1", data, base_dir))
+    ran = dict(forwards)
+    evaluate(_eval_config(tmp_path, "eval2", data, base_dir))
+    assert forwards == {k: 2 * v for k, v in ran.items()} and not (tmp_path / "cache" / "results").exists()

@@ -39,9 +39,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("LONGPILOT_CACHE") or xdg)
 
 
+def _stable(value: Any) -> Any:
+    """JSON for what json cannot encode, the same in every process: a set as its sorted items (peft keeps
+    `target_modules` as a set, whose order changes with each interpreter's string hash seed), the rest as text."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=_stable)
+
+
 def digest(value: Any) -> str:
-    """A stable hex key for JSON-able `value` (dict keys sorted; non-JSON values by their text)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:40]
+    """A stable hex key for JSON-able `value` (dict keys sorted; sets sorted; other values by their text)."""
+    return hashlib.sha256(_dumps(value).encode()).hexdigest()[:40]
 
 
 @lru_cache(maxsize=1)
@@ -102,7 +114,7 @@ def state_fingerprint(model: Any) -> str | None:
             break
     first = next(model.parameters(), None)
     shaping.update(device=None if first is None else first.device.type, training=bool(model.training))
-    h.update(json.dumps(shaping, sort_keys=True, default=str).encode())
+    h.update(_dumps(shaping).encode())
     return h.hexdigest()
 
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,19 +51,25 @@ def _follow_metrics(path: Path, emit: Callable[[dict], None], stop: threading.Ev
     ones after its checkpoint with identical losses (tested), so only steps beyond the last reported one are sent.
     """
     reported = max((row.get("step", 0) for row in read_jsonl(path)), default=0)
-    heartbeat, beat_at = path.with_name("heartbeat.json"), None
+    heartbeat, beat_at, at, said = path.with_name("heartbeat.json"), None, float(reported), time.monotonic()
     while True:
         stopping = stop.wait(1.0)
         for row in read_jsonl(path):
             if row.get("step", 0) > reported:
                 emit({"event": "train_step", **row})
-                reported = row["step"]
+                reported, at, said = row["step"], float(row["step"]), time.monotonic()
         beat = _read_heartbeat(heartbeat)
         if beat and beat.get("time") != beat_at and float(beat.get("step", 0)) > reported:
-            beat_at = beat.get("time")
-            emit({"event": "train_progress", "step": float(beat["step"]), "max_steps": beat.get("max_steps")})
+            beat_at, at, said = beat.get("time"), float(beat["step"]), time.monotonic()
+            emit({"event": "train_progress", "step": at, "max_steps": beat.get("max_steps")})
+        elif time.monotonic() - said >= ALIVE_EVERY_S:  # no layer ran for a while (the loss over 16k tokens x the
+            said = time.monotonic()  # vocabulary, a checkpoint save): say the step is still running, same count
+            emit({"event": "train_progress", "step": at, "alive": True})
         if stopping:  # one last read after training returned, so the final step is reported too
             return
+
+
+ALIVE_EVERY_S = 10.0  # the longest the follower stays quiet while training runs
 
 
 def _read_heartbeat(path: Path) -> dict | None:

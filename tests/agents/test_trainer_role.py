@@ -35,3 +35,28 @@ def test_only_a_one_device_plan_with_an_explicit_device_loads_the_base_here(
         assert launched == [(n_devices, device)] and trained == []
     else:
         assert launched == [] and trained == (["model"] if loads else [None])
+
+
+def test_the_follower_says_a_long_step_is_alive_and_forwards_heartbeats(tmp_path, monkeypatch):
+    """Between layer heartbeats (the loss over 16k tokens x the vocabulary takes tens of seconds on a CPU) the
+    follower still emits `train_progress` every ALIVE_EVERY_S, at the last known count; a new heartbeat goes out as
+    it is."""
+    import json
+    import threading
+    import time
+
+    monkeypatch.setattr(trainer, "ALIVE_EVERY_S", 0.0)
+    events: list[dict] = []
+    stop = threading.Event()
+    args = (tmp_path / "metrics.jsonl", events.append, stop)
+    follower = threading.Thread(target=trainer._follow_metrics, args=args)
+    follower.start()
+    time.sleep(1.5)
+    (tmp_path / "heartbeat.json").write_text(json.dumps({"step": 0.4, "max_steps": 1, "time": 1.0}))
+    time.sleep(1.5)
+    stop.set()
+    follower.join(timeout=5)
+    progress = [e for e in events if e["event"] == "train_progress"]
+    assert progress[0] == {"event": "train_progress", "step": 0.0, "alive": True}
+    assert {"event": "train_progress", "step": 0.4, "max_steps": 1} in progress
+    assert progress[-1]["step"] == 0.4  # alive again afterwards, at the heartbeat's count

@@ -137,3 +137,17 @@ def test_with_the_cache_off_everything_is_measured_and_nothing_hashed(tmp_path, 
     ran = dict(forwards)
     evaluate(_eval_config(tmp_path, "eval2", data, base_dir))
     assert forwards == {k: 2 * v for k, v in ran.items()} and not (tmp_path / "cache" / "results").exists()
+
+
+def test_a_peft_models_fingerprint_is_the_same_in_every_process():
+    """peft keeps target_modules as a set, printed in an order that changes with each interpreter's hash seed: two
+    runs that trained the same adapter bytes must still share their results."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from engine.cache import state_fingerprint; from engine.model.lora import apply_lora_plus; "
+              "from tests.support.models import tiny_llama; print(state_fingerprint(apply_lora_plus(tiny_llama())))")
+    prints = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(prints) == 1 and len(next(iter(prints))) == 40

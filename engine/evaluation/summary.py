@@ -95,8 +95,9 @@ def _by_length(m: dict) -> dict[int, dict[str, str]]:
         cells.setdefault(int(n), {})["ruler"] = _fmt(ru.get("average")) + mark
     if "regression" in m:  # the short-context check scores passkey and RULER at the native length too
         r, native = m["regression"], cells.setdefault(m["regression"]["length"], {})
-        native.setdefault("passkey", f"{r['passkey']['value']:.2f} (n={r['passkey']['n']})")
-        native.setdefault("ruler", _fmt(r.get("ruler_average")))
+        mark = CACHED_MARK if _cached(r) else ""
+        native.setdefault("passkey", f"{r['passkey']['value']:.2f} (n={r['passkey']['n']}){mark}")
+        native.setdefault("ruler", _fmt(r.get("ruler_average")) + mark)
     return cells
 
 

@@ -70,7 +70,9 @@ def test_only_an_expression_that_needs_the_gpu_marker_narrows_collection(markexp
 
 
 def test_make_test_gpu_runs_the_images_python_without_set_up():
-    out = subprocess.run(["make", "-n", "test-gpu"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    # --no-print-directory: under `make test` this make is a sub-make, which would print "Entering directory"
+    out = subprocess.run(["make", "--no-print-directory", "-n", "test-gpu"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
     assert out.strip().splitlines() == ["python3 -m pytest -q -m gpu"]  # no venv, no pip, no network
 
 

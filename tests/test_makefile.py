@@ -14,7 +14,8 @@ SHOW = 'show:\n\t@echo "DS_ACCELERATOR=$$DS_ACCELERATOR"\n'  # a recipe printing
 
 def _recipe_env(*make_args: str, environ: dict[str, str] | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    result = subprocess.run(["make", "-s", "-f", "Makefile", "-f", "-", "show", *make_args], input=SHOW, cwd=REPO,
+    result = subprocess.run(["make", "-s", "--no-print-directory", "-f", "Makefile", "-f", "-", "show",
+                             *make_args], input=SHOW, cwd=REPO,
                             env={**env, **(environ or {})}, capture_output=True, text=True, check=True)  # fmt: skip
     return result.stdout.strip()
 

@@ -4,10 +4,7 @@ every shipped DeepSpeed config trains a bf16 step and saves its fp32 masters."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ import torch
 from engine.model.lora import load_adapter
 from engine.training.launch import launcher_command
 from engine.training.train import TrainConfig, train
+from tests.support.launch import torchrun_train
 from tests.support.models import make_workspace, train_config
-from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_DIR = ROOT / "engine" / "deepspeed"
@@ -45,13 +42,7 @@ def test_two_process_deepspeed_matches_single_process(single_run, stage):
         "per_device_batch_size": 1,
         "deepspeed": str(DS_DIR / f"{stage}.json"),
     }
-    cfg_path = ws / f"{stage}.json"
-    cfg_path.write_text(json.dumps(cfg))
-    cmd = launcher_command(str(cfg_path), nproc=2, launcher="torchrun", master_port=free_port())
-    cmd[0] = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun_train(cfg, ws / f"{stage}.json", timeout=900)
 
     got, want = _metrics(ws / stage), _metrics(single.output_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
@@ -122,13 +113,7 @@ def test_every_shipped_config_trains_and_saves_the_fp32_masters(tmp_path, name):
     cfg = train_config(ws, name, max_steps=1, save_steps=1, per_device_batch_size=1, precision="bf16",
                        learning_rate=3e-3, warmup_steps=0, deepspeed=str(DS_DIR / f"{name}.json"))  # fmt: skip
     assert json.loads(Path(cfg.deepspeed).read_text())["data_types"] == {"grad_accum_dtype": "fp32"}
-    cfg_path = ws / f"{name}.json"
-    cfg_path.write_text(json.dumps(cfg.to_dict()))
-    cmd = launcher_command(str(cfg_path), nproc=2, launcher="torchrun", master_port=free_port())
-    cmd[0] = str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun_train(cfg.to_dict(), ws / f"{name}.json")
 
     saved = load_file(ws / name / "adapter" / "adapter_model.safetensors")
     ckpt = ws / name / "checkpoints" / "checkpoint-1"

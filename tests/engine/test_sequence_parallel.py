@@ -4,9 +4,6 @@ CPU processes (DS_ACCELERATOR=cpu, gloo) through the whole engine against one pr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,12 +14,11 @@ from safetensors.torch import load_file
 from engine.model import head_shards
 from engine.model.loss import IGNORE_INDEX, chunked_lm_nll
 from engine.model.s2attn import s2_attention_forward
-from engine.training.launch import launcher_command
 from engine.training.sequence_parallel import check_dataset, check_model, check_world, gradient_mean_ranks
 from engine.training.train import TrainConfig, train
 from engine.training.trainer_parts import PadCollator
+from tests.support.launch import torchrun_train
 from tests.support.models import make_workspace, tiny_llama, tiny_llama_config, train_config
-from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO2 = ROOT / "engine" / "deepspeed" / "zero2.json"
@@ -136,13 +132,7 @@ def sp_runs(tmp_path_factory):
         single = train(train_config(ws, f"{name}-1proc", **common))
         ds_json = str(ROOT / "engine" / "deepspeed" / f"{stage}.json")
         cfg = train_config(ws, f"{name}-sp2", **common, deepspeed=ds_json, sequence_parallel_size=2)
-        cfg_path = ws / f"{name}-sp2.json"
-        cfg_path.write_text(json.dumps(cfg.to_dict()))
-        cmd = launcher_command(str(cfg_path), nproc=2, launcher="torchrun", master_port=free_port())
-        cmd[0] = str(Path(sys.executable).parent / "torchrun")
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
+        torchrun_train(cfg.to_dict(), ws / f"{name}-sp2.json")
         runs[name] = (single.output_dir, Path(cfg.output_dir), ws / base)
     return runs
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ def _dumps(value: Any) -> str:
 def digest(value: Any) -> str:
     """A stable hex key for JSON-able `value` (dict keys sorted; sets sorted; other values by their text)."""
     return hashlib.sha256(_dumps(value).encode()).hexdigest()[:40]
+
+
+def ids_digest(ids: list[int]) -> str:
+    """The hash of exact token ids (a window, a prompt): part of every result's key."""
+    return hashlib.sha256(array("q", ids).tobytes()).hexdigest()
 
 
 @lru_cache(maxsize=1)
@@ -96,8 +102,9 @@ def state_fingerprint(model: Any) -> str | None:
     if _stateful(model):
         return None
     h = hashlib.blake2b(digest_size=20)
+    state = model.state_dict(keep_vars=False)
     with torch.no_grad():
-        for name, tensor in [*model.state_dict(keep_vars=False).items(), *_rotary_buffers(model)]:
+        for name, tensor in [*state.items(), *_rotary_buffers(model, state)]:
             t = tensor.detach()
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b"")
@@ -126,10 +133,9 @@ def _stateful(model: Any) -> bool:
     return any(hasattr(p, "ds_id") or p.is_meta for p in model.parameters())
 
 
-def _rotary_buffers(model: Any) -> list[tuple[str, Any]]:
+def _rotary_buffers(model: Any, state: dict[str, Any]) -> list[tuple[str, Any]]:
     """Non-persistent buffers (rotary `inv_freq`) are not in the state dict but shape every forward."""
-    persistent = set(model.state_dict().keys())
-    return [(f"buffer:{n}", b) for n, b in model.named_buffers() if n not in persistent]
+    return [(f"buffer:{n}", b) for n, b in model.named_buffers() if n not in state]
 
 
 class ResultCache:

@@ -6,9 +6,7 @@ Generation goes through a small `Generator` protocol so tasks can be scored agai
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.cache import ResultCache, code_version, digest, state_fingerprint
+from engine.cache import ResultCache, code_version, digest, ids_digest, state_fingerprint
 from engine.catalog import DEFAULT_ROPE_METHOD
 from engine.model.heartbeat import layer_heartbeat
 from engine.model.loading import default_device, default_dtype, load_model
@@ -124,7 +122,7 @@ class LoadedModel:
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             key = store and digest(["generate", 2, self.fingerprint, code_version(), max_new_tokens, pad,
-                                    self._decoding(), [_ids_digest(p) for p in batch]])  # fmt: skip
+                                    self._decoding(), [ids_digest(p) for p in batch]])  # fmt: skip
             texts = store.get(key) if store else None
             if texts is None:
                 texts = self._generate_batch(batch, max_new_tokens, pad)
@@ -159,10 +157,6 @@ class LoadedModel:
             use_cache=True,
         )
         return self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-
-
-def _ids_digest(ids: list[int]) -> str:
-    return hashlib.sha256(array("q", ids).tobytes()).hexdigest()
 
 
 def _adapter_tokenizer(adapter_dir: Path) -> PreTrainedTokenizerBase:

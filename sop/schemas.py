@@ -75,8 +75,20 @@ class Spec(_Strict):
     gradient_checkpointing: bool = Field(True, description="re-run each layer's forward in backward (less memory)")
     group_size_ratio: float | None = Field(None, gt=0, le=1, description="S2-Attn group G = L x ratio (default 1/4)")
     lora_rank: int | None = Field(None, gt=0, le=1024, description="LoRA rank (default 8)")
-    sequence_parallel: int = Field(
-        1, gt=0, le=1024, description="Ulysses sequence-parallel degree: GPUs that share each sequence (1 = off)"
+    sequence_parallel: int | None = Field(
+        None, gt=0, le=1024, description="Ulysses sequence-parallel degree: GPUs that share each sequence (1 = off); "
+        "unset, the planner chooses the fastest that fits"
+    )
+    zero_stage: Literal["auto", "none", "zero2", "zero3", "zero3_offload"] = Field(
+        "auto", description="DeepSpeed ZeRO stage; auto: the planner chooses the fastest that fits"
+    )
+    offload_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep the checkpointed layer inputs in pinned host memory (GPU only); auto: the planner "
+        "turns it on when that is the fastest plan that fits"
+    )
+    tiled_mlp: Literal["auto", "on", "off"] = Field(
+        "auto", description="run each MLP over sequence tiles (no tokens x intermediate tensor); auto: the planner "
+        "turns it on when that is the fastest plan that fits"
     )
     max_hours: float | None = Field(None, gt=0, description="time budget: the planner searches for plans within it")
     max_gib: float | None = Field(None, gt=0, description="memory budget per device, searched like --max-hours")

@@ -23,11 +23,16 @@ LEVER_WORDS = {"precision": "precision", "n_devices": "GPUs", "per_device_batch_
 
 
 def lever_kwargs(spec: Spec) -> dict[str, Any]:
-    """The Spec's lever fields as make_plan keyword arguments (unset ones keep make_plan's defaults)."""
+    """The Spec's lever fields as make_plan keyword arguments (unset ones keep make_plan's defaults; a memory lever
+    left "auto" or unset is None, the planner's to choose)."""
     from engine.model.lora_config import LoraPlusConfig
 
+    switch = {"auto": None, "on": True, "off": False}
     out: dict[str, Any] = {"gradient_checkpointing": spec.gradient_checkpointing,
-                           "sequence_parallel": spec.sequence_parallel}  # fmt: skip
+                           "sequence_parallel": spec.sequence_parallel,
+                           "zero": None if spec.zero_stage == "auto" else spec.zero_stage,
+                           "offload_activations": switch[spec.offload_activations],
+                           "tiled_mlp": switch[spec.tiled_mlp]}  # fmt: skip
     if spec.lora_rank is not None:
         out["lora"] = LoraPlusConfig(r=spec.lora_rank)
     if spec.group_size_ratio is not None:
@@ -65,9 +70,12 @@ def command_for(spec: Spec, levers: dict[str, Any], hardware: dict[str, Any], ve
               "batch_size": levers["per_device_batch_size"], "grad_accum": levers["gradient_accumulation_steps"],
               "lora_rank": levers["lora_rank"], "group_size_ratio": levers["group_size_ratio"],
               "gradient_checkpointing": levers["gradient_checkpointing"]}  # fmt: skip
-    chosen = {"sequence_parallel": levers["sequence_parallel"], "attention": spec.attention,
-              "rope_method": spec.rope_method, "corpus": spec.corpus, "max_steps": spec.max_steps,
-              "seed": spec.seed}  # fmt: skip
+    # the memory levers the request pinned are kept by every alternative (engine.planning.search), so its command
+    # pins them too; left "auto" they stay the planner's, as in the request
+    chosen = {"sequence_parallel": levers["sequence_parallel"], "zero_stage": spec.zero_stage,
+              "offload_activations": spec.offload_activations, "tiled_mlp": spec.tiled_mlp,
+              "attention": spec.attention, "rope_method": spec.rope_method, "corpus": spec.corpus,
+              "max_steps": spec.max_steps, "seed": spec.seed}  # fmt: skip
     fields.update((k, v) for k, v in chosen.items() if v != _default(k))
     return shlex.join(["longpilot", verb, *flag_args(fields)])
 

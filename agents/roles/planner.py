@@ -176,6 +176,29 @@ def sequence_parallel_phrase(plan: dict[str, Any]) -> str:
     return f", sequence parallel {sp} (Ulysses, data parallel {plan['hardware']['n_devices'] // sp})" if sp > 1 else ""
 
 
+def host_phrase(plan: dict[str, Any]) -> str:
+    """` and 151.0 GiB of host memory of 200`: the pinned host memory a plan needs, when it needs any."""
+    host = plan["memory"].get("host_gib", 0.0)
+    return f" and {host:.1f} GiB of host memory of {plan['hardware']['host_memory_gib']:g}" if host else ""
+
+
+def lever_lines(plan: dict[str, Any]) -> list[str]:
+    """The memory levers the plan runs with (who chose them and why) and the longest target this hardware fits."""
+    levers = plan.get("levers") or {}
+    if not levers:  # a plan.json written before the planner chose levers
+        return []
+    on = [words for name, words in (("offload_activations", "activation offload"), ("tiled_mlp", "tiled MLP"))
+          if levers.get(name)]  # fmt: skip
+    chosen = [n.replace("_", " ") for n in levers.get("chosen_by_planner", [])]
+    lines = [f"  memory levers: {', '.join(on) if on else 'no activation offload or tiling'}; "
+             f"{'chosen by the planner: ' + ', '.join(chosen) if chosen else 'all pinned by the request'}"]
+    lines += [f"    why {reason}" for reason in levers.get("reasons", [])]
+    if plan.get("longest_target"):
+        lines.append(f"  longest target that fits on {plan['hardware']['name']} with these levers: "
+                     f"{plan['longest_target']:,} tokens")  # fmt: skip
+    return lines
+
+
 def plan_card(plan: dict[str, Any]) -> str:
     """A readable summary of a plan (CLI, chat)."""
     mem = plan["memory"]
@@ -190,9 +213,10 @@ def plan_card(plan: dict[str, Any]) -> str:
         f"  {plan['train_config']['max_steps']} steps x {plan['tokens_per_step']:,} tokens, lr "
         f"{plan['train_config']['learning_rate']:g}, {plan['train_config']['precision']}, DeepSpeed "
         f"{plan['deepspeed_stage']}{sequence_parallel_phrase(plan)}",
-        f"  predicted {mem['total_gib']:.1f} GiB per device of {plan['hardware']['memory_gib']:g} "
+        f"  predicted {mem['total_gib']:.1f} GiB per device of {plan['hardware']['memory_gib']:g}{host_phrase(plan)} "
         f"({'fits' if plan['fits'] else 'DOES NOT FIT'}), {plan['tokens_per_s']:,.0f} tokens/s, "
         f"{duration(plan['wall_time_s'])}",
+        *lever_lines(plan),
         *rope_card_lines(plan),
         f"  launch: {plan['launch_command']}",
         *card_lines(plan),  # S2 vs full side by side; the search's plans when this one does not fit

@@ -7,11 +7,13 @@
     server.stop()
 """
 
+from agents.server.guard import Limits
 from agents.server.http_app import build_app
 from agents.server.models_index import ModelsIndex, finished_adapter, parse_adapter_flag
 from agents.server.server import RunningServer, build_server_app, exposure_warning, serve_forever, start_in_thread
 
 __all__ = [
+    "Limits",
     "ModelsIndex",
     "RunningServer",
     "build_app",

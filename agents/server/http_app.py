@@ -3,117 +3,63 @@
 Thin on purpose: validate the body, turn it into token ids and SamplingParams, hand it to the engine's one worker
 (engine.serving.worker), and shape the answer (JSON, or server-sent events `data: {...}` ending in `data: [DONE]`).
 Every error has OpenAI's shape {"error": {"message", "type", "param", "code"}}: unknown model 404, a prompt over the
-model's context 400, a malformed body 400, a missing or wrong key 401 (when the server has one).
+model's context 400, a malformed body 400, a missing or wrong key 401 (when the server has one), a full queue 429
+with Retry-After, a run that no longer verifies 409, a request past its deadline 504.
+
+Bounded work (agents.server.guard, agents.server.lifecycle): the key and the body's size are checked before the body
+is read, the body has a read deadline, the routes are async so that waiting on the model never holds Starlette's
+shared threads, a client that disconnects cancels its job, streaming or not, and a prompt over the character cap is
+refused before it is tokenised.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agents.server.models_index import ModelsIndex
-from engine.serving import ContextLengthError, SamplingParams, ServingWorker, UnknownModelError, chat_ids, text_ids
+from agents.server.guard import Limits, RequestGuard
+from agents.server.lifecycle import RequestRunner, TokenizerPool, max_prompt_chars, prompt_chars
+from agents.server.models_index import ModelsIndex, RunGoneError, RunNotVerifiedError
+from agents.server.schemas import ChatRequest, CompletionRequest, _Body  # noqa: F401  (the request bodies)
+from agents.server.shaping import Prompt, completion_body, sse, stream_events
+from engine.serving import ContextLengthError, JobGroup, ServingWorker, UnknownModelError, chat_ids, text_ids
+from engine.serving.worker import QueueFullError
 
 log = logging.getLogger(__name__)
+
+_RETRY_AFTER_S = 1  # a 429's Retry-After: a queued request of the tiny bench finishes within about a second
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:  # fmt: skip
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Body(BaseModel):
-    """Fields every generation request shares; unknown OpenAI fields (user, logit_bias, ...) are accepted, unused."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
-
-    def params(self, max_tokens: int | None) -> SamplingParams:
-        return SamplingParams(max_tokens, self.temperature, self.top_p, self.seed, tuple(self.stop or ()))
-
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        """Plain text; a list of content parts must be text parts (no images here)."""
-        if isinstance(self.content, str):
-            return self.content
-        if any(part.get("type") != "text" or not isinstance(part.get("text", ""), str) for part in self.content):
-            raise ApiError(400, "only text content parts (a string in `text`) are supported", param="messages")
-        return "".join(part.get("text", "") for part in self.content)
-
-
-class ChatRequest(_Body):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
-
-
-class CompletionRequest(_Body):
-    prompt: str | list[str]
-
-    def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise ApiError(400, "prompt must be one string (batched prompts are not supported)", param="prompt")
-        return self.prompt[0]
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-def _usage(result) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}  # fmt: skip
+_sse = sse  # the SSE framing (agents.server.shaping)
 
 
 def _authorisation(api_key: str | None):
-    """The dependency of every /v1 route: with a key set, a request lacking `Authorization: Bearer <key>` is a 401."""
+    """The dependency of every /v1 route: with a key set, a request lacking `Authorization: Bearer <key>` is a 401.
+    RequestGuard checks the same before the body is read; this stays for an app mounted without it. Async: a sync
+    dependency would take one of Starlette's shared threads."""
 
-    def authorised(request: Request) -> None:
+    async def authorised(request: Request) -> None:
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -129,7 +75,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -150,115 +96,152 @@ def _add_error_handlers(app: FastAPI) -> None:
                             status_code=500)  # fmt: skip
 
 
-def _add_routes(app: FastAPI, worker: ServingWorker, index: ModelsIndex, authorised) -> None:
-    """The health check and the three OpenAI routes, each /v1 one behind `authorised`."""
+def _add_routes(app: FastAPI, worker: ServingWorker, index: ModelsIndex, authorised, runner: RequestRunner) -> None:
+    """The health checks and the three OpenAI routes, each /v1 one behind `authorised`. All async: the health checks
+    and the model list answer from the event loop at once, whatever the load; the generation routes wait on
+    `runner`'s threads, watching their client."""
 
     @app.get("/")
-    def health() -> dict[str, str]:
+    async def root() -> dict[str, str]:
         """Liveness (no key needed, names nothing)."""
         return {"status": "ok"}
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness, under the name load balancers look for."""
+        return {"status": "ok"}
+
     @app.get("/v1/models", dependencies=[Depends(authorised)])
-    def list_models() -> dict[str, Any]:
-        ids = index.refresh()
+    async def list_models() -> dict[str, Any]:
+        ids = await runner.off_loop(index.refresh)
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "longpilot",
                                             "context_length": worker.pool.context(i)} for i in ids]}  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    def chat(body: ChatRequest):
-        _known(index, body.model)
+    async def chat(body: ChatRequest, request: Request):
+        await _known(runner, index, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = _tokens(worker, chat_ids, messages, "messages")
-        return _answer(worker, body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        ids = await _tokens(runner, worker, body.model, chat_ids, messages, "messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await _answer(runner, request, worker, body, [Prompt(ids, "")], max_tokens, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
-    def complete(body: CompletionRequest):
-        _known(index, body.model)
-        ids = _tokens(worker, text_ids, body.text(), "prompt")
-        return _answer(worker, body, ids, body.max_tokens or 16, chat=False)
+    async def complete(body: CompletionRequest, request: Request):
+        await _known(runner, index, body.model)
+        prompts = []
+        for prompt in body.prompts():  # a string is tokenised, token ids are taken as they are
+            ids = prompt if isinstance(prompt, list) else await _tokens(runner, worker, body.model, text_ids, prompt,
+                                                                        "prompt")  # fmt: skip
+            text = prompt if isinstance(prompt, str) else worker.pool.tokenizer.decode(prompt) if body.echo else ""
+            prompts.append(Prompt(ids, text))
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
+        return await _answer(runner, request, worker, body, prompts, max_tokens, chat=False)
 
 
-def _tokens(worker: ServingWorker, fn, text, param: str) -> list[int]:
-    """Token ids, or a 400 for text no tokenizer can encode (a lone UTF-16 surrogate survives JSON decoding)."""
+async def _tokens(runner: RequestRunner, worker: ServingWorker, model_id: str, fn, text, param: str) -> list[int]:
+    """Token ids, on the runner's tokenizer threads. A 400 before tokenising for a prompt over the character cap (it
+    cannot fit the model's context), and after for text no tokenizer can encode (a lone UTF-16 surrogate survives
+    JSON decoding)."""
+    cap, chars = max_prompt_chars(runner.limits, worker.pool.context(model_id)), prompt_chars(text)
+    if chars > cap:
+        raise ApiError(400, f"the {param} has {chars} characters, over the {cap} a prompt for model {model_id!r} may "
+                       "have (--max-prompt-chars; by default 128 per token of its context): it cannot fit",
+                       param=param, code="context_length_exceeded")  # fmt: skip
     try:
-        return worker.tokenize(fn, text)
+        return await runner.tokenizers(fn, text)
     except (UnicodeError, TypeError) as err:
         raise ApiError(400, f"the {param} cannot be tokenised ({type(err).__name__}): is it valid Unicode text? "
                        "A lone surrogate such as \\ud800 is not", param=param)  # fmt: skip
 
 
-def _known(index: ModelsIndex, model_id: str) -> None:
-    """Refuse a model the server does not serve with OpenAI's 404, pointing at the list of those it does."""
-    if not index.knows(model_id):
-        raise ApiError(404, f"the model {model_id!r} does not exist; GET /v1/models lists the served ones",
-                       "not_found_error", "model", "model_not_found")  # fmt: skip
-
-
-def _submit(worker: ServingWorker, body: _Body, ids: list[int], max_tokens: int | None, chat: bool):
-    """Queue the generation on the worker; its refusals become OpenAI errors (the prompt too long: a 400)."""
+async def _known(runner: RequestRunner, index: ModelsIndex, model_id: str) -> None:
+    """Refuse a model the server does not serve with OpenAI's 404, pointing at the list of those it does; a run is
+    verified again first (agents.server.models_index): removed since, a 404; changed since, a 409. No path is named."""
     try:
-        return worker.submit(body.model, ids, body.params(max_tokens))
-    except ContextLengthError as err:
-        raise ApiError(400, str(err), param="messages" if chat else "prompt", code="context_length_exceeded")
-    except UnknownModelError as err:
-        raise ApiError(404, str(err), "not_found_error", "model", "model_not_found")
-    except ValueError as err:  # SamplingParams' own checks
-        raise ApiError(400, str(err))
+        await runner.off_loop(index.check, model_id)
+    except (UnknownModelError, RunGoneError) as err:
+        message = f"the model {model_id!r} does not exist; GET /v1/models lists the served ones"
+        raise ApiError(404, str(err) if isinstance(err, RunGoneError) else message, "not_found_error", "model",
+                       "model_not_found")  # fmt: skip
+    except RunNotVerifiedError as err:
+        raise ApiError(409, str(err), "invalid_request_error", "model", "model_verification_failed")
 
 
-def _answer(worker: ServingWorker, body: _Body, ids: list[int], max_tokens: int | None, chat: bool):
-    """Generate for one request: a server-sent event stream when it asks for one, else the whole answer."""
-    job = _submit(worker, body, ids, max_tokens, chat)
+def _generation_failed(err: Exception) -> ApiError:
+    """A failed generation's 500: the error's kind, never its text, which may carry a server path (an adapter's file
+    gone between its check and its load); the worker logged it whole."""
+    return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details", "server_error")
+
+
+def _submit(worker: ServingWorker, body: _Body, prompts: list[Prompt], max_tokens: int | None, chat: bool) -> JobGroup:
+    """Queue every choice of the request on the worker (prompt by prompt, n each); its refusals become OpenAI errors
+    (the prompt too long: a 400; the queue full: a 429), and the choices already queued are cancelled then."""
+    if chat:
+        logprobs, prompt_logprobs = body.top(), None
+    else:
+        logprobs, prompt_logprobs = body.logprobs, body.logprobs if body.echo and body.logprobs is not None else None
+        if body.echo and max_tokens == 0 and prompt_logprobs is None:
+            prompt_logprobs = 0  # echo alone, nothing generated: the prompt is still run through once
+    jobs: list = []
+    try:
+        for prompt in prompts:
+            for choice in range(body.n):
+                params = body.params(max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, choice=choice)
+                jobs.append(worker.submit(body.model, prompt.ids, params))
+    except Exception as err:
+        JobGroup(jobs).cancelled.set()
+        param = "messages" if chat else "prompt"
+        if isinstance(err, ContextLengthError):
+            raise ApiError(400, str(err), param=param, code="context_length_exceeded")
+        if isinstance(err, UnknownModelError):
+            raise ApiError(404, str(err), "not_found_error", "model", "model_not_found")
+        if isinstance(err, QueueFullError):  # the bounded queue (--max-queued): come back later (a rate limit)
+            raise ApiError(429, f"the server is busy: {err}", "rate_limit_error", None, "rate_limit_exceeded",
+                           headers={"Retry-After": str(_RETRY_AFTER_S)})  # fmt: skip
+        if isinstance(err, ValueError):  # SamplingParams' and the worker's own checks (token ids, logit_bias)
+            raise ApiError(400, str(err), param=param)
+        raise
+    return JobGroup(jobs)
+
+
+async def _answer(runner: RequestRunner, request: Request, worker: ServingWorker, body: _Body, prompts: list[Prompt],
+                  max_tokens: int | None, chat: bool):  # fmt: skip
+    """Generate for one request: a server-sent event stream when it asks for one, else the whole answer; either way
+    its jobs are cancelled when the client leaves or the deadline passes (agents.server.lifecycle)."""
+    group = _submit(worker, body, prompts, max_tokens, chat)
     ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": ident, "created": created, "model": body.model}
+    echo, legacy = (False, False) if chat else (body.echo, body.logprobs is not None)
+    tokenizer = worker.pool.tokenizer
     if body.stream:
-        return StreamingResponse(_events(job, head, chat, body.include_usage()), media_type="text/event-stream")
-    return _completion(job, head, chat)
+        events = stream_events(tokenizer, group.jobs, head, prompts, body.n, chat, body.include_usage(), echo, legacy,
+                               failed=_generation_failed)  # fmt: skip
+        return StreamingResponse(runner.stream(group, events), media_type="text/event-stream")
 
-
-def _completion(job, head: dict[str, Any], chat: bool) -> dict[str, Any]:
-    """Wait for the whole text and shape it as one chat.completion or text_completion object, with usage."""
-    try:
-        result = job.result()
-    except Exception as err:
-        raise ApiError(500, f"generation failed: {err}", "server_error")
-    choice = ({"message": {"role": "assistant", "content": result.text}} if chat
-              else {"text": result.text, "logprobs": None})  # fmt: skip
-    return {**head, "object": "chat.completion" if chat else "text_completion",
-            "choices": [{"index": 0, **choice, "finish_reason": result.finish_reason}], "usage": _usage(result)}
-
-
-def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over one worker; `api_key` set: every /v1 route needs `Authorization: Bearer <key>`."""
-    app = FastAPI(title="LongPilot OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
-    _add_error_handlers(app)
-    _add_routes(app, worker, index, _authorisation(api_key))
-    return app
-
-
-def _events(job, head: dict[str, Any], chat: bool, include_usage: bool) -> Iterator[str]:
-    """The SSE stream of one job: a role chunk (chat), one chunk per text delta, the finish chunk, [DONE]."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(piece: dict[str, Any], finish: str | None = None) -> str:
-        return _sse({**head, "object": obj, "choices": [{"index": 0, **piece, "finish_reason": finish}]})
-
-    def content(text: str) -> dict[str, Any]:
-        return {"delta": {"content": text}} if chat else {"text": text, "logprobs": None}
-
-    try:
-        if chat:
-            yield chunk({"delta": {"role": "assistant", "content": ""}})
-        for delta in job.deltas():
-            yield chunk(content(delta))
+    def shape() -> dict[str, Any]:
         try:
-            result = job.result()
+            results = group.result()
         except Exception as err:
-            yield _sse(ApiError(500, f"generation failed: {err}", "server_error").body())
-            return
-        yield chunk({"delta": {}} if chat else content(""), result.finish_reason)
-        if include_usage:
-            yield _sse({**head, "object": obj, "choices": [], "usage": _usage(result)})
-        yield _sse("[DONE]")
-    finally:
-        job.cancelled.set()  # a client that went away stops the generation (no-op once it is done)
+            raise _generation_failed(err)
+        return completion_body(tokenizer, head, prompts, results, body.n, chat, echo, legacy)
+
+    return await runner.finish(request, group, shape)
+
+
+def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = None, limits: Limits | None = None,
+              tokenizers: TokenizerPool | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app over one worker; `api_key` set: every /v1 route needs `Authorization: Bearer <key>`.
+
+    Args:
+        limits: body size and deadlines, the prompt cap (agents.server.guard.Limits; the worker's queue bound is the
+            worker's own). Kept as `app.state.limits`: the server reads its header deadline there.
+        tokenizers: the pool prompts are tokenised on (default: `limits.tokenizer_threads` copies of the pool's).
+    """
+    limits = limits or Limits()
+    runner = RequestRunner(worker.pool.tokenizer, limits, tokenizers)
+    app = FastAPI(title="LongPilot OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.limits, app.state.tokenizers = limits, runner.tokenizers
+    app.add_middleware(RequestGuard, api_key=api_key, limits=limits)  # pure ASGI: runs before the body is read
+    _add_error_handlers(app)
+    _add_routes(app, worker, index, _authorisation(api_key), runner)
+    return app

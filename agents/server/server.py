@@ -1,7 +1,9 @@
 """Run the HTTP app with uvicorn: in the foreground (`longpilot serve`) or in a thread (tests, benchmarks, the app).
 
 The socket is bound here, before uvicorn starts, so a port already in use is one clear line, and port 0 gives a
-free port whose number is known (`RunningServer.base_url`).
+free port whose number is known (`RunningServer.base_url`). uvicorn runs h11 with a deadline on each request's
+headers (agents.server.guard.HeaderDeadlineH11: h11 has none), its own keep-alive timeout between requests, and
+h11's cap on the size of a request's headers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from pathlib import Path
 
 import uvicorn
 
+from agents.server.guard import MAX_HEADER_BYTES, Limits, header_deadline_protocol
 from agents.server.http_app import build_app
 from agents.server.models_index import ModelsIndex
+
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this (uvicorn's default, stated)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -46,8 +51,8 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
     """The one line to print when the server is reachable from other machines with no key, else None."""
     if api_key or is_loopback(host):
         return None
-    return (f"longpilot: warning: serving on {host} without --api-key: anyone who can reach this port can use the "
-            "models")  # fmt: skip
+    return (f"longpilot: warning: serving on {host} without --api-key (nor LONGPILOT_API_KEY, --api-key-file): "
+            "anyone who can reach this port can use the models")  # fmt: skip
 
 
 @dataclass
@@ -69,8 +74,13 @@ class RunningServer:
 
 
 def _uvicorn(app, log_level: str) -> uvicorn.Server:
+    """uvicorn over `app`, with the header deadline of the app's limits (`app.state.limits`, else the defaults)."""
+    limits = getattr(getattr(app, "state", None), "limits", None) or Limits()
     # access_log off: request lines carry no keys, but nothing about a request needs logging either
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off"))
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                            http=header_deadline_protocol(limits.header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
+    return uvicorn.Server(config)
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> RunningServer:
@@ -95,14 +105,18 @@ def build_server_app(
     max_loaded: int = 4,
     api_key: str | None = None,
     device: str | None = None,
+    limits: Limits | None = None,
+    exact: bool = False,
 ):
-    """Load the base, register the adapters and finished runs, start the worker: (app, worker)."""
+    """Load the base, register the adapters and finished runs, start the worker (its queue bounded by
+    `limits.max_queued`; `exact`: serial, one request at a time, instead of continuous batching): (app, worker)."""
     from engine.serving import ModelPool, ServingWorker
 
+    limits = limits or Limits()
     pool = ModelPool(base_ref, max_loaded=max_loaded, device=device)
     index = ModelsIndex(pool, runs_dir, adapters)
-    worker = ServingWorker(pool)
-    return build_app(worker, index, api_key), worker
+    worker = ServingWorker(pool, max_queued=limits.max_queued, exact=exact)
+    return build_app(worker, index, api_key, limits), worker
 
 
 def serve_forever(app, sock: socket.socket, log_level: str = "info") -> None:

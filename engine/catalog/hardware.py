@@ -19,6 +19,10 @@ class HardwareProfile:
     gpu: bool = True
     runtime_overhead_gib: float = 1.5  # CUDA context + caching-allocator slack, beyond max_memory_allocated
     host_link_gb_s: float = 25.0  # host<->GPU GB/s for ZeRO offload: PCIe 4.0 x16 is 32 GB/s a direction, ~25 achieved
+    # Host memory per GPU that pinned buffers may take (offloaded activations, ZeRO offload). DGX A100 80GB and DGX
+    # H100 carry 2 TB for 8 GPUs (256 GiB each); a one-GPU cloud H100 instance ~200 GiB. Leave room for the OS and
+    # the data loader: a plan's host need is compared with this figure as it is.
+    host_memory_gib: float = 256.0
     # Interconnects, for sequence parallelism's all-to-alls (engine.planning.sequence_parallel): an HGX/DGX node joins
     # 8 GPUs by NVLink/NVSwitch; A100 SXM NVLink 3 is 600 GB/s bidirectional (300 a direction), H100 SXM NVLink 4 900
     # (450). Between nodes, DGX A100 has one 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s), DGX H100 one 400 Gb/s
@@ -65,11 +69,12 @@ CPU_EFFECTIVE_TFLOPS = CPU_MEASURED_TOKENS_PER_S * 1_451_261_952 / 1e12
 HARDWARE: dict[str, HardwareProfile] = {
     # CPU: runtime overhead = interpreter, libraries, allocator slack; with it the 16k demo run above predicts
     # 6.3 GiB against 6.4-6.6 GiB peak RSS measured.
-    "cpu": HardwareProfile("cpu", 1, 24.0, CPU_EFFECTIVE_TFLOPS, 1.0, gpu=False, runtime_overhead_gib=2.0),
+    "cpu": HardwareProfile("cpu", 1, 24.0, CPU_EFFECTIVE_TFLOPS, 1.0, gpu=False, runtime_overhead_gib=2.0,
+                           host_memory_gib=24.0),
     "1xH100-80GB": HardwareProfile("1xH100-80GB", 1, 80.0, 790.0, H100_MFU, host_link_gb_s=50.0,
-                                   intra_node_gb_s=450.0, inter_node_gb_s=50.0),
+                                   intra_node_gb_s=450.0, inter_node_gb_s=50.0, host_memory_gib=200.0),
     "8xA100-80GB": HardwareProfile("8xA100-80GB", 8, 80.0, 312.0, A100_MFU),
-    "8xA100-40GB": HardwareProfile("8xA100-40GB", 8, 40.0, 312.0, A100_MFU),
+    "8xA100-40GB": HardwareProfile("8xA100-40GB", 8, 40.0, 312.0, A100_MFU, host_memory_gib=128.0),  # DGX A100 1 TB
 }
 # One GPU of each kind: `NxGPU` names any count of it (e.g. 2xH100-80GB, 4xA100-80GB), the planner's device lever.
 GPU_KINDS: dict[str, HardwareProfile] = {h.name.split("x", 1)[1]: h for h in HARDWARE.values() if h.gpu}

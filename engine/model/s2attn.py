@@ -214,6 +214,29 @@ def _blockwise_causal_sdpa(
     return torch.cat(pieces, dim=2)  # (N, H, Tq, D)
 
 
+class _Place(torch.autograd.Function):
+    """Attention outputs of (sequence range, head range) pieces written straight into one (B, L, H, D) tensor.
+
+    What a concatenation per head half, one over the halves and a transposed `.contiguous()` did with three
+    L x hidden copies alive at once in the forward takes one here (issue 29: per-layer L-sized copies). Backward hands
+    each piece its slice of the gradient: views, no copy.
+
+    Inputs: (spots, shape, *pieces): spots[i] = (sequence slice, head slice) of pieces[i], a (B, h, len, D) tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, spots: list[tuple[slice, slice]], shape: tuple[int, ...], *pieces: torch.Tensor) -> torch.Tensor:
+        ctx.spots = spots
+        out = pieces[0].new_empty(shape)  # (B, L, H, D)
+        for (seq, heads), piece in zip(spots, pieces):
+            out[:, seq, heads] = piece.transpose(1, 2)  # (B, h, len, D) -> (B, len, h, D)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, None, *(grad[:, seq, heads].transpose(1, 2) for seq, heads in ctx.spots))  # (B, h, len, D)
+
+
 def _segmented_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -224,7 +247,7 @@ def _segmented_attention(
     offset: int,
     scaling: float | None,
     dropout: float,
-) -> torch.Tensor:
+) -> list[tuple[slice, torch.Tensor]]:
     """Causal attention restricted to the segments of `segment_bounds(L, group, offset)`.
 
     Full-size groups are folded into the batch dimension so that one SDPA call covers all of them; the short head
@@ -236,7 +259,7 @@ def _segmented_attention(
         key_valid: (B, L) bool or None.
 
     Returns:
-        (B, h, L, D).
+        [(sequence slice, (B, h, len, D) output)] covering [0, L), for `_Place`.
     """
     bsz, heads, seq_len, dim = q.shape
     n_full = (seq_len - offset) // group
@@ -247,7 +270,7 @@ def _segmented_attention(
 
     pieces = []
     if offset > 0:
-        pieces.append(part(slice(0, offset)))
+        pieces.append((slice(0, offset), part(slice(0, offset))))
     if n_full > 0:
         sl = slice(offset, offset + n_full * group)
 
@@ -259,11 +282,11 @@ def _segmented_attention(
         valid = None if key_valid is None else key_valid[:, sl].reshape(bsz * n_full, group)  # (B*n, G)
         out = _causal_sdpa(fold(q), fold(k), fold(v), valid, right_padded, scaling, dropout)  # (B*n, h, G, D)
         # (B*n, h, G, D) -> (B, n, h, G, D) -> (B, h, n, G, D) -> (B, h, n*G, D)
-        pieces.append(out.reshape(bsz, n_full, heads, group, dim).transpose(1, 2).reshape(bsz, heads, -1, dim))
+        pieces.append((sl, out.reshape(bsz, n_full, heads, group, dim).transpose(1, 2).reshape(bsz, heads, -1, dim)))
     tail_start = offset + n_full * group
     if tail_start < seq_len:
-        pieces.append(part(slice(tail_start, seq_len)))
-    return torch.cat(pieces, dim=2)
+        pieces.append((slice(tail_start, seq_len), part(slice(tail_start, seq_len))))
+    return pieces
 
 
 def _padding_layout(valid: torch.Tensor) -> tuple[bool, bool]:
@@ -332,14 +355,18 @@ def s2_attention_forward(
         # global heads >= total - floor(total / 2) (engine.training.sequence_parallel).
         first, total = global_head_offset(module, num_heads)
         split = min(max(total - num_shifted_heads(total) - first, 0), num_heads)
-        outs = []
+        spots, pieces = [], []
         for heads, offset in ((slice(0, split), 0), (slice(split, num_heads), group // 2)):
             if heads.stop > heads.start:  # H = 1: nothing is shifted
                 q_h = query[:, heads]  # (B, h, L, D)
                 k_h, v_h = _kv_for_heads(key, heads, n_rep), _kv_for_heads(value, heads, n_rep)  # (B, h_kv, L, D)
-                part = _segmented_attention(q_h, k_h, v_h, key_valid, right_padded, group, offset, scaling, dropout)
-                outs.append(part)  # (B, h, L, D)
-        out = torch.cat(outs, dim=1)  # (B, H, L, D)
+                for seq, piece in _segmented_attention(
+                    q_h, k_h, v_h, key_valid, right_padded, group, offset, scaling, dropout
+                ):
+                    spots.append((seq, heads))
+                    pieces.append(piece)  # (B, h, len, D)
+        bsz, _, _, dim = query.shape
+        return _Place.apply(spots, (bsz, seq_len, num_heads, dim), *pieces), None  # (B, L, H, D)
     return out.transpose(1, 2).contiguous(), None  # (B, H, Tq, D) -> (B, Tq, H, D)
 
 

@@ -47,6 +47,12 @@ def train_flops(
     }
 
 
+def tiled_mlp_flops_per_token(a: ArchConfig) -> float:
+    """The tiled MLP's extra work: its backward re-runs each tile's forward (engine.model.tiled_mlp keeps no
+    tokens x intermediate activations), one more MLP forward per layer, 2 * 3 h i FLOPs a token."""
+    return a.num_layers * 2 * 3 * a.hidden_size * a.intermediate_size
+
+
 def achieved_flops(hw: HardwareProfile, precision: str) -> float:
     """FLOP/s one device sustains on the plan's work: peak x utilisation (engine.catalog says where each comes from);
     fp32 runs on TF32 tensor cores at half the bf16 rate on a GPU (the CPU profile is calibrated in fp32)."""

@@ -37,7 +37,18 @@ from engine.checks import CheckResult
 from engine.model.lora_config import LoraPlusConfig, TrainableCounts
 from engine.model.s2_groups import DEFAULT_GROUP_SIZE_RATIO, group_size
 from engine.planning.checks import plan_document_checks
-from engine.planning.cost import offload_seconds_per_step, step_costs
+from engine.planning.cost import achieved_flops, step_costs, tiled_mlp_flops_per_token
+from engine.planning.levers import LeverChoice, choose_levers, transfer_seconds
+from engine.planning.memory import (  # noqa: F401  (re-exported: memory's one home)
+    GIB,
+    LOSS_BYTES_PER_LOGIT,
+    ZERO_STAGES,
+    MemoryEstimate,
+    activation_bytes_per_token,
+    frozen_weight_bytes,
+    memory_per_device,
+    trainable_state_bytes,
+)
 from engine.planning.params import (  # noqa: F401  (re-exported: counting's one home)
     flops_per_token,
     layer_matmul_params,
@@ -45,124 +56,15 @@ from engine.planning.params import (  # noqa: F401  (re-exported: counting's one
     train_flops_per_token,
     trainable_params,
 )
-from engine.planning.sequence_parallel import (
-    all_to_all_buffer_bytes,
-    all_to_all_seconds,
-    local_tokens,
-    plan_launch_command,
-    sp_notes,
-    sp_problem,
-)
+from engine.planning.sequence_parallel import plan_launch_command, sp_notes, sp_problem
 from engine.training.config import TrainConfig
 
-GIB = 2**30
 # Gradient checkpointing re-runs each layer's forward during backward: fwd (1) + bwd (2) becomes 4 units, not 3.
 CHECKPOINT_RECOMPUTE = 4 / 3
-# Unchunked causal-LM loss on (tokens, V) logits: fp32 log-softmax output saved for backward, the incoming gradient
-# and the gradient w.r.t. the logits (4 + 4 + 4 bytes per logit) are alive together at the start of backward.
-LOSS_BYTES_PER_LOGIT = 12
-ZERO_STAGES = ("zero2", "zero3", "zero3_offload")  # engine/deepspeed/<stage>.json, cheapest first
 # The longest target planned (16,777,216 tokens): 16x the ~1M-token contexts that LongLoRA-style fine-tunes reach.
 # Already there a 135M model needs 1,172 GiB per H100; past it the numbers stop meaning anything (a custom profile
 # can claim any memory) and the data and evaluation would need billions of tokens of text.
 MAX_TARGET_CONTEXT = 2**24
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Peak memory per device in GiB: `breakdown` sums to `total_gib`; `transient` names the larger peak term."""
-
-    breakdown: dict[str, float]
-    total_gib: float
-    transient: str  # "loss" or "layer_recompute": the two never coexist (the loss is freed before layer backward)
-
-
-def activation_bytes_per_token(a: ArchConfig, weight_bytes: int) -> tuple[int, int]:
-    """(kept, recompute) activation bytes per token under per-layer gradient checkpointing (w = weight_bytes).
-
-    kept = layers * h * w (each layer's input) + (4 + w) * h (final RMSNorm's fp32 upcast and output, for the loss).
-    recompute = the one layer being re-run in backward: q, k, v, RoPE'd q and k, the S2 fold/GQA-expanded q, k, v,
-    attention output and its contiguous copy (7 q + 3 kv), two norm outputs, o_proj and down_proj outputs (4 h),
-    MLP gate, up, act, act*up and two gradients of width i (6 i), all * w; plus two fp32 norm upcasts (8 h). SDPA and
-    flash attention keep O(L) state (log-sum-exp), no L x L scores.
-    """
-    q, kv, h, i = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.hidden_size, a.intermediate_size
-    kept = a.num_layers * h * weight_bytes + (4 + weight_bytes) * h
-    recompute = weight_bytes * (7 * q + 3 * kv + 4 * h + 6 * i) + 8 * h
-    return kept, recompute
-
-
-def trainable_state_bytes(counts: TrainableCounts, weight_bytes: int, zero: str, n_devices: int) -> float:
-    """Per-device bytes of the trainable params, their grads and Adam m, v.
-
-    DeepSpeed (mixed precision, ZeRO paper sec. 3): 2 (bf16 param) + 2 (grad) + 12 (fp32 master, m, v) = 16 B/param;
-    ZeRO-2 shards all but the bf16 param (w + (16 - w) / n), ZeRO-3 shards all (16 / n), offload keeps none on GPU.
-    Without DeepSpeed every trainable parameter is an fp32 master whatever the base dtype (peft upcasts LoRA,
-    engine.training.precision the embed/norm copies), and torch AdamW keeps grad, m, v in its dtype: 4 * 4 = 16
-    B/param.
-    """
-    n = counts.trainable
-    if zero == "none":
-        return 16 * n
-    if zero == "zero2":
-        return n * (weight_bytes + (16 - weight_bytes) / n_devices)
-    return 16 * n / n_devices if zero == "zero3" else 0.0
-
-
-def frozen_weight_bytes(a: ArchConfig, weight_bytes: int, zero: str, n_devices: int) -> float:
-    """All base weights * w (peft keeps frozen originals of embed/norm copies), sharded / n under ZeRO-3, which also
-    gathers the weights in use: w * max(2 layers, V*h). Offload keeps only that gathered working set on the GPU."""
-    gathered = weight_bytes * max(2 * layer_matmul_params(a), a.vocab_size * a.hidden_size)
-    full = total_params(a) * weight_bytes
-    return {"none": full, "zero2": full, "zero3": full / n_devices + gathered}.get(zero, gathered)
-
-
-def memory_per_device(
-    a: ArchConfig,
-    seq_len: int,
-    *,
-    batch: int = 1,
-    precision: str = "bf16",
-    zero: str = "none", n_devices: int = 1,
-    lora: LoraPlusConfig = LoraPlusConfig(),
-    chunked_loss: bool = True, loss_chunk_tokens: int = 4096,
-    runtime_overhead_gib: float = 1.5,
-    checkpointing: bool = True, sequence_parallel: int = 1,
-) -> MemoryEstimate:
-    """Peak training memory on one device, with gradient checkpointing (without: every layer keeps what a
-    checkpointed one re-creates in backward, layers * recompute, and there is no recompute peak).
-
-    peak = frozen weights + trainable state + kept activations * T + max(recompute * T, loss) + runtime overhead,
-    T = batch * seq_len; loss = 12 * V * T bytes unchunked, 12 * V * min(T, chunk) for engine.model.loss's chunked
-    loss. With Ulysses sequence parallelism of degree P (engine.planning.sequence_parallel) T = batch * ceil(seq_len /
-    P) per rank, and the layer being recomputed also holds the all-to-alls' other side (ZeRO still shards over all
-    n_devices). Calibration (plain HF + peft + SDPA, unchunked, Llama-2-7B LoRA+ r=8 qkvo, bf16, batch 1, one H100):
-    measured 23.7 / 33.9 / 54.4 / 76.0 GiB at 16k / 32k / 64k / 100k, a slope of 671.6 KB/token; this model gives
-    670,720 B/token (kept 286,720 + loss 384,000) and 26.4 / 36.6 / 57.1 / 78.6 GiB (+11 / +8 / +5 / +3 %, the 1.5 GiB
-    overhead being outside max_memory_allocated, and 1.0 GiB the fp32 masters of the embed/norm copies that the
-    engine holds and plain peft on a bf16 model does not). Chunked, Llama-2-7B needs 566,272 B/token.
-    """
-    if zero not in ("none", *ZERO_STAGES):
-        raise ValueError(f"unknown ZeRO stage {zero!r}: use none, {', '.join(ZERO_STAGES)}")
-    w = 2 if precision == "bf16" else 4  # engine.training.train loads fp16 runs in fp32 (autocast)
-    tokens = batch * local_tokens(seq_len, sequence_parallel)  # this rank's share of each sequence
-    kept, recompute = activation_bytes_per_token(a, w)
-    recompute += all_to_all_buffer_bytes(a, w, sequence_parallel)
-    if not checkpointing:
-        kept, recompute = (4 + w) * a.hidden_size + a.num_layers * recompute, 0
-    loss = LOSS_BYTES_PER_LOGIT * a.vocab_size * (min(tokens, loss_chunk_tokens) if chunked_loss else tokens)
-    parts = {
-        "frozen_weights": frozen_weight_bytes(a, w, zero, n_devices) / GIB,
-        "trainable_state": trainable_state_bytes(trainable_params(a, lora), w, zero, n_devices) / GIB,
-        "activation_checkpoints": kept * tokens / GIB,
-        "peak_transient": max(recompute * tokens, loss) / GIB,
-        "runtime_overhead": runtime_overhead_gib,
-    }
-    transient = "loss" if loss > recompute * tokens else "layer_recompute"
-    return MemoryEstimate({k: round(v, 3) for k, v in parts.items()}, round(sum(parts.values()), 3), transient)
 
 
 # ----------------------------------------------------------------------------- profiles and the plan
@@ -199,6 +101,8 @@ class Plan:
     launch_command: str
     notes: tuple[str, ...] = field(default_factory=tuple)
     attention_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # s2 and full, side by side
+    levers: dict[str, Any] = field(default_factory=dict)  # memory levers: values, who chose them, why
+    longest_target: int | None = None  # the longest target this hardware fits with the levers allowed
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -239,45 +143,27 @@ def _check_choices(rope_method: str, attention: str) -> None:
 
 def _checked_group_size(
     a: ArchConfig, hw: HardwareProfile, target_context: int, rope_method: str, attention: str,
-    group_size_ratio: float, sequence_parallel: int,
+    group_size_ratio: float, pinned: dict[str, Any], checkpointing: bool,
 ) -> int:
     """Refuse a request that cannot be planned (in the order make_plan's Raises lists), else its S2 group size."""
     _check_target(a, target_context)
     _check_choices(rope_method, attention)
     group = group_size(target_context, group_size_ratio)  # raises on a ratio outside (0, 1]
-    if sp_error := sp_problem(a, hw.n_devices, sequence_parallel, target_context):
+    sp = pinned.get("sequence_parallel")
+    if sp is not None and (sp_error := sp_problem(a, hw.n_devices, sp, target_context)):
         raise ValueError(sp_error)
+    if pinned.get("zero") is not None and pinned["zero"] not in ("none", *ZERO_STAGES):
+        raise ValueError(f"unknown ZeRO stage {pinned['zero']!r}: use none, {', '.join(ZERO_STAGES)}")
+    if pinned.get("offload_activations") and not hw.gpu:
+        raise ValueError("offload_activations moves activations from a GPU to host memory: on a CPU there is "
+                         "nothing to move; drop --offload-activations")  # fmt: skip
+    if pinned.get("offload_activations") and not checkpointing:
+        raise ValueError("offload_activations moves the checkpointed layer inputs: turn gradient checkpointing on "
+                         "or drop --offload-activations")  # fmt: skip
+    if pinned.get("tiled_mlp") and not checkpointing:
+        raise ValueError("tiled_mlp tiles the checkpointed layers' MLP (the engine runs it under gradient "
+                         "checkpointing only): turn gradient checkpointing on or drop --tiled-mlp")  # fmt: skip
     return group
-
-
-def _cheapest_fitting_stage(
-    a: ArchConfig, hw: HardwareProfile, profile: Profile, target_context: int, lora: LoraPlusConfig, zero: str | None,
-    checkpointing: bool, sequence_parallel: int,
-) -> tuple[str, MemoryEstimate]:
-    """The DeepSpeed stage and its memory: `zero` if given, else the cheapest that fits, else the last one tried."""
-    n, batch, sp = hw.n_devices, profile.per_device_batch_size, sequence_parallel
-    # Ulysses runs on DeepSpeed: P > 1 takes a ZeRO stage whatever the profile says
-    stages = (zero,) if zero else ZERO_STAGES if n > 1 and (profile.use_deepspeed or sp > 1) else ("none",)
-    for stage in stages:  # the first that fits, else the last
-        memory = memory_per_device(
-            a, target_context, batch=batch, precision=profile.precision, zero=stage, n_devices=n, lora=lora,
-            runtime_overhead_gib=hw.runtime_overhead_gib, checkpointing=checkpointing, sequence_parallel=sp,
-        )  # fmt: skip
-        if memory.total_gib <= hw.memory_gib:
-            break
-    return stage, memory
-
-
-def _transfer_seconds(
-    a: ArchConfig, hw: HardwareProfile, profile: Profile, target_context: int, stage: str, checkpointing: bool,
-    sequence_parallel: int,
-) -> tuple[float, float]:
-    """Seconds a step spends moving data rather than computing: (ZeRO-3 offload weight traffic, the all-to-alls)."""
-    w = 2 if profile.precision == "bf16" else 4
-    batch, accum = profile.per_device_batch_size, profile.gradient_accumulation_steps
-    offload = offload_seconds_per_step(total_params(a), w, hw, accum, checkpointing) * (stage == "zero3_offload")
-    swaps = all_to_all_seconds(a, hw, sequence_parallel, target_context, batch * accum, w, checkpointing)
-    return offload, swaps
 
 
 def _records_per_step(hw: HardwareProfile, profile: Profile, sequence_parallel: int) -> int:
@@ -312,17 +198,26 @@ def _schedule(profile: Profile) -> dict[str, Any]:
 
 
 def _plan_notes(
-    a: ArchConfig, hw: HardwareProfile, attention: str, stage: str, offload: float, swaps: float, checkpointing: bool,
-    sequence_parallel: int, target_context: int,
+    a: ArchConfig, hw: HardwareProfile, attention: str, choice: LeverChoice, moved: dict[str, float],
+    checkpointing: bool, target_context: int,
 ) -> list[str]:
     """What a reader of the plan should know about how its numbers were reached."""
+    lv = choice.levers
     recompute = " + recompute" * checkpointing
     notes = [f"wall time: forward + input gradients + LoRA weight gradients{recompute} (engine.planning.cost)"]
     if attention == "full":
         notes.append("full attention in training (no S2-Attn): attention FLOPs x1/ratio, LongLoRA's use_full_attn")
-    if stage == "zero3_offload":
-        notes.append(f"ZeRO-3 offload: {offload:,.0f} s a step of host<->GPU weight traffic counted, not overlapped")
-    return notes + sp_notes(a, hw, sequence_parallel, target_context, swaps)
+    if lv.zero == "zero3_offload":
+        notes.append(f"ZeRO-3 offload: {moved['zero_offload']:,.0f} s a step of host<->GPU weight traffic counted, "
+                     "not overlapped")  # fmt: skip
+    if lv.offload_activations:
+        notes.append(f"activation offload: the checkpointed layer inputs ({choice.memory.host_gib:,.1f} GiB per "
+                     f"device with ZeRO's) live in pinned host memory, copied over the {hw.host_link_gb_s:g} GB/s host "
+                     f"link alongside compute; {moved['activation_offload']:,.0f} s a step not hidden")  # fmt: skip
+    if lv.tiled_mlp:
+        notes.append("tiled MLP: the MLP runs over sequence tiles, its backward re-running each tile's forward (one "
+                     "more MLP forward a layer, counted)")  # fmt: skip
+    return notes + sp_notes(a, hw, lv.sequence_parallel, target_context, moved["all_to_all"])
 
 
 def _data_sizes(profile: Profile, hw: HardwareProfile, sequence_parallel: int) -> dict[str, int]:
@@ -346,49 +241,100 @@ def make_plan(
     base_model_ref: str | None = None,
     zero: str | None = None,
     gradient_checkpointing: bool = True,
-    sequence_parallel: int = 1,
+    sequence_parallel: int | None = None,
+    offload_activations: bool | None = None,
+    tiled_mlp: bool | None = None,
+    longest: bool = True,
 ) -> Plan:
-    """Plan a LongLoRA run: RoPE factor, S2 group, LoRA+, schedule, DeepSpeed stage, memory, time, config, command.
+    """Plan a LongLoRA run: RoPE factor, S2 group, LoRA+, schedule, memory levers, memory, time, config, command.
 
-    The DeepSpeed stage is `zero`, or the cheapest that fits: ZeRO-2, else ZeRO-3, else ZeRO-3 + CPU offload (none on
-    1 device, where a plan may then not fit). Wall time = steps * (tokens/step * train FLOPs/token / (n * peak * mfu)
-    + offload traffic + all-to-all traffic), priced for S2-Attn and full attention both (`attention_costs`; memory
-    is the same). `sequence_parallel` P > 1: DeepSpeed Ulysses over groups of P ranks
-    (engine.planning.sequence_parallel), n / P data parallel; the profile's per-device batch and accumulation are kept,
-    so the global batch is (n / P) x batch x accum.
+    The memory levers left None (`zero`, `sequence_parallel`, `offload_activations`, `tiled_mlp`) are the planner's
+    (engine.planning.levers): the fastest setting that fits the device and host memory, else the one needing the
+    least memory (then `fits` is False); `levers` says which it chose and why. Wall time = steps * (tokens/step *
+    train FLOPs/token / (n * peak * mfu) + transfers not overlapped), priced for S2-Attn and full attention both
+    (`attention_costs`; memory is the same). Sequence parallelism P > 1: DeepSpeed Ulysses over groups of P ranks
+    (engine.planning.sequence_parallel), n / P data parallel; a degree the planner chose keeps the global batch by
+    multiplying accumulation by P, a pinned one keeps the profile's batch and accumulation. `longest`: also find the
+    longest target this hardware fits with the levers allowed (`longest_target`; the search turns it off).
 
     Raises:
-        ValueError: unknown arch/profile/hardware/RoPE method, target <= native context or above MAX_TARGET_CONTEXT,
-            or a ratio outside (0, 1], or a sequence-parallel degree the model or device count does not allow.
+        ValueError: unknown arch/profile/hardware/RoPE method/ZeRO stage, target <= native context or above
+            MAX_TARGET_CONTEXT, a ratio outside (0, 1], a sequence-parallel degree the model or device count does
+            not allow, activation offload on a CPU or without checkpointing, or the tiled MLP without it.
     """
     a = resolve_arch(arch) if isinstance(arch, str) else arch
     hw = resolve_hardware(hardware)
     profile = _profile_to_run(profile, hw)
-    group = _checked_group_size(a, hw, target_context, rope_method, attention, group_size_ratio, sequence_parallel)
-    sp, ckpt = sequence_parallel, gradient_checkpointing
-    stage, memory = _cheapest_fitting_stage(a, hw, profile, target_context, lora, zero, ckpt, sp)
-    tokens_per_step = _records_per_step(hw, profile, sp) * target_context
+    pinned = {"zero": zero, "sequence_parallel": sequence_parallel, "offload_activations": offload_activations,
+              "tiled_mlp": tiled_mlp}  # fmt: skip
+    ckpt = gradient_checkpointing
+    group = _checked_group_size(a, hw, target_context, rope_method, attention, group_size_ratio, pinned, ckpt)
     flops = _train_flops_by_attention(a, target_context, group_size_ratio, lora, ckpt)
-    offload, swaps = _transfer_seconds(a, hw, profile, target_context, stage, ckpt, sp)
-    costs = step_costs(hw, profile.precision, tokens_per_step, profile.max_steps, flops, offload + swaps)
+    choice = choose_levers(a, hw, profile, target_context, lora=lora, checkpointing=ckpt,
+                           flops_per_token=flops[attention], pinned=pinned)  # fmt: skip
+    lv = choice.levers
+    sp = lv.sequence_parallel
+    if sequence_parallel is None and sp > 1:  # the planner's degree keeps the global batch the profile asked for
+        profile = replace(profile, gradient_accumulation_steps=profile.gradient_accumulation_steps * sp)
+    if lv.tiled_mlp:
+        flops = {mode: f + tiled_mlp_flops_per_token(a) for mode, f in flops.items()}
+    tokens_per_step = _records_per_step(hw, profile, sp) * target_context
+    compute_s = tokens_per_step * flops[attention] / (hw.n_devices * achieved_flops(hw, profile.precision))
+    moved = transfer_seconds(a, hw, profile, target_context, lv, ckpt, compute_s)
+    costs = step_costs(hw, profile.precision, tokens_per_step, profile.max_steps, flops, sum(moved.values()))
     out_dir = output_dir or _default_output_dir(a, target_context)
     cfg = TrainConfig(
         output_dir=out_dir, dataset_dir=dataset_dir or f"{out_dir}/data", target_context=target_context,
         base_model=_base_model(arch, a, base_model_ref), rope_method=rope_method, s2_group_size_ratio=group_size_ratio,
         use_s2_attention=attention == "s2", lora=lora, gradient_checkpointing=ckpt, sequence_parallel_size=sp,
-        deepspeed=None if stage == "none" else f"engine/deepspeed/{stage}.json", **_schedule(profile),
+        deepspeed=None if lv.zero == "none" else f"engine/deepspeed/{lv.zero}.json",
+        offload_activations=lv.offload_activations, tiled_mlp=lv.tiled_mlp, **_schedule(profile),
     )  # fmt: skip
-    command = plan_launch_command(f"{out_dir}/train_config.json", hw, stage, sp)
-    notes = _plan_notes(a, hw, attention, stage, offload, swaps, ckpt, sp, target_context)
+    command = plan_launch_command(f"{out_dir}/train_config.json", hw, lv.zero, sp)
+    notes = _plan_notes(a, hw, attention, choice, moved, ckpt, target_context)
+    longest_target = longest_fitting_target(a, hw, profile, lora=lora, checkpointing=ckpt, pinned=pinned,
+                                            group_size_ratio=group_size_ratio) if longest else None  # fmt: skip
     return Plan(
         arch=a, hardware=hw, profile=profile, target_context=target_context, rope_method=rope_method,
         rope_factor=target_context / a.native_context, group_size_ratio=group_size_ratio, group_size=group,
-        attention=attention, lora=lora, trainable=trainable_params(a, lora), deepspeed_stage=stage,
-        tokens_per_step=tokens_per_step, memory=memory, fits=memory.total_gib <= hw.memory_gib,
+        attention=attention, lora=lora, trainable=trainable_params(a, lora), deepspeed_stage=lv.zero,
+        tokens_per_step=tokens_per_step, memory=choice.memory, fits=choice.fits,
         flops_per_token=flops[attention], tokens_per_s=costs[attention]["tokens_per_s"],
         wall_time_s=costs[attention]["wall_time_s"], data=_data_sizes(profile, hw, sp), train_config=cfg.to_dict(),
         launch_command=shlex.join(command), notes=tuple(notes), attention_costs=costs,
+        levers=_levers_document(choice, moved), longest_target=longest_target,
     )  # fmt: skip
+
+
+def _levers_document(choice: LeverChoice, moved: dict[str, float]) -> dict[str, Any]:
+    """The plan's memory levers as plan.json holds them: each value, who set it, why, and the transfer seconds."""
+    return {**asdict(choice.levers), "chosen_by_planner": list(choice.chosen), "reasons": list(choice.reasons),
+            "transfer_s_per_step": {k: round(v, 3) for k, v in moved.items()}}  # fmt: skip
+
+
+def longest_fitting_target(
+    a: ArchConfig, hw: HardwareProfile, profile: Profile, *, lora: LoraPlusConfig, checkpointing: bool,
+    pinned: dict[str, Any], group_size_ratio: float = DEFAULT_GROUP_SIZE_RATIO,
+) -> int | None:
+    """The longest target (a multiple of 1,024 above the native context, up to MAX_TARGET_CONTEXT) that some setting
+    of the unpinned levers fits on `hw`, by bisection (memory grows with the target); None when not even the
+    shortest extension fits. Pinned degrees the model cannot take at a length count as not fitting there."""
+
+    def fits_at(target: int) -> bool:
+        if pinned.get("sequence_parallel") and sp_problem(a, hw.n_devices, pinned["sequence_parallel"], target):
+            return False
+        return choose_levers(a, hw, profile, target, lora=lora, checkpointing=checkpointing, flops_per_token=0.0,
+                             pinned=pinned).fits  # fmt: skip
+
+    lo, hi, best = a.native_context // 1024 + 1, MAX_TARGET_CONTEXT // 1024, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits_at(mid * 1024):
+            best, lo = mid * 1024, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
 
 def plan_checks(plan: Plan) -> list[CheckResult]:
     """The plan's own sanity checks (engine.planning.checks, the same ones the SOP gate runs on plan.json)."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from engine.catalog import GPU_KINDS, PROFILES, ArchConfig, HardwareProfile, Profile, resolve_arch, resolve_hardware
 from engine.catalog import with_devices as _with_devices
+from engine.planning.levers import LEVER_NAMES
 from engine.planning.plan import Plan, make_plan
 from engine.planning.sequence_parallel import sp_degrees
 
@@ -93,15 +94,23 @@ def request_levers(plan: Plan) -> Levers:
                   plan.target_context, int(cfg.get("sequence_parallel_size", 1)))  # fmt: skip
 
 
+def pinned_memory_levers(plan: Plan) -> dict[str, Any]:
+    """The memory levers the request pinned (engine.planning.levers; not the sequence-parallel degree, which the
+    search varies itself): every alternative keeps them, the others stay the planner's to choose."""
+    chosen = plan.levers.get("chosen_by_planner", LEVER_NAMES)
+    return {k: plan.levers[k] for k in LEVER_NAMES if k != "sequence_parallel" and k not in chosen}
+
+
 def plan_with(base: Plan, lv: Levers, **kwargs: Any) -> Plan:
-    """make_plan for the request's model and profile with these levers (kwargs: make_plan's output paths etc.)."""
+    """make_plan for the request's model and profile with these levers and the request's pinned memory levers
+    (kwargs: make_plan's output paths etc.); the longest fitting target is not computed (hundreds of candidates)."""
     profile = replace(base.profile, precision=lv.precision, per_device_batch_size=lv.per_device_batch_size,
                       gradient_accumulation_steps=lv.gradient_accumulation_steps)  # fmt: skip
     hw = _with_devices(base.hardware, lv.n_devices) if lv.n_devices != base.hardware.n_devices else base.hardware
     return make_plan(base.arch, lv.target_context, profile, hw, lora=replace(base.lora, r=lv.lora_rank),
                      rope_method=base.rope_method, group_size_ratio=lv.group_size_ratio, attention=base.attention,
                      gradient_checkpointing=lv.gradient_checkpointing, sequence_parallel=lv.sequence_parallel,
-                     **kwargs)  # fmt: skip
+                     longest=False, **pinned_memory_levers(base), **kwargs)  # fmt: skip
 
 
 def global_batch(lv: Levers) -> int:
@@ -142,8 +151,10 @@ def _dominated(c: Alternative, others: list[Alternative]) -> bool:
 
 
 def _fits(plan: Plan, max_hours: float | None, max_gib: float | None) -> bool:
+    """Device memory within the GPU's (and --max-gib), pinned host memory within the host's, time within budget."""
     cap = min(plan.hardware.memory_gib, max_gib if max_gib is not None else float("inf"))
-    return plan.memory.total_gib <= cap and (max_hours is None or plan.wall_time_s / 3600 <= max_hours)
+    host_ok = plan.memory.host_gib <= plan.hardware.host_memory_gib
+    return plan.memory.total_gib <= cap and host_ok and (max_hours is None or plan.wall_time_s / 3600 <= max_hours)
 
 
 def _probe(base: Plan, n_devices: int, target: int, hw: HardwareProfile | None = None) -> Plan | None:
@@ -159,7 +170,15 @@ def _probe(base: Plan, n_devices: int, target: int, hw: HardwareProfile | None =
     lv = replace(req, n_devices=n_devices, per_device_batch_size=1, target_context=target, gradient_checkpointing=True,
                  gradient_accumulation_steps=sequences // (n_devices // sp), sequence_parallel=sp,
                  precision="bf16" if gpu else req.precision)  # fmt: skip
-    return plan_with(replace(base, hardware=hw) if hw else base, lv)
+    return _plan_or_none(replace(base, hardware=hw) if hw else base, lv)
+
+
+def _plan_or_none(base: Plan, lv: Levers, **kwargs: Any) -> Plan | None:
+    """plan_with, or None for a candidate the request's pinned levers rule out (Ulysses with ZeRO pinned off)."""
+    try:
+        return plan_with(base, lv, **kwargs)
+    except ValueError:
+        return None
 
 
 def _counts(base: Plan) -> tuple[int, ...]:
@@ -215,14 +234,16 @@ def search(
     probes = [p for n in _counts(base) if (p := _probe(base, n, base.target_context)) is not None]
     needed = min(p.memory.total_gib for p in probes) if probes else None
     cap = min(base.hardware.memory_gib, max_gib if max_gib is not None else float("inf"))
-    result: dict[str, Any] = {"target_fits": needed is not None and needed <= cap, "needed_gib": needed}
+    on_host = [p.memory.total_gib for p in probes if p.memory.host_gib <= p.hardware.host_memory_gib]  # host fits
+    result: dict[str, Any] = {"target_fits": any(gib <= cap for gib in on_host), "needed_gib": needed}
     if not found:
         lower = largest_target(base, max_hours, max_gib)
         if lower:  # the longest that fits, and the power of two below it when that still extends the model
             pow2 = 1 << (lower.bit_length() - 1)
             targets = (lower, pow2) if base.arch.native_context < pow2 < lower else (lower,)
             found = _evaluate(base, req, max_hours, max_gib, targets, kwargs)
-        elsewhere = smallest_hardware(base) if needed is None or needed > base.hardware.memory_gib else None
+        here = any(gib <= base.hardware.memory_gib for gib in on_host)
+        elsewhere = smallest_hardware(base) if not here else None
         result.update(largest_target=lower, smallest_hardware=elsewhere)
     ranked = sorted(found, key=lambda a: (a.levers.n_devices != req.n_devices, a.plan.wall_time_s))
     if ranked and (why := sp_reason(base, ranked[0])):
@@ -256,8 +277,8 @@ def _evaluate(
     fitting = []
     for lv in _candidates(req, base.arch, base.hardware.gpu, max_hours is not None, targets):
         if lv != req:
-            plan = plan_with(base, lv, **kwargs)
-            if _fits(plan, max_hours, max_gib):
+            plan = _plan_or_none(base, lv, **kwargs)
+            if plan is not None and _fits(plan, max_hours, max_gib):
                 fitting.append(Alternative(lv, lv.changed_from(req), plan))
     return [c for c in fitting if not _dominated(c, fitting)]
 

@@ -7,7 +7,11 @@ paths support neither, so they need a merged model per adapter. Here every adapt
 model's rotary-embedding module is swapped for one built from that adapter's config, exactly what `from_pretrained`
 with the adapter's config builds. The base itself runs under `disable_adapter()` with the base's own rotary module.
 
-Not thread-safe on purpose: one worker (engine.serving.worker) owns the pool and runs one request at a time.
+For a batch of many models in one forward (engine.serving.batch), `rows` sets the model up so that each row runs its
+own adapter, embedding/norm copies and RoPE (engine.serving.rows); `activate` sets up one model for `generate` (the
+exact mode).
+
+Not thread-safe on purpose: one worker (engine.serving.worker) owns the pool; only it activates and loads.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from transformers import PretrainedConfig
 from engine.model.loading import load_model
 from engine.model.lora import check_adapter_base
 from engine.model.rope import current_context, rotary_slots
+from engine.serving.kv import packed_attention
+from engine.serving.rows import BASE_ROW, per_row_models, row_targets
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class ModelPool:
         self._registry_lock = threading.Lock()  # registration comes from HTTP threads, use from the worker
         self._loaded: OrderedDict[str, list[torch.nn.Module]] = OrderedDict()  # LRU: adapter -> its rotary modules
         self.peft: PeftModel | None = None
+        self._targets = None  # engine.serving.rows.row_targets, found again after adapters load or go
 
     # ------------------------------------------------------------------ registry (no weights loaded)
     def register(self, model_id: str, adapter_dir: str | Path) -> None:
@@ -138,8 +145,32 @@ class ModelPool:
         with adapter_off, torch.no_grad():
             yield self.peft if self.peft is not None else self.model
 
-    def _load(self, model_id: str) -> list[torch.nn.Module]:
-        """The adapter's rotary modules, loading its weights first if it is not in memory (LRU)."""
+    def row_name(self, model_id: str) -> str:
+        """The name a batch row of `model_id` runs under: peft's BASE_ROW for the base, else the adapter id."""
+        return BASE_ROW if model_id == self.base_id else model_id
+
+    def load(self, model_id: str, keep: frozenset[str] = frozenset()) -> None:
+        """Have `model_id` in memory (a no-op for the base), never evicting an adapter in `keep` (those in use)."""
+        if model_id != self.base_id:
+            self._load(model_id, keep)
+
+    @contextmanager
+    def rows(self, model_ids: list[str]) -> Iterator[torch.nn.Module]:
+        """Yield the causal LM set up so that batch row i runs `model_ids[i]` (each already `load`ed), with the
+        packed per-request attention of engine.serving.kv. Only one setup at a time (the caller serialises)."""
+        names = [self.row_name(m) for m in model_ids]
+        rotary = [{BASE_ROW: base, **{a: mods[i] for a, mods in self._loaded.items()}}
+                  for i, base in enumerate(self._base_rotary)]  # fmt: skip
+        for name in set(names) - {BASE_ROW}:
+            self._loaded.move_to_end(name)  # in use: most recently used
+        if self._targets is None:
+            self._targets = row_targets(self.peft if self.peft is not None else self.model)
+        with per_row_models(names, self._targets, self._slots, rotary), packed_attention(self.model), \
+                torch.no_grad():  # fmt: skip
+            yield self.model
+
+    def _load(self, model_id: str, keep: frozenset[str] = frozenset()) -> list[torch.nn.Module]:
+        """The adapter's rotary modules, loading its weights first if it is not in memory (LRU, `keep` spared)."""
         if model_id in self._loaded:
             self._loaded.move_to_end(model_id)
             return self._loaded[model_id]
@@ -161,8 +192,12 @@ class ModelPool:
                 raise
         rotary = [_rotary_like(base, config) for base in self._base_rotary]
         self._loaded[model_id] = rotary
+        self._targets = None
         while len(self._loaded) > self.max_loaded:
-            evicted, _ = self._loaded.popitem(last=False)
+            evicted = next((a for a in self._loaded if a not in keep and a != model_id), None)
+            if evicted is None:  # every loaded adapter is in use (the scheduler admits at most max_loaded)
+                break
+            del self._loaded[evicted]
             self.peft.delete_adapter(evicted)
             log.info("evicted adapter %s (max_loaded %d)", evicted, self.max_loaded)
         log.info("loaded adapter %s from %s (context %d)", model_id, adapter_dir, current_context(config))

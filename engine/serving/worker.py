@@ -1,65 +1,72 @@
-"""The one model worker: requests for any model id are queued and run one at a time, in arrival order.
+"""The one model worker: a bounded queue of requests for any model id, and one thread that owns the pool.
 
-Why serialised, not batched: a padded batch changes the floating-point sums of every row (other kernels, other
-reduction orders), so a request's greedy tokens could differ from those it gets alone, and the server promises
-exactly those. One thread owning the pool also makes the adapter/RoPE swap race-free: a request never sees another
-request's adapter or RoPE half set up.
+Batched by default: the thread admits queued requests into engine.serving.batch's scheduler as they fit (a free
+slot, their adapter loadable without evicting one in use) and runs one step of every running request per forward.
+A request's greedy tokens equal its single-request ones on the bench's requests, and its logits stay within float32
+rounding of them (tests/engine/test_batching.py; docs/serving.md states the tolerance): a taller batch sums the
+base's matmuls in another order.
+
+`exact=True` keeps the serial mode: one request at a time, in arrival order, through `model.generate` as a batch of
+one, so each request gets exactly the tokens plain transformers gives it. One thread owning the pool makes the
+adapter/RoPE set-up race-free in both modes.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+import time
+from collections import deque
+from dataclasses import replace
 
-from engine.serving.generate import Completion, SamplingParams, generate
+from engine.serving.batch import BatchScheduler
+from engine.serving.generate import SamplingParams, generate
+from engine.serving.job import CancelledError, Job, QueueFullError, RequestTimeoutError
 from engine.serving.pool import ModelPool
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256  # a request without max_tokens gets this, or what its model's context leaves if less
-_DONE = object()
+DEFAULT_MAX_QUEUED = 256  # requests waiting for a slot; one more is refused (QueueFullError)
+
+__all__ = ["DEFAULT_MAX_TOKENS", "CancelledError", "ContextLengthError", "Job", "QueueFullError",
+           "RequestTimeoutError", "ServingWorker"]  # fmt: skip
 
 
 class ContextLengthError(ValueError):
     """The prompt (plus max_tokens) does not fit the model's context."""
 
 
-@dataclass
-class Job:
-    """One queued request; the HTTP side reads its deltas (streaming) or waits for its result."""
-
-    model_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    _result: Completion | BaseException | None = None
-
-    def deltas(self) -> Iterator[str]:
-        """Text pieces as they are generated; ends when the job is done (then `result()` does not block)."""
-        while (item := self.events.get()) is not _DONE:
-            yield item
-        self.events.put(_DONE)  # put back: later calls (result() after streaming) return at once
-
-    def result(self) -> Completion:
-        """The finished completion (waits for it); the worker's error is raised here."""
-        for _ in self.deltas():
-            pass
-        if isinstance(self._result, BaseException):
-            raise self._result
-        return self._result
-
-
 class ServingWorker:
-    """Owns `pool`; `submit` checks a request and queues it, a daemon thread runs the queue."""
+    """Owns `pool`; `submit` checks a request and queues it, a daemon thread runs the queue.
 
-    def __init__(self, pool: ModelPool) -> None:
-        self.pool = pool
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+    Args:
+        exact: serial mode (one request at a time through `model.generate`) instead of continuous batching.
+        max_queued: requests waiting to start; `submit` raises QueueFullError past it.
+        max_batch: requests running at once in the batched mode.
+        prefill_chunk: prompt tokens per step, all requests together (the batched mode's chunked prefill).
+        timeout_s: default deadline of a request, from its submission (None: none).
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        *,
+        exact: bool = False,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_batch: int = 32,
+        prefill_chunk: int = 256,
+        timeout_s: float | None = None,
+    ) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        self.pool, self.exact, self.max_queued, self.timeout_s = pool, exact, max_queued, timeout_s
+        self.scheduler = BatchScheduler(pool, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
         self._tokenizer_lock = threading.Lock()  # HTTP threads tokenise concurrently; fast tokenizers mind that
+        self._vocab = pool.model.get_input_embeddings().num_embeddings
         self._thread = threading.Thread(target=self._run, name="longpilot-serve-worker", daemon=True)
         self._thread.start()
 
@@ -75,10 +82,13 @@ class ServingWorker:
         Raises:
             UnknownModelError: not a served model id.
             ContextLengthError: the prompt does not fit, naming the prompt's tokens and the model's context.
+            ValueError: an empty prompt, or a token id outside the vocabulary.
         """
         context, n = self.pool.context(model_id), len(prompt_ids)
         if n == 0:  # generate() cannot start from nothing (a tokenizer without BOS turns "" into no tokens)
             raise ValueError("the prompt is empty: it has no tokens to continue")
+        if (bad := next((t for t in prompt_ids if not 0 <= t < self._vocab), None)) is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self._vocab - 1})")
         if max_tokens is None:
             if n >= context:
                 raise ContextLengthError(f"the prompt has {n} tokens and model {model_id!r} has a context of "
@@ -89,28 +99,94 @@ class ServingWorker:
                                      f"exceeds the context of model {model_id!r} ({context} tokens)")  # fmt: skip
         return max_tokens
 
-    def submit(self, model_id: str, prompt_ids: list[int], params: SamplingParams) -> Job:
-        """Check and queue a request (raises what `check` raises, before anything is queued)."""
+    def submit(self, model_id: str, prompt_ids: list[int], params: SamplingParams, *,
+               timeout_s: float | None = None) -> Job:  # fmt: skip
+        """Check and queue a request (raises what `check` raises, before anything is queued).
+
+        Args:
+            timeout_s: this request's deadline from now (default: the worker's `timeout_s`).
+
+        Raises:
+            QueueFullError: `max_queued` requests are waiting already.
+        """
         max_tokens = self.check(model_id, prompt_ids, params.max_tokens)
-        job = Job(model_id, prompt_ids, replace(params, max_tokens=max_tokens))
-        self._queue.put(job)
+        if (bad := next((t for t, _ in params.logit_bias if not 0 <= t < self._vocab), None)) is not None:
+            raise ValueError(f"logit_bias names token id {bad}, outside the vocabulary (0..{self._vocab - 1})")
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
+        job = Job(model_id, list(prompt_ids), replace(params, max_tokens=max_tokens),
+                  deadline=None if timeout is None else time.monotonic() + timeout)  # fmt: skip
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the worker is closed")
+            if len(self._waiting) >= self.max_queued:
+                raise QueueFullError(f"{len(self._waiting)} requests are queued already (max_queued "
+                                     f"{self.max_queued}); try again later")  # fmt: skip
+            self._waiting.append(job)
+            self._wake.notify()
         return job
 
+    def queued(self) -> int:
+        """Requests waiting to start (not those running)."""
+        with self._wake:
+            return len(self._waiting)
+
     def close(self) -> None:
-        """Stop after the queued jobs."""
-        self._queue.put(None)
+        """Stop after the queued and running jobs."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
         self._thread.join(timeout=60)
 
+    # ------------------------------------------------------------------ the worker thread
+    def _next_jobs(self) -> list[Job] | None:
+        """Wait for work; the jobs to start now (None: closed and nothing left). Stopped waiting jobs are finished
+        here; in the exact mode at most one job starts, in the batched mode every one that fits."""
+        scheduler = self.scheduler
+        with self._wake:
+            while not self._waiting and not scheduler.running:
+                if self._closing:
+                    return None
+                self._wake.wait()
+            now, start, keep = time.monotonic(), [], deque()
+            while self._waiting:
+                job = self._waiting.popleft()
+                if (why := job.stopped_by(now)) is not None:
+                    job.finish(CancelledError("cancelled before it started") if isinstance(why, CancelledError)
+                               else why)  # fmt: skip
+                elif self.exact:
+                    start.append(job)
+                    break
+                elif not keep and scheduler.can_admit(job.model_id) and len(start) + len(scheduler.running) < \
+                        scheduler.max_batch and self._fits_with(start, job):  # fmt: skip
+                    start.append(job)
+                else:
+                    keep.append(job)  # arrival order kept: a job that cannot start holds back those behind it
+            self._waiting.extendleft(reversed(keep))
+            return start
+
+    def _fits_with(self, starting: list[Job], job: Job) -> bool:
+        """`job`'s adapter fits next to the running ones and those starting with it (max_loaded)."""
+        base = self.pool.base_id
+        adapters = {r.job.model_id for r in self.scheduler.running} | {j.model_id for j in starting}
+        adapters.discard(base)
+        return job.model_id == base or job.model_id in adapters or len(adapters) < self.pool.max_loaded
+
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancelled.is_set():
-                job._result = RuntimeError("cancelled before it started")
-            else:
-                try:
-                    with self.pool.activate(job.model_id) as model:
-                        job._result = generate(model, self.pool.tokenizer, job.prompt_ids, job.params,
-                                               on_delta=job.events.put, cancelled=job.cancelled.is_set)  # fmt: skip
-                except Exception as err:  # reported to that request; the worker keeps serving
-                    log.exception("request for %s failed", job.model_id)
-                    job._result = err
-            job.events.put(_DONE)
+        while (jobs := self._next_jobs()) is not None:
+            if self.exact:
+                for job in jobs:
+                    self._run_exact(job)
+                continue
+            for job in jobs:
+                self.scheduler.admit(job)
+            self.scheduler.step()
+
+    def _run_exact(self, job: Job) -> None:
+        try:
+            with self.pool.activate(job.model_id) as model:
+                result = generate(model, self.pool.tokenizer, job.prompt_ids, job.params, on_delta=job.events.put,
+                                  cancelled=lambda: job.stopped_by() is not None)  # fmt: skip
+            job.finish(job.stopped_by() or result)
+        except Exception as err:  # reported to that request; the worker keeps serving
+            log.exception("request for %s failed", job.model_id)
+            job.finish(err)

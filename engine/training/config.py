@@ -42,6 +42,14 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"  # auto: bf16 + tf32 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
+    # Memory levers of issue 29 (both need `gradient_checkpointing`; off by default, so existing hashes stay):
+    # the checkpointed layer inputs wait in pinned host memory until backward (engine.training.offload)
+    offload_activations: bool = False
+    # every decoder layer's MLP runs over sequence tiles, forward and recompute (engine.model.tiled_mlp)
+    tiled_mlp: bool = False
+    # tokens per MLP tile; 0 = auto: ceil(N / ceil(N / hidden)) of a micro-batch's N = B * L tokens, i.e. tiles of at
+    # most `hidden_size` tokens (ALST's rule): a tile's intermediate is then about one MLP weight matrix in size
+    mlp_tile_tokens: int = 0
     # Deterministic kernels only (engine.training.determinism): a resumed CUDA run then repeats bit for bit, at a cost
     deterministic: bool = False
     deepspeed: str | None = None  # path to a DeepSpeed JSON (engine/deepspeed/*.json)
@@ -70,6 +78,16 @@ class TrainConfig:
             problems.append(f"`precision` must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.report_to not in TRACKERS:
             problems.append(f"`report_to` must be one of {', '.join(TRACKERS)}, got {self.report_to!r}")
+        if self.mlp_tile_tokens < 0:
+            problems.append(f"`mlp_tile_tokens` must be >= 0 (0 = auto), got {self.mlp_tile_tokens}")
+        if self.mlp_tile_tokens and not self.tiled_mlp:
+            problems.append(f"`mlp_tile_tokens` {self.mlp_tile_tokens} is set but `tiled_mlp` is off")
+        for lever in ("offload_activations", "tiled_mlp"):
+            if getattr(self, lever) and not self.gradient_checkpointing:
+                problems.append(
+                    f"`{lever}` needs `gradient_checkpointing`: it saves memory on the checkpointed layers "
+                    "(without checkpointing every activation of every layer stays on the device)"
+                )
         if self.warmup_steps < 0:
             problems.append(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if self.sequence_parallel_size > 1 and not self.deepspeed:
@@ -104,8 +122,16 @@ class TrainConfig:
     def config_hash(self) -> str:
         """Hash of everything that changes results (not the output place, the console mode, the launcher or the
         experiment tracker)."""
-        ignored = ("output_dir", "quiet", "deepspeed", "report_to", "run_name")
+        # offload_activations moves where tensors wait, not their values (bit-identical): a run may resume with it
+        # toggled, as with another DeepSpeed JSON
+        ignored = ("output_dir", "quiet", "deepspeed", "report_to", "run_name", "offload_activations")
         relevant = {k: v for k, v in self.to_dict().items() if k not in ignored}
-        if not self.deterministic:  # the default keeps the hash runs had before the option existed
-            relevant.pop("deterministic")
+        # Options at their defaults keep the hash runs had before they existed
+        for name, default in (
+            ("deterministic", False),
+            ("tiled_mlp", False),
+            ("mlp_tile_tokens", 0),
+        ):
+            if relevant[name] == default:
+                relevant.pop(name)
         return sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

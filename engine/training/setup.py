@@ -19,6 +19,7 @@ from engine.model.lora import apply_lora_plus, count_trainable, describe
 from engine.model.loss import IGNORE_INDEX
 from engine.model.rope import apply_rope_extension, current_context
 from engine.model.s2attn import S2_ATTENTION
+from engine.model.tiled_mlp import tile_mlps
 from engine.training.checkpoints import checkpoint_step, is_main_process, latest_complete_checkpoint, truncate_metrics
 from engine.training.config import TrainConfig
 from engine.training.precision import MasterWeights, to_deepspeed_dtype
@@ -157,8 +158,9 @@ def training_arguments(cfg: TrainConfig, device: torch.device, precision: str, c
 
 
 def prepare_model(cfg: TrainConfig, model: torch.nn.Module | None, args: TrainingArguments, precision: str):
-    """Load (or adopt) the base model, extend its RoPE to the target, select S2-Attn (or dense attention) and wrap it
-    with LoRA+. Returns (base model, peft model, fp32 masters or None, attention implementation)."""
+    """Load (or adopt) the base model, extend its RoPE to the target, select S2-Attn (or dense attention), wrap it
+    with LoRA+ and, with `tiled_mlp`, tile its MLPs (engine.model.tiled_mlp). Returns (base model, peft model, fp32
+    masters or None, attention implementation)."""
     attn = attention_for(cfg)
     dtype = LOAD_DTYPE[precision]
     if cfg.deepspeed:
@@ -180,6 +182,8 @@ def prepare_model(cfg: TrainConfig, model: torch.nn.Module | None, args: Trainin
     if cfg.target_context > current_context(model.config):
         apply_rope_extension(model, cfg.target_context, cfg.rope_method)
     peft_model = apply_lora_plus(model, cfg.lora)
+    if cfg.tiled_mlp:  # the MLPs run over sequence tiles (with their LoRA layers, if targeted); keys unchanged
+        tile_mlps(model, cfg.mlp_tile_tokens)
     # bf16 without DeepSpeed: fp32 masters for everything that trains (DeepSpeed keeps its own; see
     # engine.training.precision)
     masters = None if cfg.deepspeed else MasterWeights.apply(peft_model)
@@ -206,6 +210,7 @@ def build_trainer(
             callbacks=[MetricsWriter(out / "metrics.jsonl"), StepHeartbeat(out), CompleteMarker(), *callbacks],
             loss_chunk_tokens=cfg.loss_chunk_tokens,
             sequence_parallel_size=cfg.sequence_parallel_size,
+            offload_activations=cfg.offload_activations,
         )
     if cfg.quiet:
         trainer.remove_callback(PrinterCallback)  # the Trainer prints every log dict when tqdm is off

@@ -9,7 +9,7 @@ import math
 import resource
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from engine.model.attention_backend import bucket_length
 from engine.model.heartbeat import decoder_layers, layer_heartbeat
 from engine.model.loss import IGNORE_INDEX, FinalHiddenCapture, chunked_lm_nll
 from engine.training.checkpoints import COMPLETE_MARKER
+from engine.training.offload import ActivationOffload
 from engine.training.precision import deepspeed_fp32_masters
 from engine.training.sequence_parallel import count_shift_labels, gradient_mean_ranks
 
@@ -86,12 +87,25 @@ class LongLoraTrainer(Trainer):
     scores its shard of `shift_labels`, the count is taken over those shards, and W becomes DeepSpeed's gradient
     divisor, W/P or W by ZeRO stage (`engine.training.sequence_parallel.gradient_mean_ranks`; see `training_step` for
     the log).
+
+    With `offload_activations` the forward and the loss run under `engine.training.offload.ActivationOffload`: what
+    they save for backward (the checkpointed layer inputs above all) waits in pinned host memory.
     """
 
-    def __init__(self, *args, loss_chunk_tokens: int = 4096, sequence_parallel_size: int = 1, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        loss_chunk_tokens: int = 4096,
+        sequence_parallel_size: int = 1,
+        offload_activations: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_chunk_tokens = loss_chunk_tokens
         self.sequence_parallel_size = sequence_parallel_size
+        # The checkpointed layer inputs wait in pinned host memory until backward (engine.training.offload). On CPU
+        # the same hooks run with host copies of host tensors: no gain, the tested code path.
+        self.offload = ActivationOffload(simulate=self.args.device.type == "cpu") if offload_activations else None
         ds_config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else None
         # What DeepSpeed/DDP divide the summed gradients by: fixed for the run (engine.training.sequence_parallel)
         self.gradient_divisor = gradient_mean_ranks(ds_config, self.accelerator.num_processes, sequence_parallel_size)
@@ -130,13 +144,17 @@ class LongLoraTrainer(Trainer):
         else:
             labels, shifted = inputs.pop("labels"), False
         capture = FinalHiddenCapture(causal_lm.get_decoder().norm)
+        # With offload, what the forward and the loss save (the checkpointed layer inputs above all) goes to the host;
+        # the Trainer's backward brings it back, whether or not these hooks are still active by then.
+        offload = self.offload if self.offload is not None and model.training else nullcontext()
         try:
-            outputs = model(**inputs, logits_to_keep=1, use_cache=False)
-            # accelerate autocasts only model.forward; the lm_head matmuls here belong to the same bf16 forward.
-            with self.accelerator.autocast():
-                total, count = chunked_lm_nll(
-                    capture.pop(), labels, causal_lm.get_output_embeddings(), self.loss_chunk_tokens, shifted
-                )
+            with offload:
+                outputs = model(**inputs, logits_to_keep=1, use_cache=False)
+                # accelerate autocasts only model.forward; the lm_head matmuls here belong to the same bf16 forward.
+                with self.accelerator.autocast():
+                    total, count = chunked_lm_nll(
+                        capture.pop(), labels, causal_lm.get_output_embeddings(), self.loss_chunk_tokens, shifted
+                    )
         finally:
             capture.remove()
         if num_items_in_batch is None:  # the Trainer did not count (e.g. evaluation): this micro-batch's mean

@@ -186,7 +186,9 @@ HOSTILE_CHAT = [  # (what is wrong, the body): each must be refused in OpenAI's 
     ("top_p 0", {**_GOOD, "top_p": 0}), ("seed 2^70", {**_GOOD, "seed": 2**70, "temperature": 1}),
     ("5 stops", {**_GOOD, "stop": ["a"] * 5}), ("empty stop", {**_GOOD, "stop": [""]}),
     ("stop int", {**_GOOD, "stop": [1]}),
-    ("n 2", {**_GOOD, "n": 2}), ("no messages", {**_GOOD, "messages": []}),
+    ("n 0", {**_GOOD, "n": 0}), ("no messages", {**_GOOD, "messages": []}),
+    ("max_tokens true", {**_GOOD, "max_tokens": True}), ("max_tokens '5'", {**_GOOD, "max_tokens": "5"}),
+    ("an unknown field", {**_GOOD, "frobnicate": 1}), ("tools", {**_GOOD, "tools": [{"type": "function"}]}),
     ("unknown role", {**_GOOD, "messages": [{"role": "hacker", "content": "x"}]}),
     ("image part", {**_GOOD, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
     ("text part not a string", {**_GOOD, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
@@ -199,8 +201,9 @@ HOSTILE_CHAT = [  # (what is wrong, the body): each must be refused in OpenAI's 
 ]
 HOSTILE_COMPLETION = [
     ("empty prompt", {"model": "b", "prompt": "", "max_tokens": 4}), ("no prompts", {"model": "b", "prompt": []}),
-    ("token ids", {"model": "b", "prompt": [1, 2, 3]}), ("two prompts", {"model": "b", "prompt": ["a", "b"]}),
-    ("prompt null", {"model": "b", "prompt": None}),
+    ("token id past the vocabulary", {"model": "b", "prompt": [1, 2, 10**6]}), ("an empty token list",
+    {"model": "b", "prompt": [[1], []]}), ("prompt null", {"model": "b", "prompt": None}),
+    ("max_tokens 0 without echo", {"model": "b", "prompt": "a", "max_tokens": 0}),
 ]
 
 

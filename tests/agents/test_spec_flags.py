@@ -19,6 +19,7 @@ SPEC_FLAGS = {
     "--train-mix", "--seed", "--rope-method", "--max-steps", "--batch-size", "--grad-accum", "--precision",
     "--lora-rank", "--group-size-ratio", "--no-gradient-checkpointing", "--sequence-parallel", "--max-hours",
     "--max-gib", "--llm", "--llm-model",
+    "--zero-stage", "--offload-activations", "--tiled-mlp",  # issue 29: the memory levers a user may pin
 }  # fmt: skip
 FLAGS = {
     "plan": SPEC_FLAGS | {"-h", "--help", "--json"},
@@ -59,15 +60,16 @@ def test_every_flag_reaches_its_spec_field():
             "--hardware", "1xH100-80GB", "--device", "cpu", "--attention", "full", "--train-mix", "plain", "--seed",
             "3", "--rope-method", "yarn", "--max-steps", "5", "--batch-size", "2", "--grad-accum", "4", "--precision",
             "bf16", "--lora-rank", "16", "--group-size-ratio", "0.5", "--no-gradient-checkpointing",
-            "--sequence-parallel", "2", "--max-hours", "1.5", "--max-gib", "40", "--report-to", "tensorboard",
-            "--llm", "http://127.0.0.1:1/v1", "--llm-model", "x"]  # fmt: skip
+            "--sequence-parallel", "2", "--zero-stage", "zero3", "--offload-activations", "on", "--tiled-mlp", "off",
+            "--max-hours", "1.5", "--max-gib", "40", "--report-to", "tensorboard", "--llm", "http://127.0.0.1:1/v1",
+            "--llm-model", "x"]  # fmt: skip
     spec = _spec_from_args(build_parser().parse_args(argv))
     assert spec.model_dump(exclude={"request_text", "custom_hardware"}) == {
         "base_model": "m", "target_context": 4096, "corpus": ["a.txt", "b.txt"], "profile": "standard",
         "hardware": "1xH100-80GB", "device": "cpu", "attention": "full", "train_mix": "plain", "seed": 3,
         "rope_method": "yarn", "max_steps": 5, "batch_size": 2, "grad_accum": 4, "precision": "bf16",
         "gradient_checkpointing": False, "group_size_ratio": 0.5, "lora_rank": 16, "sequence_parallel": 2,
-        "max_hours": 1.5, "max_gib": 40.0, "report_to": "tensorboard", "llm_base_url": "http://127.0.0.1:1/v1",
+        "zero_stage": "zero3", "offload_activations": "on", "tiled_mlp": "off", "max_hours": 1.5, "max_gib": 40.0, "report_to": "tensorboard", "llm_base_url": "http://127.0.0.1:1/v1",
         "llm_model": "x",
     }  # fmt: skip
     bare = _spec_from_args(build_parser().parse_args(["plan", "--model", "m", "--target-context", "4096", "--llm",
@@ -80,7 +82,7 @@ def test_the_commands_of_the_planners_alternatives_parse_back_to_their_fields():
     from agents.roles.plan_alternatives import command_for
 
     spec = Spec(base_model="my model", target_context=8192, attention="full", rope_method="yarn",
-                corpus=["a.txt", "b c.txt"], max_steps=3, seed=5)  # fmt: skip
+                corpus=["a.txt", "b c.txt"], max_steps=3, seed=5, zero_stage="zero3", tiled_mlp="off")  # fmt: skip
     levers = {"target_context": 16384, "precision": "bf16", "per_device_batch_size": 2, "lora_rank": 16,
               "gradient_accumulation_steps": 8, "group_size_ratio": 0.125, "gradient_checkpointing": False,
               "sequence_parallel": 4}  # fmt: skip
@@ -94,6 +96,11 @@ def test_the_commands_of_the_planners_alternatives_parse_back_to_their_fields():
         "gradient_checkpointing": False, "sequence_parallel": 4,
     }  # fmt: skip
     assert again.custom_hardware == {k: hardware[k] for k in ("n_devices", "memory_gib", "peak_tflops", "mfu")}
+    command = shlex.join(argv)
+    assert "--zero-stage zero3" in command and "--tiled-mlp off" in command  # the request's pinned memory levers
     plain = Spec(base_model="m", target_context=8192)
     default = {**levers, "sequence_parallel": 1, "gradient_checkpointing": True}
-    assert command_for(plain, default, {"name": "1xH100-80GB"}).endswith(" --group-size-ratio 0.125")  # no more flags
+    # the search's degree is spelled out even at 1 (unset, the planner would choose one); the memory levers left
+    # auto are not: no more flags
+    assert command_for(plain, default, {"name": "1xH100-80GB"}).endswith(" --group-size-ratio 0.125 "
+                                                                         "--sequence-parallel 1")  # fmt: skip

@@ -63,10 +63,13 @@ def test_the_default_keeps_the_config_hash_and_the_option_changes_it(tmp_path):
     assert "deterministic" in cfg.to_dict() and cfg.deterministic is False
     assert TrainConfig.from_dict(replace(cfg, deterministic=True).to_dict()).deterministic is True
     assert replace(cfg, deterministic=True).config_hash() != cfg.config_hash()
+    assert replace(cfg, tiled_mlp=True).config_hash() != cfg.config_hash()  # tiles sum in another order
+    assert replace(cfg, offload_activations=True).config_hash() == cfg.config_hash()  # the same values, elsewhere
     # the hash of a default config is the one it had before the option existed (runs in progress still resume)
     import hashlib
 
-    ignored = ("output_dir", "quiet", "deepspeed", "report_to", "run_name", "deterministic")
+    ignored = ("output_dir", "quiet", "deepspeed", "report_to", "run_name", "deterministic", "offload_activations",
+               "tiled_mlp", "mlp_tile_tokens")
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in ignored}
     assert cfg.config_hash() == hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

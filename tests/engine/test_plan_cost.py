@@ -73,8 +73,12 @@ def test_a_gpu_gets_a_gpu_profile_and_n_of_a_catalog_gpu_resolves():
         resolve_hardware("3xTPU")
 
 
-def test_search_fixes_the_fp32_smoke_plan_on_an_h100():
-    base, found = search_request("llama-3-8b", 65536, "smoke", "1xH100-80GB")
+def test_the_planner_fits_the_fp32_smoke_plan_by_its_levers_and_the_search_when_they_are_pinned():
+    chosen = make_plan("llama-3-8b", 65536, "smoke", "1xH100-80GB")  # the memory levers are the planner's to set
+    assert chosen.fits and chosen.levers["chosen_by_planner"] and chosen.levers["reasons"]
+    assert chosen.levers["zero"] != "none" or chosen.levers["offload_activations"] or chosen.levers["tiled_mlp"]
+    pinned = {"zero": "none", "offload_activations": False, "tiled_mlp": False}  # as the user would pin them
+    base, found = search_request("llama-3-8b", 65536, "smoke", "1xH100-80GB", **pinned)
     assert not base.fits and base.memory.total_gib > 100 and found.reasons == ("does not fit",)
     best = found.alternatives[0]
     assert best.changes == {"precision": ("fp32", "bf16")} and best.plan.fits
@@ -91,7 +95,8 @@ def test_search_answers_a_target_no_lever_reaches():
     assert found.needed_gib == pytest.approx(cheapest.memory.total_gib, rel=0.01) and found.needed_gib > 80
     assert found.alternatives and all(a.plan.fits and a.plan.memory.total_gib <= 80 for a in found.alternatives)
     targets = {a.plan.target_context for a in found.alternatives}
-    assert found.largest_target in targets and 2**20 in targets and max(targets) < 2**24
+    pow2 = 1 << (found.largest_target.bit_length() - 1)  # the power of two below the longest, offered too
+    assert found.largest_target in targets and pow2 in targets and max(targets) < 2**24
     too_long = make_plan("llama-3-8b", found.largest_target + 1024, "full", "8xA100-80GB", zero="zero3_offload",
                          sequence_parallel=8)  # fmt: skip
     assert not too_long.fits  # the longest target really is the longest (in 1,024-token steps)
@@ -101,9 +106,15 @@ def test_search_answers_a_target_no_lever_reaches():
 
 
 def test_search_names_the_smallest_hardware_and_meets_budgets():
-    base, found = search_request("llama-2-70b", 32768, "standard", "1xH100-80GB")
-    assert not base.fits and found.target_fits  # 70B weights need several GPUs: the device-count lever
+    offloaded = make_plan("llama-2-70b", 32768, "standard", "1xH100-80GB")  # the planner's levers: weights to host
+    assert offloaded.fits and offloaded.deepspeed_stage == "zero3_offload" and 130 < offloaded.memory.host_gib <= 200
+    # One A100-40GB's 128 GiB host cannot hold the offloaded 70B weights (130 GiB): no lever fits one GPU, and the
+    # search's plans must fit the host too (not only the GPU), so they spread the model over several GPUs.
+    base, found = search_request("llama-2-70b", 32768, "standard", "1xA100-40GB")
+    assert not base.fits and base.memory.total_gib <= 40 and base.memory.host_gib > base.hardware.host_memory_gib
+    assert found.target_fits and found.alternatives  # 70B weights need several GPUs: the device-count lever
     assert {a.plan.hardware.n_devices for a in found.alternatives} <= {2, 4, 8}
+    assert all(a.plan.fits and a.plan.memory.host_gib <= a.plan.hardware.host_memory_gib for a in found.alternatives)
     _, timed = search_request("llama-2-7b", 65536, "full", "8xA100-80GB", max_hours=45)
     assert timed.reasons == ("over --max-hours",) and timed.alternatives
     assert all(a.plan.wall_time_s / 3600 <= 45 for a in timed.alternatives)

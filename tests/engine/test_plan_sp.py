@@ -45,7 +45,8 @@ def test_per_rank_activations_match_a_hand_count():
     swap = 2 * q_like + 2 * kv_like  # the other side of the all-to-alls: q, k, v in and the output back
     rest = local * (4 * h * w + 6 * i * w + 2 * h * 4)  # 2 norm, o/down outs; MLP gate/up/act/prod + 2 grads; fp32
     recompute = attention + swap + rest
-    plan = make_plan("llama-3-8b", seq, "full", "8xA100-80GB", sequence_parallel=sp, zero="zero2")
+    plan = make_plan("llama-3-8b", seq, "full", "8xA100-80GB", sequence_parallel=sp, zero="zero2",
+                     offload_activations=False, tiled_mlp=False)  # the layout counted: checkpoints on the GPU
     assert plan.memory.breakdown["activation_checkpoints"] == pytest.approx(kept / GIB, abs=1e-3)
     assert plan.memory.breakdown["peak_transient"] == pytest.approx(recompute / GIB, abs=1e-3)
     assert plan.memory.transient == "layer_recompute"  # the chunked loss (12 B x V x 4,096 = 5.9 GiB) is smaller
@@ -73,9 +74,10 @@ def test_zero_shards_over_every_rank_and_kv_heads_are_replicated():
 
 def test_alst_claims_are_within_reach_once_its_extra_features_are_counted():
     """ALST (Arctic Long Sequence Training, Snowflake 2025): Llama-8B at 3.7M tokens on 8 x H100-80GB and at 500k on
-    one H100, with tiled MLP, tiled logits/loss and activation checkpoints offloaded to CPU. The planner models
-    none of the three, so it must predict less, but not absurdly less; counting by hand what ALST leaves on the GPU
-    (no kept checkpoints, no MLP intermediates, ZeRO-3 with offload) must fit 80 GiB."""
+    one H100, with tiled MLP, tiled logits/loss and activation checkpoints offloaded to CPU. With the planner's
+    tiled MLP and activation offload pinned off it must predict less, but not absurdly less; counting by hand what
+    ALST leaves on the GPU (no kept checkpoints, no MLP intermediates, ZeRO-3 with offload) must fit 80 GiB; and the
+    planner's own levers, left to it, buy length back."""
     seq, sp, w, h, heads, kv_heads, d = 3_700_000, 8, 2, 4096, 32, 8, 128
     local = seq // sp
     q_like, kv_like = seq * (heads // sp) * d * w, seq * max(kv_heads // sp, 1) * d * w
@@ -85,18 +87,29 @@ def test_alst_claims_are_within_reach_once_its_extra_features_are_counted():
     resident = (attention_layer + rest_without_mlp + gathered_weights) / GIB + 1.5
     assert resident < 80, resident
     ours = _longest_fitting("8xH100-80GB", sp)
-    assert 0.25 * seq < ours < seq  # 1.09M tokens: ALST's features buy the rest (docs/sequence-parallel.md says which)
-    one_gpu = make_plan("llama-3-8b", 500_000 // 8 * 8, "standard", "1xH100-80GB")  # 500k on one H100
+    assert 0.25 * seq < ours < seq  # ~1.1M tokens: ALST's features buy the rest (docs/sequence-parallel.md says which)
+    levers = make_plan("llama-3-8b", 2**20, "full", "8xH100-80GB", sequence_parallel=sp)  # offload, tiling: planner's
+    assert levers.longest_target > ours  # the same bisection (1,024-token steps), with the levers allowed
+    one_gpu = make_plan("llama-3-8b", 500_000 // 8 * 8, "standard", "1xH100-80GB", **NO_LEVERS)  # 500k, one H100
     over = one_gpu.memory.total_gib - 80
     assert not one_gpu.fits and one_gpu.memory.breakdown["activation_checkpoints"] > over * 0.5  # offload closes it
+    chosen = make_plan("llama-3-8b", 500_000 // 8 * 8, "standard", "1xH100-80GB")  # and the planner offloads them
+    assert chosen.levers["offload_activations"] and chosen.memory.breakdown["activation_checkpoints"] < 1
+    assert chosen.memory.total_gib < one_gpu.memory.total_gib - over * 0.5 and chosen.memory.host_gib > 0
+
+
+# ALST's levers pinned off (on one GPU ZeRO too: no DeepSpeed, as a one-GPU plan ran before the planner chose it)
+NO_LEVERS = dict(zero="none", offload_activations=False, tiled_mlp=False)
 
 
 def _longest_fitting(hardware: str, sp: int) -> int:
-    """The longest target (a multiple of 1,024) that fits `hardware` with sequence parallel `sp`, by bisection."""
+    """The longest target (a multiple of 1,024) that fits `hardware` with sequence parallel `sp` and neither
+    activation offload nor the tiled MLP (the ZeRO stage the planner's), by bisection."""
     lo, hi = 16, 2**24 // 1024
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        fits = make_plan("llama-3-8b", mid * 1024, "full", hardware, sequence_parallel=sp).fits
+        fits = make_plan("llama-3-8b", mid * 1024, "full", hardware, sequence_parallel=sp, offload_activations=False,
+                         tiled_mlp=False, longest=False).fits  # fmt: skip
         lo, hi = (mid, hi) if fits else (lo, mid - 1)
     return lo * 1024
 
@@ -113,9 +126,11 @@ def test_all_to_all_time_matches_a_hand_count_on_and_off_the_node():
         sent = layers * 3 * 8 * per_token * (seq // sp)  # 3 passes, 8 sequences (batch 1 x accumulation 8)
         hw = resolve_hardware(hardware)
         assert all_to_all_seconds(LLAMA3, hw, sp, seq, 8, w, True) == pytest.approx(seconds_of(sent), rel=1e-9)
-    # the plan's wall time carries it: same tokens a step at P = 1 and P = 8 (accumulation x8), same FLOPs
-    one = make_plan("llama-3-8b", seq, "full", "8xA100-80GB", zero="zero2")
-    eight = make_plan("llama-3-8b", seq, _full(accum=64), "8xA100-80GB", sequence_parallel=8, zero="zero2")
+    # the plan's wall time carries it: same tokens a step at P = 1 and P = 8 (accumulation x8), same FLOPs; every
+    # memory lever pinned, so the two differ by the all-to-alls alone (no offload traffic, no tiled-MLP FLOPs)
+    plain = dict(zero="zero2", offload_activations=False, tiled_mlp=False)
+    one = make_plan("llama-3-8b", seq, "full", "8xA100-80GB", sequence_parallel=1, **plain)
+    eight = make_plan("llama-3-8b", seq, _full(accum=64), "8xA100-80GB", sequence_parallel=8, **plain)
     assert one.tokens_per_step == eight.tokens_per_step
     swaps = all_to_all_seconds(LLAMA3, eight.hardware, 8, seq, 64, w, True)
     assert eight.wall_time_s - one.wall_time_s == pytest.approx(1000 * swaps, rel=1e-3)
@@ -145,7 +160,8 @@ def test_activations_never_grow_with_the_degree_and_bad_degrees_are_refused_in_o
         return
     previous = None
     for sp in (1, 2, 4, 8):
-        kwargs = dict(sequence_parallel=sp, gradient_checkpointing=combo["checkpointing"], zero="zero3")
+        kwargs = dict(sequence_parallel=sp, gradient_checkpointing=combo["checkpointing"], zero="zero3",
+                      offload_activations=False, tiled_mlp=False)  # only the degree varies
         profile = _precision(combo["precision"])
         if sp not in sp_degrees(arch, combo["gpus"], seq):
             with pytest.raises(ValueError) as err:
@@ -181,8 +197,13 @@ def test_launcher_refuses_a_degree_that_does_not_divide_the_world(tmp_path, caps
 # ----------------------------------------------------------------------------- the search, the CLI, the launch
 
 
+# The memory levers a user pins to keep the planner from choosing them (--sequence-parallel 1 --offload-activations off
+# --tiled-mlp off): then 262k on 8 A100s does not fit as asked and the search offers the degrees that do.
+NO_SP = dict(sequence_parallel=1, offload_activations=False, tiled_mlp=False)
+
+
 def test_the_search_offers_the_smallest_degree_that_fits_and_says_why():
-    base, found = search_request("llama-3-8b", 262144, "full", "8xA100-80GB")
+    base, found = search_request("llama-3-8b", 262144, "full", "8xA100-80GB", **NO_SP)
     assert not base.fits and found.target_fits
     best = found.alternatives[0]
     assert best.levers.sequence_parallel == 2 and best.plan.fits and best.levers.target_context == 262144
@@ -190,16 +211,34 @@ def test_the_search_offers_the_smallest_degree_that_fits_and_says_why():
     assert best.plan.train_config["sequence_parallel_size"] == 2 and best.plan.train_config["deepspeed"]
     assert all(a.levers.target_context == 262144 for a in found.alternatives)
     why = found.to_dict()["sequence_parallel"]
-    assert "smallest degree that fits" in why and "sequence parallel 1 would need 146.0 GiB" in why
+    assert "smallest degree that fits" in why and f"sequence parallel 1 would need {base.memory.total_gib:.1f} GiB" in why
+    assert not best.plan.levers["offload_activations"] and not best.plan.levers["tiled_mlp"]  # the pins are kept
+    # unpinned, the planner's own choice fits, trains the same 64 sequences a step (an auto degree P multiplies the
+    # accumulation by P) and is no slower than the search's best: that plan is one of the settings it weighed
+    chosen = make_plan("llama-3-8b", 262144, "full", "8xA100-80GB")
+    lv = chosen.levers
+    assert chosen.fits and set(lv["chosen_by_planner"]) == {"zero", "sequence_parallel", "offload_activations",
+                                                            "tiled_mlp"} and lv["reasons"]  # fmt: skip
+    assert lv["sequence_parallel"] > 1 or lv["offload_activations"] or lv["tiled_mlp"]  # 146 GiB without any
+    assert chosen.profile.gradient_accumulation_steps == 8 * lv["sequence_parallel"]
+    assert chosen.tokens_per_step == best.plan.tokens_per_step and chosen.wall_time_s <= best.plan.wall_time_s
     _, cpu = search_request("smollm2-135m", 65536, "smoke", "cpu")  # no GPUs: SP is not a lever
     assert all(a.levers.sequence_parallel == 1 for a in cpu.alternatives)
 
 
 def test_cli_plans_262k_llama3_on_8_a100s_with_sequence_parallelism(capsys):
     args = ["--model", "llama-3-8b", "--target-context", "262144", "--hardware", "8xA100-80GB"]
-    assert main(["plan", *args]) == 1  # as asked (P = 1) it does not fit: the card lists the SP plan
+    assert main(["plan", *args]) == 0  # the planner chooses the levers (issue 29: a plan that fits is the answer)
     card = capsys.readouterr().out
-    assert "1. accumulation 16 (was 8); sequence parallel 2 (was 1): 8xA100-80GB, ZeRO-3, 79.6 GiB of 80" in card
+    assert "(fits)" in card and "searched" not in card
+    assert "chosen by the planner: zero, sequence parallel, offload activations, tiled mlp" in card
+    assert "    why " in card  # one line per lever it turned on
+    pins = ["--sequence-parallel", "1", "--offload-activations", "off", "--tiled-mlp", "off"]
+    assert main(["plan", *args, *pins]) == 1  # pinned as a user would (P = 1): it does not fit, the card lists SP
+    card = capsys.readouterr().out
+    sp2 = make_plan("llama-3-8b", 262144, _full(accum=16), "8xA100-80GB", sequence_parallel=2,
+                    offload_activations=False, tiled_mlp=False, longest=False).memory.total_gib  # fmt: skip
+    assert f"1. accumulation 16 (was 8); sequence parallel 2 (was 1): 8xA100-80GB, ZeRO-3, {sp2:.1f} GiB of 80" in card
     assert "why: sequence parallel 2 is the smallest degree that fits" in card
     command = next(line.strip() for line in card.splitlines() if "--sequence-parallel 2" in line)
     argv = shlex.split(command)
@@ -236,11 +275,16 @@ def test_a_request_names_the_degree():
 def test_a_cpu_request_too_long_for_any_single_gpu_is_pointed_at_gpus_with_sequence_parallelism():
     """smallest_hardware probes GPU kinds for a CPU request: with the probed kind's levers (bf16, SP), not the CPU's.
     Llama-2-7B at 524,288 tokens fits 4xA100-80GB only with sequence parallelism; probed as fp32 without SP (the old
-    bug), no catalog hardware held it."""
-    base, found = search_request("llama-2-7b", 524288, "smoke", "cpu")
+    bug), no catalog hardware held it. Activation offload and the tiled MLP pinned off (the probe keeps the request's
+    pins); left to the planner, they hold it on one GPU."""
+    pins = dict(offload_activations=False, tiled_mlp=False)
+    base, found = search_request("llama-2-7b", 524288, "smoke", "cpu", **pins)
     assert not base.fits and found.smallest_hardware is not None, found
     n, kind = found.smallest_hardware.split("x", 1)
     assert kind in ("A100-80GB", "A100-40GB", "H100-80GB"), found.smallest_hardware
-    fits = {p: make_plan("llama-2-7b", 524288, "standard", found.smallest_hardware, sequence_parallel=p).fits
+    fits = {p: make_plan("llama-2-7b", 524288, "standard", found.smallest_hardware, sequence_parallel=p, **pins).fits
             for p in sp_degrees(base.arch, int(n), 524288)}  # standard: bf16, batch 1, on that GPU
     assert not fits[1] and any(fits.values()), fits  # it holds the target only with sequence parallelism
+    _, levers = search_request("llama-2-7b", 524288, "smoke", "cpu")  # unpinned: the GPU's own levers
+    one = make_plan("llama-2-7b", 524288, "standard", levers.smallest_hardware)
+    assert levers.smallest_hardware.startswith("1x") and one.fits and one.levers["offload_activations"], levers

@@ -3,11 +3,14 @@
 `live_server` runs agents.server in a thread with a `RecordingWorker`: engine.serving.ServingWorker itself plus a log
 of what the HTTP layer handed it (the messages or prompt it tokenised, the ids, the finished completion), so a test
 can check that a request reached the server and that what the client got is what the server generated, without
-patching anything. `app_process` runs `python app.py` in its own process, as a user does.
+patching anything. The HTTP layer tokenises on its own threads (agents.server.lifecycle.TokenizerPool): a
+`RecordingTokenizers` given to the app notes each request's input in a context variable, which the same request's
+`submit` reads (both run in the request's task). `app_process` runs `python app.py` in its own process, as a user does.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import subprocess
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.server import ModelsIndex, build_app, start_in_thread
+from agents.server.lifecycle import TokenizerPool
 from engine.serving import ModelPool, ServingWorker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,21 +50,29 @@ class Seen:
         return self.job.result().text
 
 
+_TOKENIZED: contextvars.ContextVar = contextvars.ContextVar("tokenized", default=None)
+
+
+class RecordingTokenizers(TokenizerPool):
+    """The HTTP layer's tokenizer pool, noting what each request tokenised (for RecordingWorker.submit)."""
+
+    async def __call__(self, fn, *args) -> list[int]:
+        _TOKENIZED.set(args[0] if args else None)
+        return await super().__call__(fn, *args)
+
+
 class RecordingWorker(ServingWorker):
-    """A ServingWorker that keeps every request it was given, in order."""
+    """A ServingWorker that keeps every request it was given, in order (the worker's own options pass through)."""
 
-    def __init__(self, pool: ModelPool) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: ModelPool, **options) -> None:
+        super().__init__(pool, **options)
         self.seen: list[Seen] = []
-        self._request = threading.local()  # tokenize and submit of one request run on the same HTTP thread
+        self._seen_lock = threading.Lock()
 
-    def tokenize(self, fn, *args) -> list[int]:
-        self._request.input = args[0] if args else None
-        return super().tokenize(fn, *args)
-
-    def submit(self, model_id, prompt_ids, params):
-        job = super().submit(model_id, prompt_ids, params)
-        self.seen.append(Seen(model_id, getattr(self._request, "input", None), list(prompt_ids), job))
+    def submit(self, model_id, prompt_ids, *args, **kwargs):
+        job = super().submit(model_id, prompt_ids, *args, **kwargs)
+        with self._seen_lock:
+            self.seen.append(Seen(model_id, _TOKENIZED.get(), list(prompt_ids), job))
         return job
 
 
@@ -71,7 +83,8 @@ def live_server(base_dir: Path, base_id: str = "base", adapters: dict[str, Path]
     stopped on exit."""
     pool = ModelPool(str(base_dir), base_id=base_id, max_loaded=4, device="cpu")
     worker = RecordingWorker(pool)
-    server = start_in_thread(build_app(worker, ModelsIndex(pool, None, adapters), api_key))
+    tokenizers = RecordingTokenizers(pool.tokenizer, threads=2)
+    server = start_in_thread(build_app(worker, ModelsIndex(pool, None, adapters), api_key, tokenizers=tokenizers))
     try:
         yield server.base_url, worker
     finally:

@@ -43,6 +43,7 @@ class ModelShapes:
     memory_gib: float | None  # None: the device's total memory
     row_overhead_s: float  # model build + checkpoint and adapter writes, beyond the steps themselves
     assumed_mfu: float  # for the first row's estimate only
+    levers: tuple[str, ...] = ()  # TrainConfig memory levers turned on (part 3 bisects with them)
 
 
 GPU_SHAPES = ModelShapes(
@@ -129,7 +130,7 @@ def _row(shapes: ModelShapes, length: int, s2: bool, peak_tflops_: float, precis
     leftover = torch.cuda.memory_allocated() / 2**30 if shapes.device == "cuda" else 0.0
     model = random_model(shapes.arch, shapes.device, shapes.dtype)
     data = random_rows(shapes.arch.vocab_size, length, shapes.steps)
-    row = train_row(f"random-{shapes.arch.name}", data, length, shapes.steps, s2, model=model)
+    row = train_row(f"random-{shapes.arch.name}", data, length, shapes.steps, s2, model=model, levers=shapes.levers)
     del model
     release()
     row["allocated_before_gib"] = round(leftover, 3)
@@ -137,5 +138,5 @@ def _row(shapes: ModelShapes, length: int, s2: bool, peak_tflops_: float, precis
     tflops = row["tokens_per_s"] * flops / 1e12
     row["model_tflops"] = float(f"{tflops:.4g}")
     row["mfu"] = float(f"{tflops / peak_tflops_:.4g}")
-    row["predicted_gib"] = predicted_gib(shapes.arch, length, precision)
+    row["predicted_gib"] = predicted_gib(shapes.arch, length, precision, shapes.levers)
     return row

@@ -1,4 +1,5 @@
-"""Part 3: the longest context a Llama-2-7B-shaped LoRA+ step trains at on this GPU, bisected.
+"""Part 3: the longest context a Llama-2-7B-shaped LoRA+ step trains at on this GPU with the memory levers on
+(activation offload and the tiled MLP, issue 29), bisected from the planner's answer for the same levers.
 
 The first probe is the planner's answer (the longest multiple of `longest_step` whose `memory_per_device` fits the
 device); each probe is one optimizer step through engine.training.train with S2-Attn (part 2's row, one step). A probe
@@ -14,6 +15,7 @@ counts as out of memory: the same search, on a capacity the test knows.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +26,18 @@ from bench.gpu_parts.llama7b import ModelShapes, _row, device_memory_gib, peak_t
 from bench.gpu_parts.training import release
 from engine.planning.plan import CHECKPOINT_RECOMPUTE, memory_per_device
 
-GPU_SHAPES, TINY_SHAPES = llama7b.GPU_SHAPES, llama7b.TINY_SHAPES  # part 2's model and knobs
+LEVERS = ("offload_activations", "tiled_mlp")  # what a one-GPU plan turns on at these lengths (engine.planning.levers)
+# part 2's model with the levers on: the planner puts Llama-2-7B's longest on an H100 near 500k, one probe a budget
+GPU_SHAPES = replace(llama7b.GPU_SHAPES, levers=LEVERS, longest_step=65536, longest_cap=1048576)
+# the tiny "device" holds what the planner predicts at 512 tokens with the levers, as part 2's does without
+TINY_SHAPES = replace(llama7b.TINY_SHAPES, levers=LEVERS, memory_gib=memory_per_device(
+    llama7b.TINY_ARCH, 512, precision="fp32", **dict.fromkeys(LEVERS, True)).total_bytes / 2**30)  # fmt: skip
+
+
+def _planned_gib(shapes: ModelShapes, length: int, precision: str) -> float:
+    """The planner's memory with the shapes' levers, unrounded (the tiny device is a few MiB)."""
+    est = memory_per_device(shapes.arch, length, precision=precision, **dict.fromkeys(shapes.levers, True))
+    return est.total_bytes / 2**30
 
 
 def planner_longest(shapes: ModelShapes) -> int | None:
@@ -32,7 +45,7 @@ def planner_longest(shapes: ModelShapes) -> int | None:
     capacity = device_memory_gib(shapes)
     precision = "bf16" if shapes.dtype == torch.bfloat16 else "fp32"
     fits = [n for n in range(shapes.longest_step, shapes.longest_cap + 1, shapes.longest_step)
-            if memory_per_device(shapes.arch, n, precision=precision).total_gib <= capacity]  # fmt: skip
+            if _planned_gib(shapes, n, precision) <= capacity]  # fmt: skip
     return fits[-1] if fits else None
 
 
@@ -53,9 +66,7 @@ def next_probe(trained: int, failed: int | None, step: int, cap: int) -> int | N
 
 def _probe(shapes: ModelShapes, length: int, peak: float, precision: str) -> dict[str, Any] | None:
     """One S2 step at `length`: its row, or None when it ran out of memory (freed before returning)."""
-    if shapes.device != "cuda" and memory_per_device(shapes.arch, length, precision=precision).total_gib > (
-        device_memory_gib(shapes)
-    ):
+    if shapes.device != "cuda" and _planned_gib(shapes, length, precision) > device_memory_gib(shapes):
         return None  # the tiny stand-in for an out-of-memory error (see the module docstring)
     oom = False
     try:
@@ -77,7 +88,7 @@ def run(shapes: ModelShapes) -> Any:
         precision = "bf16" if shapes.dtype == torch.bfloat16 else "fp32"
         planned = planner_longest(shapes)
         record.update(planner_longest=planned, step=shapes.longest_step, cap=shapes.longest_cap, trained=None,
-                      failed=None, capacity_gib=round(device_memory_gib(shapes), 2))  # fmt: skip
+                      failed=None, capacity_gib=round(device_memory_gib(shapes), 2), levers=list(shapes.levers))  # fmt: skip
         flop_rate = peak * 1e12 * shapes.assumed_mfu
         trained, failed = 0, None
         probe: int | None = planned or shapes.longest_step

@@ -82,11 +82,13 @@ def train_row(
     *,
     model: torch.nn.Module | None = None,
     seed: int = 0,
+    levers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One short `engine.training.train.train` run (batch 1, no accumulation, no warm-up) and its last step's figures.
 
-    `model`: an in-memory base (random 7B-shaped); otherwise `base_model` is loaded by the engine. The run directory
-    is temporary: checkpoints and the adapter are written (the engine always does) and deleted.
+    `model`: an in-memory base (random 7B-shaped); otherwise `base_model` is loaded by the engine. `levers`: the
+    TrainConfig memory levers turned on (offload_activations, tiled_mlp). The run directory is temporary:
+    checkpoints and the adapter are written (the engine always does) and deleted.
     """
     cuda = torch.cuda.is_available() and str(getattr(model, "device", "cuda")).startswith("cuda")
     if cuda:
@@ -95,7 +97,7 @@ def train_row(
         cfg = TrainConfig(
             output_dir=tmp, base_model=base_model, target_context=length, max_steps=steps, per_device_batch_size=1,
             gradient_accumulation_steps=1, warmup_steps=0, use_s2_attention=s2, save_steps=steps, seed=seed,
-            quiet=True,
+            quiet=True, **dict.fromkeys(levers, True),
         )  # fmt: skip
         result = train(cfg, model=model, dataset=data)
         metrics = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -124,9 +126,9 @@ def model_flops(a: ArchConfig, length: int, s2: bool) -> float:
     return flops_per_token(a, length, DEFAULT_GROUP_SIZE_RATIO if s2 else None)
 
 
-def predicted_gib(a: ArchConfig, length: int, precision: str) -> dict[str, float]:
+def predicted_gib(a: ArchConfig, length: int, precision: str, levers: tuple[str, ...] = ()) -> dict[str, float]:
     """The planner's memory for this row: `allocated` (comparable with max_memory_allocated: no runtime overhead)
     and `planned` (what a plan reports, with the 1.5 GiB CUDA context + allocator slack)."""
-    planned = memory_per_device(a, length, precision=precision)
+    planned = memory_per_device(a, length, precision=precision, **dict.fromkeys(levers, True))
     return {"allocated": float(f"{planned.total_gib - planned.breakdown['runtime_overhead']:.4g}"),
             "planned": float(f"{planned.total_gib:.4g}")}  # fmt: skip

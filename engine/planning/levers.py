@@ -163,9 +163,12 @@ def _reasons(
         without = [(m, spt) for o, m, spt in options if getattr(o, name) == default]
         fitting = [spt for m, spt in without if fits(m, hw)]
         if not without:  # a multi-GPU DeepSpeed profile, or Ulysses, which runs on DeepSpeed
-            detail = "the lightest ZeRO stage that fits (this run uses DeepSpeed)"
+            # (a lighter stage with the same other levers would be as fast or faster and simpler: it does not fit)
+            detail = "the lightest ZeRO stage that fits with the other levers chosen (this run uses DeepSpeed)"
+        elif fitting and min(fitting) / mine - 1 < 0.0005:  # as fast: the tie-break chose (fewer levers, lighter ZeRO)
+            detail = "the fastest plan without it is as fast; the tie-break (fewer levers, lighter ZeRO) chose this"
         elif fitting:
-            detail = f"the fastest plan without it is {min(fitting) / mine - 1:.0%} slower"
+            detail = f"the fastest plan without it is {min(fitting) / mine - 1:.1%} slower"
         else:
             need = min(without, key=lambda ms: ms[0].total_gib)[0]
             detail = f"without it the least any setting needs is {need.total_gib:.1f} GiB per device of " \

@@ -104,13 +104,13 @@ def activation_bytes_per_token(
     tiles, engine.model.tiled_mlp): no i-wide tensor or norm temporary outlives a tile (`tile_bytes`, a constant);
     the gradients then alive are two h-wide ones in fp32, one in bf16. Offload: the device keeps no layer input, but
     the one recomputed and the one prefetched are in flight (OFFLOAD_IN_FLIGHT_LAYERS * h * w). Loss phase: the final
-    norm's saved tensors, its two fp32 products (8 h) and in bf16 also its bf16 output (2 h); with offload they wait
-    on the host. Without checkpointing every layer keeps what a recomputed one saves (not measured: an upper bound).
+    norm's saved tensors (final_norm_bytes); with offload they wait on the host. Without checkpointing every layer
+    keeps what a recomputed one saves (not measured: an upper bound).
     """
     h, i, d = a.hidden_size, a.intermediate_size, a.head_dim
     w = weight_bytes
     attn = _attention_saved(a, w, attention, lora.r * len(lora.target_modules), tiled_mlp)
-    final_norm = 8 * h + (2 * h if w == 2 else 0)
+    final_norm = final_norm_bytes(a, w)
     base = TOKEN_IDS_BYTES + 2 * d * w
     if not checkpointing:
         kept = base + a.num_layers * (attn + 3 * i * w) + final_norm
@@ -121,10 +121,16 @@ def activation_bytes_per_token(
     return ActivationBytes(base + a.num_layers * h * w, attn + grads, final_norm)
 
 
+def final_norm_bytes(a: ArchConfig, weight_bytes: int) -> int:
+    """Bytes per token the final RMSNorm saves for the loss's backward: in fp32 its input, x * rsqrt and its output
+    (12 h); in bf16 its fp32 upcast, the fp32 product and the bf16 output (4 + 4 + 2 = 10 h)."""
+    return (12 if weight_bytes == 4 else 10) * a.hidden_size
+
+
 def offloaded_bytes_per_token(a: ArchConfig, weight_bytes: int) -> int:
-    """Host bytes per token activation offload pins: every layer input, plus what the forward saves outside the
-    layers, each copied once (engine.training.offload): the final norm's input and product and the loss's input."""
-    return (a.num_layers + 3) * a.hidden_size * weight_bytes
+    """Host bytes per token activation offload pins: every layer input, plus the final norm's saved tensors (the
+    only ones saved outside the checkpointed layers), each copied once (engine.training.offload)."""
+    return a.num_layers * a.hidden_size * weight_bytes + final_norm_bytes(a, weight_bytes)
 
 
 def tile_bytes(a: ArchConfig, weight_bytes: int, tokens: int) -> int:

@@ -11,11 +11,12 @@
 from engine.serving.generate import Completion, SamplingParams, chat_ids, generate, text_ids
 from engine.serving.job import CancelledError, Job, JobGroup, QueueFullError, RequestTimeoutError
 from engine.serving.logprobs import TokenLogprob, token_bytes, token_text
-from engine.serving.pool import ModelPool, UnknownModelError
+from engine.serving.pool import AdapterVerificationError, ModelPool, UnknownModelError
 from engine.serving.worker import DEFAULT_MAX_TOKENS, ContextLengthError, ServingWorker
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "AdapterVerificationError",
     "CancelledError",
     "Completion",
     "ContextLengthError",

@@ -17,10 +17,12 @@ Not thread-safe on purpose: one worker (engine.serving.worker) owns the pool; on
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -42,6 +44,44 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class AdapterVerificationError(ValueError):
+    """An adapter's files differ, when the pool reads them, from the digests it was registered with (HTTP 409). The
+    message names the model id and the file's name in the adapter, never a server path."""
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft loads, in its order of preference
+
+
+def _verified_copy(model_id: str, adapter_dir: Path, expected: Mapping[str, str], names: list[str], dest: Path):
+    """Copy `names` (files of `adapter_dir`) into `dest`, hashing each as it is read; AdapterVerificationError when one
+    is missing, unreadable, or its sha256 is not `expected[name]`.
+
+    Why a private copy: peft reads an adapter from a directory itself (PeftModel.from_pretrained / load_adapter call
+    load_peft_weights on a path, and add key mapping, dtype casts and weight tying around it), so hashing the run's
+    files and then pointing peft at them would leave a window in which the files could be swapped; re-stat'ing after
+    the load narrows it only to the filesystem's timestamp granularity. Instead each file is read ONCE from the run's
+    directory, the bytes hashed as they stream into `dest` (a directory of mkdtemp's, mode 0700, that only this
+    process writes), and peft loads from `dest`: the bytes loaded are the bytes hashed, and peft's own load path stays
+    unchanged (outputs equal plain peft's)."""
+    for name in names:
+        digest, want = hashlib.sha256(), expected.get(name)
+        try:
+            if want is None:
+                raise FileNotFoundError(name)
+            with open(adapter_dir / name, "rb") as src, open(dest / name, "wb") as out:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+        except OSError:
+            raise AdapterVerificationError(
+                f"the model {model_id!r} failed verification at load: its {name} is missing or unreadable "
+                "(it is not among the files its run's manifest recorded, or it was removed)") from None  # fmt: skip
+        if digest.hexdigest() != want:
+            raise AdapterVerificationError(
+                f"the model {model_id!r} failed verification at load: its {name} does not match the digest recorded "
+                "in its run's manifest (sop.manifest)")  # fmt: skip
 
 
 def _tied_to_input_embedding(model: torch.nn.Module) -> set[str]:
@@ -86,17 +126,25 @@ class ModelPool:
         self._tied = _tied_to_input_embedding(self.model)
         self._base_config = copy.deepcopy(self.model.config)  # the base's own RoPE fields, restored for base requests
         self._registry: dict[str, tuple[Path, PretrainedConfig]] = {}
+        self._expected: dict[str, dict[str, str]] = {}  # model id -> sha256 of its adapter's files, checked at load
         self._registry_lock = threading.Lock()  # registration comes from HTTP threads, use from the worker
         self._loaded: OrderedDict[str, list[torch.nn.Module]] = OrderedDict()  # LRU: adapter -> its rotary modules
         self.peft: PeftModel | None = None
         self._targets = None  # engine.serving.rows.row_targets, found again after adapters load or go
 
     # ------------------------------------------------------------------ registry (no weights loaded)
-    def register(self, model_id: str, adapter_dir: str | Path) -> None:
+    def register(self, model_id: str, adapter_dir: str | Path, expected: Mapping[str, str] | None = None) -> None:
         """Serve `adapter_dir` as `model_id`; its config is checked against the base now, weights load on first use.
+
+        Args:
+            expected: sha256 of the adapter's files by name in `adapter_dir` (a run's, from its verified manifest:
+                agents.server.models_index). Given, every file the pool reads (config.json and adapter_config.json
+                now, adapter_config.json and the weights at each load) is hashed as it is read and refused unless it
+                matches (AdapterVerificationError), so what is served is what was verified, whenever it loads.
 
         Raises:
             ValueError: the id is taken by another directory, or the adapter does not fit this base (one line).
+            AdapterVerificationError: `expected` given and a config file does not match it.
         """
         adapter_dir = Path(adapter_dir)
         with self._registry_lock:
@@ -104,8 +152,30 @@ class ModelPool:
             if model_id == self.base_id or (known is not None and known[0] != adapter_dir):
                 raise ValueError(f"model id {model_id!r} is already served by another model")
             if known is None:
-                _, config = check_adapter_base(adapter_dir, self.base_ref)
+                if expected is None:
+                    _, config = check_adapter_base(adapter_dir, self.base_ref)
+                else:
+                    expected = dict(expected)
+                    with tempfile.TemporaryDirectory(prefix="longpilot-adapter-") as copy_dir:
+                        _verified_copy(model_id, adapter_dir, expected, ["adapter_config.json", "config.json"],
+                                       Path(copy_dir))  # fmt: skip
+                        _, config = check_adapter_base(copy_dir, self.base_ref)
+                    self._expected[model_id] = expected
                 self._registry[model_id] = (adapter_dir, config)
+
+    def drop(self, model_id: str) -> None:
+        """Stop serving `model_id` and free its weights: unregistered, and when loaded its LoRA, its embedding/norm
+        copies (peft's `modules_to_save`, deleted with the adapter) and its rotary modules go. A no-op for the base
+        or an id neither registered nor loaded.
+
+        Worker thread only, never during a step that uses it: ServingWorker.drop queues one from any thread."""
+        with self._registry_lock:
+            self._registry.pop(model_id, None)
+            self._expected.pop(model_id, None)
+        if self._loaded.pop(model_id, None) is not None:
+            self.peft.delete_adapter(model_id)
+            self._targets = None
+            log.info("dropped adapter %s", model_id)
 
     def model_ids(self) -> list[str]:
         with self._registry_lock:
@@ -175,21 +245,15 @@ class ModelPool:
             self._loaded.move_to_end(model_id)
             return self._loaded[model_id]
         adapter_dir, config = self._entry(model_id)
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=model_id).eval()
-        else:
-            peft_config = PeftConfig.from_pretrained(adapter_dir)
-            peft_config.inference_mode = True
-            if self._tied and getattr(peft_config, "ensure_weight_tying", False):
-                # peft finds the tied lm_head only on the plain model: on a second adapter it would keep the base's
-                # lm_head while the embedding trains (outputs differ from the adapter alone); say it explicitly.
-                peft_config.modules_to_tie = set(self._tied)
-            self.peft.add_adapter(model_id, peft_config)
-            try:
-                self.peft.load_adapter(adapter_dir, adapter_name=model_id)
-            except Exception:  # unreadable weights: leave no half-loaded adapter behind (the next try starts clean)
-                self.peft.delete_adapter(model_id)
-                raise
+        with self._registry_lock:
+            expected = self._expected.get(model_id)
+        if expected is None:
+            self._read_adapter(model_id, adapter_dir)
+        else:  # peft reads a private copy of the bytes hashed as they were read (see _verified_copy)
+            weights = next((n for n in WEIGHT_FILES if n in expected), WEIGHT_FILES[0])
+            with tempfile.TemporaryDirectory(prefix="longpilot-adapter-") as copy_dir:
+                _verified_copy(model_id, adapter_dir, expected, ["adapter_config.json", weights], Path(copy_dir))
+                self._read_adapter(model_id, Path(copy_dir))
         rotary = [_rotary_like(base, config) for base in self._base_rotary]
         self._loaded[model_id] = rotary
         self._targets = None
@@ -202,3 +266,21 @@ class ModelPool:
             log.info("evicted adapter %s (max_loaded %d)", evicted, self.max_loaded)
         log.info("loaded adapter %s from %s (context %d)", model_id, adapter_dir, current_context(config))
         return rotary
+
+    def _read_adapter(self, model_id: str, source: Path) -> None:
+        """Add the adapter saved in `source` as `model_id` to the PeftModel (made over the base for the first one)."""
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, source, adapter_name=model_id).eval()
+        else:
+            peft_config = PeftConfig.from_pretrained(source)
+            peft_config.inference_mode = True
+            if self._tied and getattr(peft_config, "ensure_weight_tying", False):
+                # peft finds the tied lm_head only on the plain model: on a second adapter it would keep the base's
+                # lm_head while the embedding trains (outputs differ from the adapter alone); say it explicitly.
+                peft_config.modules_to_tie = set(self._tied)
+            self.peft.add_adapter(model_id, peft_config)
+            try:
+                self.peft.load_adapter(source, adapter_name=model_id)
+            except Exception:  # unreadable weights: leave no half-loaded adapter behind (the next try starts clean)
+                self.peft.delete_adapter(model_id)
+                raise

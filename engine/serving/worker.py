@@ -22,7 +22,7 @@ from dataclasses import replace
 from engine.serving.batch import BatchScheduler
 from engine.serving.generate import SamplingParams, generate
 from engine.serving.job import CancelledError, Job, QueueFullError, RequestTimeoutError
-from engine.serving.pool import ModelPool
+from engine.serving.pool import ModelPool, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class ServingWorker:
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
+        self._drops: dict[str, BaseException] = {}  # model id -> what its queued requests get; applied between steps
         self._tokenizer_lock = threading.Lock()  # HTTP threads tokenise concurrently; fast tokenizers mind that
         self._vocab = pool.model.get_input_embeddings().num_embeddings
         self._thread = threading.Thread(target=self._run, name="longpilot-serve-worker", daemon=True)
@@ -125,6 +126,15 @@ class ServingWorker:
             self._wake.notify()
         return job
 
+    def drop(self, model_id: str, error: BaseException | None = None) -> None:
+        """Stop serving `model_id` and free its weights (ModelPool.drop), from any thread: the worker thread applies it
+        between steps, never during one. Requests for it still queued finish with `error` (default: the model does
+        not exist); those already running on it finish first (their weights were verified when they loaded), then
+        it is dropped."""
+        with self._wake:
+            self._drops[model_id] = error or UnknownModelError(f"the model {model_id!r} does not exist")
+            self._wake.notify()
+
     def queued(self) -> int:
         """Requests waiting to start (not those running)."""
         with self._wake:
@@ -143,10 +153,11 @@ class ServingWorker:
         here; in the exact mode at most one job starts, in the batched mode every one that fits."""
         scheduler = self.scheduler
         with self._wake:
-            while not self._waiting and not scheduler.running:
+            while not self._waiting and not scheduler.running and not self._drops:
                 if self._closing:
                     return None
                 self._wake.wait()
+            self._apply_drops()
             now, start, keep = time.monotonic(), [], deque()
             while self._waiting:
                 job = self._waiting.popleft()
@@ -163,6 +174,22 @@ class ServingWorker:
                     keep.append(job)  # arrival order kept: a job that cannot start holds back those behind it
             self._waiting.extendleft(reversed(keep))
             return start
+
+    def _apply_drops(self) -> None:
+        """(Worker thread, under `_wake`, between steps.) Finish the queued requests of the models being dropped, and
+        drop from the pool those that no running request uses."""
+        if not self._drops:
+            return
+        for job in [j for j in self._waiting if j.model_id in self._drops]:
+            self._waiting.remove(job)
+            job.finish(self._drops[job.model_id])
+        in_use = {r.job.model_id for r in self.scheduler.running}
+        for model_id in [m for m in self._drops if m not in in_use]:
+            del self._drops[model_id]
+            try:
+                self.pool.drop(model_id)
+            except Exception:  # the worker keeps serving; LRU eviction frees it later
+                log.exception("dropping %s failed", model_id)
 
     def _fits_with(self, starting: list[Job], job: Job) -> bool:
         """`job`'s adapter fits next to the running ones and those starting with it (max_loaded)."""

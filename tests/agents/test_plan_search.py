@@ -61,7 +61,8 @@ def test_a_target_no_lever_reaches_is_answered_with_lower_targets_and_what_it_ne
     # nothing pinned: the planner's levers (ZeRO-3 offload, sequence parallel 8, activation offload, tiled MLP) are
     # the least memory any setting reaches, and still far from it
     least = make_plan("llama-3-8b", 2**24, "full", "8xA100-80GB", sequence_parallel=8)
-    assert least.levers["zero"] == "zero3_offload" and least.levers["offload_activations"] and least.levers["tiled_mlp"]
+    assert least.levers["zero"] == "zero3_offload" and least.levers["offload_activations"]
+    assert least.levers["tiled_mlp"]
     assert main(["plan", *args]) == 1
     card = capsys.readouterr().out
     assert "searched (does not fit)" in card

@@ -69,7 +69,8 @@ def test_every_flag_reaches_its_spec_field():
         "hardware": "1xH100-80GB", "device": "cpu", "attention": "full", "train_mix": "plain", "seed": 3,
         "rope_method": "yarn", "max_steps": 5, "batch_size": 2, "grad_accum": 4, "precision": "bf16",
         "gradient_checkpointing": False, "group_size_ratio": 0.5, "lora_rank": 16, "sequence_parallel": 2,
-        "zero_stage": "zero3", "offload_activations": "on", "tiled_mlp": "off", "max_hours": 1.5, "max_gib": 40.0, "report_to": "tensorboard", "llm_base_url": "http://127.0.0.1:1/v1",
+        "zero_stage": "zero3", "offload_activations": "on", "tiled_mlp": "off", "max_hours": 1.5, "max_gib": 40.0,
+        "report_to": "tensorboard", "llm_base_url": "http://127.0.0.1:1/v1",
         "llm_model": "x",
     }  # fmt: skip
     bare = _spec_from_args(build_parser().parse_args(["plan", "--model", "m", "--target-context", "4096", "--llm",

@@ -26,19 +26,24 @@ LENGTHS = (512, 1024, 2048)  # activations are 80-95 % of the peak here, as at l
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)  # fmt: skip
-CASES = {  # id -> (S2-Attn, levers); the levers this tree's TrainConfig lacks are skipped
-    "s2": (True, {}),
-    "s2+offload": (True, {"offload_activations": True}),
-    "s2+tiled": (True, {"tiled_mlp": True}),
-    "s2+offload+tiled": (True, {"offload_activations": True, "tiled_mlp": True}),
-    "full": (False, {}),
+CASES = {  # id -> (S2-Attn, levers, precision): fp32 every lever on and off; bf16 (fp32 masters, bf16 frozen base
+    # and compute, as on a GPU) for the plain run and the 512k plan's levers, whose formula differs (norm upcasts)
+    "s2": (True, {}, "fp32"),
+    "s2+offload": (True, {"offload_activations": True}, "fp32"),
+    "s2+tiled": (True, {"tiled_mlp": True}, "fp32"),
+    "s2+offload+tiled": (True, {"offload_activations": True, "tiled_mlp": True}, "fp32"),
+    "full": (False, {}, "fp32"),
+    "full+tiled": (False, {"tiled_mlp": True}, "fp32"),
+    "s2-bf16": (True, {}, "bf16"),
+    "s2+offload+tiled-bf16": (True, {"offload_activations": True, "tiled_mlp": True}, "bf16"),
+    "full+tiled-bf16": (False, {"tiled_mlp": True}, "bf16"),
 }
 
 
 def predicted(cfg: TrainConfig, levers: dict[str, bool]) -> tuple[float, float]:
     """(device, host) bytes engine.planning predicts for `cfg`'s shape, exact (MemoryEstimate's unrounded bytes)."""
     est = memory_per_device(
-        arch_from_config(TINY), cfg.target_context, batch=1, precision="fp32", lora=cfg.lora,
+        arch_from_config(TINY), cfg.target_context, batch=1, precision=cfg.precision, lora=cfg.lora,
         loss_chunk_tokens=cfg.loss_chunk_tokens, runtime_overhead_gib=0.0, checkpointing=True,
         attention="s2" if cfg.use_s2_attention else "full", **levers,
     )  # fmt: skip
@@ -60,13 +65,13 @@ def one_thread():
 
 @pytest.mark.parametrize("case", [_case(name) for name in CASES])
 def test_measured_peak_equals_the_planned_one(case, tmp_path, one_thread):
-    s2, levers = CASES[case]
+    s2, levers, precision = CASES[case]
     rows = []
     for length in LENGTHS:
         cfg = TrainConfig(
             output_dir=str(tmp_path / str(length)), base_model="random", target_context=length, use_s2_attention=s2,
             max_steps=2, per_device_batch_size=1, gradient_accumulation_steps=1, warmup_steps=0, save_steps=100,
-            precision="fp32", quiet=True, **levers,
+            precision=precision, quiet=True, **levers,
         )  # fmt: skip
         report = measure_shape(TINY, cfg)
         device, host = predicted(cfg, levers)

@@ -225,14 +225,77 @@ def _check_launch_dry_run(r: Result, ctx: dict) -> None:
     assert recipe.target_context == 32768 and recipe.deepspeed == "engine/deepspeed/zero2.json", recipe
 
 
-def _check_search_card(r: Result, ctx: dict) -> None:
-    """The docs' ```text block shows a subset of each searched plan's card: every line shown is printed."""
-    block = next(m.group(2) for m in FENCE.finditer(docs_text()) if m.group(1) == "text" and
-                 "searched (does not fit)" in m.group(2))  # fmt: skip
-    cards = [c.strip().splitlines() for c in block.split("\n\n") if c.strip()]
-    card = next(c for c in cards if c[0] in r.out)
+def _plan_cards() -> list[list[str]]:
+    """The plan cards the docs' ```text blocks show (a subset of each card's lines, cards separated by blank lines)."""
+    blocks = [m.group(2) for m in FENCE.finditer(docs_text()) if m.group(1) == "text"]
+    return [c.strip("\n").splitlines() for b in blocks for c in b.split("\n\n") if c.strip().startswith("Plan: ")]
+
+
+def _check_card(r: Result, ctx: dict) -> None:
+    """The docs show exactly one card for this command, told apart from the others of the same request by its first
+    line and its `memory levers:` line (which levers were pinned, which the planner chose): every line shown is
+    printed."""
     printed = [line.rstrip() for line in r.out.splitlines()]
-    assert all(line.rstrip() in printed for line in card), (card, r.out)
+    levers = [line for line in printed if line.strip().startswith("memory levers:")]
+    assert len(levers) == 1, r.tail()
+    cards = [c for c in _plan_cards() if c[0] in printed and levers[0] in c]
+    assert len(cards) == 1, (levers[0], cards, r.out)
+    assert all(line.rstrip() in printed for line in cards[0]), (cards[0], r.out)
+
+
+def _check_search_card(r: Result, ctx: dict) -> None:
+    """A plan that does not fit or misses a budget: its docs card (_check_card), and the search's answer printed."""
+    _check_card(r, ctx)
+    searched = r"^  searched \((does not fit|over --max-hours)\): [1-9]\d* plan\(s\) that fit$"
+    assert re.search(searched, r.out, re.M), r.out
+
+
+def _check_levers_card(r: Result, ctx: dict) -> None:
+    """A plan that fits with the memory levers the planner chose: its docs card, and no search."""
+    _check_card(r, ctx)
+    assert "(fits)" in r.out and "(planner)" in r.out and "searched" not in r.out, r.out
+
+
+def _levers_table_rows() -> list[tuple[str, ...]]:
+    """The docs' one-H100 memory-levers table: (model, longest levers off, longest with levers, 524,288, step)."""
+    rows = re.findall(r"^\| (Llama-[\w.-]+) \|([^|]+)\|([^|]+)\|([^|]+)\|([^|]+)\|$", docs_text(), re.M)
+    assert len(rows) >= 2, rows
+    return [tuple(c.strip() for c in row) for row in rows]
+
+
+LEVER_WORDS = {"zero3_offload": "ZeRO-3 + CPU offload", "offload_activations": "activation offload",
+               "tiled_mlp": "tiled MLP"}  # fmt: skip
+
+
+def _run_levers_table(ctx: dict) -> None:
+    """Every row of the docs' one-H100 table, from the planner: `longpilot plan --model M --target-context 524288
+    --hardware 1xH100-80GB --json`, levers pinned off and left to the planner."""
+    off = "--zero-stage none --offload-activations off --tiled-mlp off"
+    for model, before, now, at_512k, step in _levers_table_rows():
+        plans = {}
+        for name, extra in (("off", off), ("auto", "")):
+            r = _execute(Step(f"longpilot plan --model {model.lower()} --target-context 524288 "
+                              f"--hardware 1xH100-80GB --json {extra}"), ctx)  # fmt: skip
+            plans[name] = json.loads(r.out)["plan"]
+            assert r.rc == (1 if name == "off" else 0), r.tail()
+        p0, p = plans["off"], plans["auto"]
+        lv = p["levers"]
+        on = [LEVER_WORDS[lv["zero"]]] if lv["zero"] in LEVER_WORDS else []
+        on += [LEVER_WORDS[k] for k in ("offload_activations", "tiled_mlp") if lv[k]]
+        seconds = p["tokens_per_step"] / p["tokens_per_s"]
+        want = (f"{p0['longest_target']:,} (524,288 needs {p0['memory']['total_gib']:.1f} GiB)",
+                f"{p['longest_target']:,}",
+                f"fits: {p['memory']['total_gib']:.1f} GiB, {p['memory']['host_gib']:.1f} GiB host; {', '.join(on)}",
+                f"{seconds:,.0f} s ({p['tokens_per_step'] // 524288} x 524,288 tokens)")  # fmt: skip
+        assert p["fits"] and lv["sequence_parallel"] == 1 and set(lv["chosen_by_planner"]) >= {"zero"}, lv
+        documented = (before, now, at_512k, step)
+        assert documented == want, f"docs row {model}: {documented}; planner: {want}"
+        if model == "Llama-3-8B":  # the README's and results.md's headline rows quote the same plan
+            gib, host = f"{p['memory']['total_gib']:.1f}", f"{p['memory']['host_gib']:.1f}"
+            assert f"fits *predicted*: {gib} GiB + {host} GiB of host memory" in README.read_text(), want
+            results = (DOCS / "results.md").read_text()
+            assert f"it fits: {gib} GiB and {host} GiB of host memory" in results and want[3].split(" (")[0] in results
+            assert f"longest target {now} ({p0['longest_target']:,} with the levers off)" in results, want
 
 
 def _check_sp_cluster(r: Result, ctx: dict) -> None:
@@ -440,6 +503,11 @@ SERVE = (
     "longpilot serve [--host 127.0.0.1] [--port 8000] [--model BASE] [--runs-dir runs] [--max-loaded N] "
     "[--api-key KEY] [--adapter NAME=DIR ...]"
 )
+PLAN_512K = "longpilot plan --model llama-3-8b --target-context 524288 --hardware 1xH100-80GB"
+PLAN_262K = "longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full"
+PLAN_64K_PINNED = ("longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke "
+                   "--zero-stage none --offload-activations off --tiled-mlp off")  # fmt: skip
+PLAN_262K_PINNED = f"{PLAN_262K} --zero-stage zero3 --offload-activations off --tiled-mlp off --sequence-parallel 1"
 SP_CLUSTER = ("longpilot plan --model llama-3-8b --target-context 1048576 --hardware 16xA100-80GB --grad-accum 64 "
               "--sequence-parallel 8")
 
@@ -613,15 +681,23 @@ COMMANDS: dict[str, Entry] = {
     "longpilot resume RUN_DIR --yes": Entry("the `longpilot resume RUN_DIR [--yes]` entry", same_as=RUN),
     "longpilot app": Entry("the README's one-liner: the `longpilot app [--host ...]` entry", same_as=APP),
     "longpilot serve": Entry("the README's one-liner: the `longpilot serve [--host ...]` entry", same_as=SERVE),
-    "longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke": Entry(
-        "as written; exit 1 (the plan does not fit), the README's card lines printed",
-        steps=(Step("longpilot plan --model llama-3-8b --target-context 65536 --hardware 1xH100-80GB --profile smoke",
-                    rc=1, check=_check_search_card),),  # fmt: skip
+    PLAN_512K: Entry(
+        "as written: exit 0, the planner's memory levers, the docs' card lines printed; then every row of the docs' "
+        "one-H100 levers table from the planner (--json, levers pinned off: exit 1; left to the planner: exit 0)",
+        steps=(Step(PLAN_512K, check=_check_levers_card),),
+        custom=_run_levers_table,
     ),
-    "longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full": Entry(
-        "as written; exit 1 (the plan does not fit), the README's card lines printed",
-        steps=(Step("longpilot plan --model llama-3-8b --target-context 262144 --hardware 8xA100-80GB --profile full",
-                    rc=1, check=_check_search_card),),  # fmt: skip
+    PLAN_262K: Entry(
+        "as written: exit 0 (the planner turns activation offload on), the docs' card lines printed",
+        steps=(Step(PLAN_262K, check=_check_levers_card),),
+    ),
+    PLAN_64K_PINNED: Entry(
+        "as written: exit 1 (the pinned levers do not fit), the search's card lines printed",
+        steps=(Step(PLAN_64K_PINNED, rc=1, check=_check_search_card),),
+    ),
+    PLAN_262K_PINNED: Entry(
+        "as written: exit 1 (the pinned levers do not fit), the search's card lines printed (sequence parallel 2)",
+        steps=(Step(PLAN_262K_PINNED, rc=1, check=_check_search_card),),
     ),
     SP_CLUSTER: Entry(
         "as written (16 GPUs on two nodes, planned only): it fits and prints the README's hostfile launch line",
@@ -639,7 +715,7 @@ COMMANDS: dict[str, Entry] = {
                Step('longpilot resume {tmp}/revise --request "use rank 16"', rc=3, check=_check_revised)),
     ),
     "longpilot plan --model llama-2-7b --target-context 65536 --hardware 8xA100-80GB --max-hours 45": Entry(
-        "as written (the plan fits, over the budget), the README's card lines printed",
+        "as written (the plan fits, over the budget: exit 0), the search's card lines printed",
         steps=(Step("longpilot plan --model llama-2-7b --target-context 65536 --hardware 8xA100-80GB --max-hours 45",
                     check=_check_search_card),),  # fmt: skip
     ),

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agents.roles.plan_alternatives import card_lines, lever_kwargs, search_document
+from agents.roles.plan_alternatives import ZERO_WORDS, card_lines, lever_kwargs, search_document
 from agents.roles.rope_planner import rope_card_lines
 from engine.catalog import PROFILES
 from engine.planning.cost import duration
@@ -127,7 +127,7 @@ def make_plan_document(spec: Spec, run_dir: str | Path, *, measure_rope: bool = 
     plan = make_plan(
         arch_reference(spec.base_model), spec.target_context, profile, hardware,
         output_dir=str(run_dir / TRAIN_DIR), dataset_dir=str(run_dir / DATA_DIR), base_model_ref=spec.base_model,
-        attention=spec.attention, **lever_kwargs(spec),
+        attention=spec.attention, max_gib=spec.max_gib, **lever_kwargs(spec),
     )  # fmt: skip
     doc = plan.to_dict()
     doc["alternatives"], doc["search"] = search_document(spec, plan)  # when it does not fit or misses a budget
@@ -183,15 +183,18 @@ def host_phrase(plan: dict[str, Any]) -> str:
 
 
 def lever_lines(plan: dict[str, Any]) -> list[str]:
-    """The memory levers the plan runs with (who chose them and why) and the longest target this hardware fits."""
+    """The memory levers the plan runs with (who set each, and why the planner turned one on) and the longest target
+    this hardware fits with the levers allowed."""
     levers = plan.get("levers") or {}
     if not levers:  # a plan.json written before the planner chose levers
         return []
-    on = [words for name, words in (("offload_activations", "activation offload"), ("tiled_mlp", "tiled MLP"))
-          if levers.get(name)]  # fmt: skip
-    chosen = [n.replace("_", " ") for n in levers.get("chosen_by_planner", [])]
-    lines = [f"  memory levers: {', '.join(on) if on else 'no activation offload or tiling'}; "
-             f"{'chosen by the planner: ' + ', '.join(chosen) if chosen else 'all pinned by the request'}"]
+    chosen = set(levers.get("chosen_by_planner", []))
+    words = {"zero": ZERO_WORDS.get(levers["zero"], levers["zero"]),
+             "sequence_parallel": f"sequence parallel {levers['sequence_parallel']}",
+             "offload_activations": f"activation offload {'on' if levers['offload_activations'] else 'off'}",
+             "tiled_mlp": f"tiled MLP {'on' if levers['tiled_mlp'] else 'off'}"}  # fmt: skip
+    said = [f"{text} ({'planner' if name in chosen else 'pinned'})" for name, text in words.items()]
+    lines = [f"  memory levers: {', '.join(said)}"]
     lines += [f"    why {reason}" for reason in levers.get("reasons", [])]
     if plan.get("longest_target"):
         lines.append(f"  longest target that fits on {plan['hardware']['name']} with these levers: "

@@ -31,6 +31,7 @@ from agents.server.models_index import ModelsIndex, RunGoneError, RunNotVerified
 from agents.server.schemas import ChatRequest, CompletionRequest, _Body  # noqa: F401  (the request bodies)
 from agents.server.shaping import Prompt, completion_body, sse, stream_events
 from engine.serving import ContextLengthError, JobGroup, ServingWorker, UnknownModelError, chat_ids, text_ids
+from engine.serving.pool import AdapterVerificationError
 from engine.serving.worker import QueueFullError
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,13 @@ async def _known(runner: RequestRunner, index: ModelsIndex, model_id: str) -> No
 
 def _generation_failed(err: Exception) -> ApiError:
     """A failed generation's 500: the error's kind, never its text, which may carry a server path (an adapter's file
-    gone between its check and its load); the worker logged it whole."""
+    gone between its check and its load); the worker logged it whole. A run's adapter that failed verification when it
+    loaded, or was refused while the request waited, is the 409 (404: removed) `_known` gives; those messages name no
+    path."""
+    if isinstance(err, (AdapterVerificationError, RunNotVerifiedError)):
+        return ApiError(409, str(err), "invalid_request_error", "model", "model_verification_failed")
+    if isinstance(err, RunGoneError):
+        return ApiError(404, str(err), "not_found_error", "model", "model_not_found")
     return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details", "server_error")
 
 
@@ -244,4 +251,6 @@ def build_app(worker: ServingWorker, index: ModelsIndex, api_key: str | None = N
     app.add_middleware(RequestGuard, api_key=api_key, limits=limits)  # pure ASGI: runs before the body is read
     _add_error_handlers(app)
     _add_routes(app, worker, index, _authorisation(api_key), runner)
+    if index.on_refuse is None:  # a refused run's weights leave the worker's pool, between two steps
+        index.on_refuse = worker.drop
     return app

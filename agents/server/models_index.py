@@ -10,7 +10,11 @@ Verified at use, not only at listing: before every request for a run (`check`) t
 file of its artifact (size, mtime, ctime, inode: ctime moves on any write, even one that puts the old mtime back) is
 compared with the one taken when it was verified; on a change the artifact is hashed against the manifest again. A
 run removed since is a 404; one whose bytes, recorded digest or checks changed is refused (409) and never served
-again by this process (the pool may hold a copy loaded from the old bytes; a restart loads the new ones).
+again by this process (a restart serves the new bytes), and its weights leave the pool (`on_refuse`: the server wires
+ServingWorker.drop, which frees them between two steps). Verified at load too: a run is registered with the sha256
+of each of its adapter's files, taken in the same pass whose directory digest matched the manifest's, and the pool
+hashes the bytes it loads against them (engine.serving.pool.ModelPool.register), so files swapped between a
+request's check and the load are refused then (AdapterVerificationError, the same 409).
 
 Nothing outside the runs directory is followed for a run: a run directory or manifest that is a symlink, an artifact
 path that is absolute or climbs with `..`, and any file of the artifact resolving outside the runs directory make the
@@ -20,15 +24,17 @@ run unserved, with one warning. A manifest that cannot be read is skipped with o
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from engine.model.loading import resolve_model
 from engine.model.lora import check_adapter_base
 from engine.serving import UnknownModelError
-from sop.manifest import MANIFEST_FILE, Manifest
+from sop.manifest import MANIFEST_FILE, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class _Run:
     adapter: Path
     sha256: str  # the training artifact's recorded digest when it was verified
     stamp: tuple  # _stamp(...) of its manifest and artifact files then
+    files: dict[str, str]  # sha256 of each adapter file, by its path in the adapter directory (what the pool checks)
 
 
 def parse_adapter_flag(text: str) -> tuple[str, Path]:
@@ -91,6 +98,16 @@ def _stamp(run_dir: Path, artifact: Path) -> tuple:
     return tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for p in paths if (s := p.lstat()))
 
 
+def _file_digests(artifact: Path) -> dict[str, str]:
+    """sha256 of every file under the artifact directory, by relative POSIX path (sop.manifest.sha256_path's lines)."""
+    return {p.relative_to(artifact).as_posix(): sha256_file(p) for p in artifact.rglob("*") if p.is_file()}
+
+
+def _tree_digest(files: dict[str, str]) -> str:
+    """The directory digest sop.manifest.sha256_path computes, from the per-file digests."""
+    return hashlib.sha256("".join(sorted(f"{rel} {digest}\n" for rel, digest in files.items())).encode()).hexdigest()
+
+
 def _training_entry(run_dir: Path) -> tuple[Manifest, dict] | None:
     """The manifest and its `training` entry (None: not finished); _Unreadable for a manifest of the wrong shape."""
     try:
@@ -119,7 +136,7 @@ def _judge(run_dir: Path, base_ref: str, root: Path) -> _Run | None:
     found = _training_entry(run_dir)
     if found is None:
         return None
-    manifest, entry = found
+    _, entry = found
     if _artifact_outside(run_dir, entry["path"], root):
         log.warning("run %s not served: its training artifact lies outside the runs directory", run_dir.name)
         return None
@@ -128,15 +145,25 @@ def _judge(run_dir: Path, base_ref: str, root: Path) -> _Run | None:
         stamp = _stamp(run_dir, artifact)  # before hashing: a write during the hash changes the next stamp
     except OSError:
         return None
-    if not manifest.is_verified("training"):
+    if not all(isinstance(c, dict) and c.get("passed") for c in entry["checks"]) or not artifact.is_dir():
+        return None
+    try:  # what Manifest.is_verified does, keeping the per-file digests that the pool checks each load against
+        files = _file_digests(artifact)
+    except OSError:
+        return None
+    if _tree_digest(files) != entry["sha256"]:
         return None
     adapter = artifact / ADAPTER_IN_TRAINING
+    prefix = f"{ADAPTER_IN_TRAINING}/"
     try:
         recorded, _ = check_adapter_base(adapter)
     except (ValueError, OSError) as err:
         log.warning("run %s: adapter not servable (%s)", run_dir.name, err)
         return None
-    return _Run(adapter, entry["sha256"], stamp) if same_base(recorded, base_ref) else None
+    if not same_base(recorded, base_ref):
+        return None
+    return _Run(adapter, entry["sha256"], stamp, {k.removeprefix(prefix): v for k, v in files.items()
+                                                  if k.startswith(prefix)})  # fmt: skip
 
 
 def finished_adapter(run_dir: Path, base_ref: str, root: Path | None = None) -> Path | None:
@@ -155,10 +182,17 @@ def finished_adapter(run_dir: Path, base_ref: str, root: Path | None = None) -> 
 
 class ModelsIndex:
     """Keeps a ModelPool's registry in step with the runs directory (and the --adapter flags, registered once), and
-    checks a run again each time it is used."""
+    checks a run again each time it is used.
 
-    def __init__(self, pool, runs_dir: str | Path | None, adapters: dict[str, Path] | None = None) -> None:
+    Args:
+        on_refuse: called with (model id, error) when a served run is refused, to free its weights: the HTTP app
+            (agents.server.http_app.build_app) sets ServingWorker.drop when none is given.
+    """
+
+    def __init__(self, pool, runs_dir: str | Path | None, adapters: dict[str, Path] | None = None,
+                 on_refuse: Callable[[str, Exception], None] | None = None) -> None:  # fmt: skip
         self.pool, self.runs_dir = pool, Path(runs_dir) if runs_dir else None
+        self.on_refuse = on_refuse
         self._seen: dict[str, int | None] = {}  # run id -> manifest mtime when last judged (re-hashing costs)
         self._runs: dict[str, _Run] = {}  # runs served by their id
         self._refused: dict[str, Exception] = {}  # runs no longer served, and why
@@ -224,8 +258,8 @@ class ModelsIndex:
         if run is None or run_dir.name in self.pool.model_ids():
             return
         try:
-            self.pool.register(run_dir.name, run.adapter)
-        except ValueError as err:
+            self.pool.register(run_dir.name, run.adapter, expected=run.files)
+        except ValueError as err:  # AdapterVerificationError included: its config changed since it was hashed
             log.warning("run %s not served: %s", run_dir.name, err)
             return
         self._runs[run_dir.name] = run
@@ -255,4 +289,6 @@ class ModelsIndex:
         log.warning("run %s no longer served: %s", model_id, err)
         self._refused[model_id] = err
         self._runs.pop(model_id, None)
+        if self.on_refuse is not None:
+            self.on_refuse(model_id, err)
         raise err

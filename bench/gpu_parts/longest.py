@@ -88,7 +88,8 @@ def run(shapes: ModelShapes) -> Any:
         precision = "bf16" if shapes.dtype == torch.bfloat16 else "fp32"
         planned = planner_longest(shapes)
         record.update(planner_longest=planned, step=shapes.longest_step, cap=shapes.longest_cap, trained=None,
-                      failed=None, capacity_gib=round(device_memory_gib(shapes), 2), levers=list(shapes.levers))  # fmt: skip
+                      failed=None, capacity_gib=round(device_memory_gib(shapes), 2),
+                      levers=list(shapes.levers))  # fmt: skip
         flop_rate = peak * 1e12 * shapes.assumed_mfu
         trained, failed = 0, None
         probe: int | None = planned or shapes.longest_step

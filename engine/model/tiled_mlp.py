@@ -13,9 +13,9 @@ tile's forward again with grad, while the plain forward (and a checkpoint's reco
 
 The layer's two RMSNorms are per-token too and run the same way (TILED_NORMS): their fp32 upcasts and backward
 temporaries then live for one tile. How it is applied: `tile_mlps(model)` puts a `TiledRows` in place of each decoder
-layer's `mlp` and norms (on the instance; no class is patched). It holds the original's submodules under their own names, so parameter names, the state dict and
-peft's adapter keys stay exactly as they were, and runs the original class's forward on itself, so what peft injects
-or merges there is what runs. `untile_mlps` puts the originals back.
+layer's `mlp` and norms (on the instance; no class is patched). It holds the original's submodules under their own
+names, so parameter names, the state dict and peft's adapter keys stay exactly as they were, and runs the original
+class's forward on itself, so what peft injects or merges there is what runs. `untile_mlps` puts the originals back.
 
 Why not DeepSpeed's `TiledMLP` (deepspeed/runtime/sequence_parallel/ulysses_sp.py): it is written to be patched
 onto `LlamaMLP.forward` (a class patch); its backward recomputes without the forward's autocast state (our bf16 runs

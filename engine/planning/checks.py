@@ -25,8 +25,9 @@ def plan_document_checks(plan: Mapping[str, Any]) -> list[CheckResult]:
     # and the training config must train at that target.
     factor_ok = abs(factor * native - target) <= 1e-6 * target and plan["train_config"]["target_context"] == target
     return [
-        CheckResult("memory_fits", mem <= cap and host <= host_cap, f"{mem:.1f} GiB predicted per device of {cap:g} "
-                    f"GiB ({stage})" + (f", {host:.1f} GiB of host memory per device of {host_cap:g}" if host else "")),
+        CheckResult("memory_fits", mem <= cap and host <= host_cap,
+                    f"{mem:.1f} GiB predicted per device of {cap:g} GiB ({stage})"
+                    + (f", {host:.1f} GiB of host memory per device of {host_cap:g}" if host else "")),
         CheckResult("factor_consistent", factor_ok, f"factor {factor:g} x native {native} vs target {target}"),
         CheckResult(
             "group_size_valid", 2 <= group == expected, f"G = {group}, floor(L x ratio) = {expected}, need >= 2"

@@ -107,7 +107,7 @@ def _pinned_or(pinned: dict, name: str, free: tuple[bool, ...]) -> tuple[bool, .
 
 def choose_levers(
     a: ArchConfig, hw: HardwareProfile, profile: Profile, target: int, *, lora: LoraPlusConfig, checkpointing: bool,
-    flops_per_token: float, pinned: dict,
+    flops_per_token: float, pinned: dict, max_gib: float | None = None,
 ) -> LeverChoice:
     """The fastest setting that fits (device and host memory), else the one needing the least device memory.
 
@@ -129,6 +129,8 @@ def choose_levers(
         )  # fmt: skip
         options.append((lv, memory, _seconds_per_token(a, hw, profile, target, lv, checkpointing, flops_per_token, w)))
     fitting = [o for o in options if fits(o[1], hw)]
+    if max_gib is not None:  # a memory budget: the levers that meet it, when some do (else the search says what)
+        fitting = [o for o in fitting if o[1].total_gib <= max_gib] or fitting
     pool = fitting or options
     key = (lambda o: (o[2], o[0].complexity(), o[1].total_gib)) if fitting else (lambda o: (o[1].total_gib, o[2]))
     lv, memory, spt = min(pool, key=key)
@@ -171,9 +173,11 @@ def _reasons(
             detail = f"the fastest plan without it is {min(fitting) / mine - 1:.1%} slower"
         else:
             need = min(without, key=lambda ms: ms[0].total_gib)[0]
-            detail = f"without it the least any setting needs is {need.total_gib:.1f} GiB per device of " \
-                f"{hw.memory_gib:g}" if need.total_gib > hw.memory_gib else \
-                f"without it the host would need {need.host_gib:.1f} GiB per device of {hw.host_memory_gib:g}"  # fmt: skip
+            if need.total_gib > hw.memory_gib:
+                detail = f"without it the least any setting needs is {need.total_gib:.1f} GiB per device of " \
+                    f"{hw.memory_gib:g}"  # fmt: skip
+            else:
+                detail = f"without it the host would need {need.host_gib:.1f} GiB per device of {hw.host_memory_gib:g}"
         out.append(f"{name} {_value(getattr(lv, name))}: {detail}")
     return tuple(out)
 

@@ -212,8 +212,8 @@ def _plan_notes(
                      "not overlapped")  # fmt: skip
     if lv.offload_activations:
         notes.append(f"activation offload: the checkpointed layer inputs ({choice.memory.host_gib:,.1f} GiB per "
-                     f"device with ZeRO's) live in pinned host memory, copied over the {hw.host_link_gb_s:g} GB/s host "
-                     f"link alongside compute; {moved['activation_offload']:,.0f} s a step not hidden")  # fmt: skip
+                     f"device with ZeRO's) live in pinned host memory, copied over the {hw.host_link_gb_s:g} GB/s "
+                     f"host link alongside compute; {moved['activation_offload']:,.0f} s a step not hidden")
     if lv.tiled_mlp:
         notes.append("tiled MLP: the MLP runs over sequence tiles, its backward re-running each tile's forward (one "
                      "more MLP forward a layer, counted)")  # fmt: skip
@@ -245,6 +245,7 @@ def make_plan(
     offload_activations: bool | None = None,
     tiled_mlp: bool | None = None,
     longest: bool = True,
+    max_gib: float | None = None,
 ) -> Plan:
     """Plan a LongLoRA run: RoPE factor, S2 group, LoRA+, schedule, memory levers, memory, time, config, command.
 
@@ -255,7 +256,8 @@ def make_plan(
     (`attention_costs`; memory is the same). Sequence parallelism P > 1: DeepSpeed Ulysses over groups of P ranks
     (engine.planning.sequence_parallel), n / P data parallel; a degree the planner chose keeps the global batch by
     multiplying accumulation by P, a pinned one keeps the profile's batch and accumulation. `longest`: also find the
-    longest target this hardware fits with the levers allowed (`longest_target`; the search turns it off).
+    longest target this hardware fits with the levers allowed (`longest_target`; the search turns it off). `max_gib`:
+    a memory budget per device the lever choice meets when some setting can (`fits` stays the hardware's).
 
     Raises:
         ValueError: unknown arch/profile/hardware/RoPE method/ZeRO stage, target <= native context or above
@@ -271,7 +273,7 @@ def make_plan(
     group = _checked_group_size(a, hw, target_context, rope_method, attention, group_size_ratio, pinned, ckpt)
     flops = _train_flops_by_attention(a, target_context, group_size_ratio, lora, ckpt)
     choice = choose_levers(a, hw, profile, target_context, lora=lora, checkpointing=ckpt,
-                           flops_per_token=flops[attention], pinned=pinned)  # fmt: skip
+                           flops_per_token=flops[attention], pinned=pinned, max_gib=max_gib)  # fmt: skip
     lv = choice.levers
     sp = lv.sequence_parallel
     if sequence_parallel is None and sp > 1:  # the planner's degree keeps the global batch the profile asked for

@@ -3,17 +3,20 @@
 Why a search rather than advice: "lower the target or buy more memory" leaves the user to do the arithmetic the
 planner already knows. Every lever here is one the engine executes (a TrainConfig field, a DeepSpeed JSON, a device
 count), each candidate is priced by the same engine.planning.plan.make_plan as the request, and what comes back is a
-short list of plans that fit, ranked by predicted time, each saying what it changed. Activation offload is not a lever:
-the engine does not have it.
+short list of plans that fit, ranked by predicted time, each saying what it changed. The memory levers (the ZeRO stage
+and CPU offload, activation offload, the tiled MLP) are make_plan's: engine.planning.levers chooses those the request
+left unpinned, fastest fitting first, for each candidate, and the search keeps the request's pinned memory levers in
+every candidate (pinned_memory_levers). So the search runs when the request does not fit (its pinned levers rule out
+every setting that would, or none would) or misses a budget.
 
-Levers: precision (bf16 for an fp32 request on a GPU), the ZeRO stage and CPU offload (make_plan takes the cheapest
-stage that fits), per-device batch (accumulation keeps the global batch), LoRA rank, device count (1, 2, 4, 8 of the
-same GPU), the Ulysses sequence-parallel degree P (engine.planning.sequence_parallel: every degree the model and device
-count allow; accumulation grows with P to keep the global batch, data parallel being n / P; a larger P is offered only
-when it is meaningfully faster than the smallest that fits, since its all-to-all traffic grows and beyond a node it
-crosses InfiniBand), and, with a time budget, gradient checkpointing off and a smaller S2 group (1/8); a lower target
-only when nothing fits at the one asked for. A target no lever reaches is answered with the smallest catalog hardware
-that holds it, or the memory per device it needs.
+Levers: precision (bf16 for an fp32 request on a GPU), per-device batch (accumulation keeps the global batch), LoRA
+rank, device count (1, 2, 4, 8 of the same GPU), the Ulysses sequence-parallel degree P
+(engine.planning.sequence_parallel: every degree the model and device count allow; accumulation grows with P to keep
+the global batch, data parallel being n / P; a larger P is offered only when it is meaningfully faster than the
+smallest that fits, since its all-to-all traffic grows and beyond a node it crosses InfiniBand), and, with a time
+budget, gradient checkpointing off and a smaller S2 group (1/8); a lower target only when nothing fits at the one
+asked for. A target no lever reaches is answered with the smallest catalog hardware that holds it, or the memory per
+device it needs.
 """
 
 from __future__ import annotations
@@ -277,7 +280,7 @@ def _evaluate(
     fitting = []
     for lv in _candidates(req, base.arch, base.hardware.gpu, max_hours is not None, targets):
         if lv != req:
-            plan = _plan_or_none(base, lv, **kwargs)
+            plan = _plan_or_none(base, lv, max_gib=max_gib, **kwargs)
             if plan is not None and _fits(plan, max_hours, max_gib):
                 fitting.append(Alternative(lv, lv.changed_from(req), plan))
     return [c for c in fitting if not _dominated(c, fitting)]
@@ -290,5 +293,5 @@ def search_request(
     budgets = {k: kwargs.pop(k) for k in ("max_hours", "max_gib") if k in kwargs}
     a = resolve_arch(arch) if isinstance(arch, str) else arch
     profile = PROFILES[profile] if isinstance(profile, str) else profile
-    base = make_plan(a, target_context, profile, resolve_hardware(hardware), **kwargs)
+    base = make_plan(a, target_context, profile, resolve_hardware(hardware), max_gib=budgets.get("max_gib"), **kwargs)
     return base, search(base, **budgets)

@@ -174,6 +174,9 @@ class ModelPool:
             self._expected.pop(model_id, None)
         if self._loaded.pop(model_id, None) is not None:
             self.peft.delete_adapter(model_id)
+            if not self.peft.peft_config:  # peft cannot add to a model left with no adapter: back to the plain base
+                self.peft.base_model.unload()
+                self.peft = None
             self._targets = None
             log.info("dropped adapter %s", model_id)
 

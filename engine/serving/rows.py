@@ -1,32 +1,40 @@
 """One forward, many models: each row of a batch runs its own LongLoRA adapter (or the base) and its own RoPE.
 
 A LongLoRA adapter differs from the base in three places, and each gets a per-row form here:
-- LoRA on the attention projections: peft's mixed-adapter batches, the `adapter_names` keyword its LoRA layers take
-  (one name per row, `"__base__"` for the base), passed by a forward pre-hook on every LoRA layer;
+- LoRA on the attention projections: `GroupedLora` stands in for each peft LoRA Linear, and computes every
+  adapter's LoRA of the step in two matmuls (the adapters' A and B side by side, each row masked to its own
+  adapter's columns); a layer it cannot reproduce (DoRA or another LoRA variant, a LoRA bias, merged weights) keeps
+  peft's mixed-adapter batches, the `adapter_names` keyword (one name per row, `"__base__"` for the base) passed by
+  a forward pre-hook;
 - the `modules_to_save` copies of the embeddings, the norms and a tied lm_head: peft's own mixed batches refuse
   anything but Linear/Embedding/Conv (peft 0.21 `AuxiliaryTrainingWrapper._mixed_batch_forward`: "Mixed batching
-  is only supported for..."), so a norm cannot go through them. `RowModules` stands in for each wrapper during the
-  forward instead: every model's own copy (the wrapper's `original_module` for the base) runs on that model's rows;
+  is only supported for..."), so a norm cannot go through them. A norm whose weight only scales its output (an
+  RMSNorm) runs once over the batch with each row's own weight gathered (`RowNorm`); any other wrapper is stood in
+  for by `RowModules`: every model's own copy (the wrapper's `original_module` for the base) runs on its rows;
 - RoPE: `RowRotary` stands in for the rotary module, and each model's rotary module computes cos/sin of its rows.
 
 The stand-ins are set as instance attributes of their parent modules for one forward and put back after it (the
 same swap engine.serving.pool does for one model), so no transformers or peft class is patched, and peft's own
-bookkeeping (load, delete, set_adapter) always sees its wrappers. Each model's rows run the very modules they run
-alone, so a row's numbers differ from its single-request ones only where a kernel sums differently over a taller
-batch (the matmuls of the base weights).
+bookkeeping (load, delete, set_adapter) always sees its wrappers. A row's numbers differ from its single-request
+ones only in rounding: a kernel sums differently over a taller batch (the base weights' matmuls), and the grouped
+LoRA folds the scaling into B and sums the adapter's r products in one matmul (tests/engine/test_batching.py holds
+them to 1e-4).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in `adapter_names`
-PER_ROW_ROPE = ("dynamic", "longrope")  # RoPE whose tables depend on the sequence length seen: computed row by row
+PER_ROW_ROPE = ("dynamic", "longrope")
+OWN_PRODUCT_ROWS = 16  # an adapter with this many rows in a step (a prompt chunk) gets peft's own LoRA product  # RoPE whose tables depend on the sequence length seen: computed row by row
 
 
 def row_groups(names: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
@@ -51,11 +59,12 @@ def _scatter(groups: list[tuple[str, torch.Tensor]], run, n_rows: int) -> torch.
 
 
 class RowModules(torch.nn.Module):
-    """Stands in for one peft `ModulesToSaveWrapper`: each model's copy runs on that model's rows."""
+    """Stands in for one peft `ModulesToSaveWrapper`: each model's copy runs on that model's rows (through
+    `call(copy, rows)` when given, e.g. engine.serving.batch's lm_head product)."""
 
-    def __init__(self, wrapper: ModulesToSaveWrapper, groups: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, wrapper: ModulesToSaveWrapper, groups: list[tuple[str, torch.Tensor]], call=None) -> None:
         super().__init__()
-        self.wrapper, self.groups = wrapper, groups
+        self.wrapper, self.groups, self.call = wrapper, groups, call
 
     def _module(self, name: str) -> torch.nn.Module:
         return self.wrapper.original_module if name == BASE_ROW else self.wrapper.modules_to_save[name]
@@ -63,6 +72,8 @@ class RowModules(torch.nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         def run(name: str, idx: torch.Tensor | None) -> torch.Tensor:
             rows = x if idx is None else x.index_select(0, idx.to(x.device))
+            if self.call is not None:
+                return self.call(self._module(name), rows)
             return self._module(name)(rows, *args, **kwargs)
 
         return _scatter(self.groups, run, x.shape[0])
@@ -96,6 +107,125 @@ class RowRotary(torch.nn.Module):
         return both[:, 0], both[:, 1]  # cos, sin: (rows, T, D) each
 
 
+class _LoraSet:
+    """One LoRA layer's adapters of a step, side by side: `a_cat` (R, in) every adapter's lora_A weight stacked,
+    `b_cat` (out, R) every lora_B weight side by side, `scales` (R,) each column's adapter's scaling (alpha/r, or
+    alpha/sqrt(r) with rslora: peft's `scaling`), `spans[name]` the adapter's columns. Weights in peft's own layout,
+    so the products go through the same F.linear as peft's lora_A / lora_B."""
+
+    def __init__(self, a_cat: torch.Tensor | None, b_cat: torch.Tensor | None, spans: dict[str, tuple[int, int]],
+                 scales: torch.Tensor | None = None):
+        self.a_cat, self.b_cat, self.spans, self.scales = a_cat, b_cat, spans, scales
+        self.layout = tuple((name, *span) for name, span in spans.items())  # the key of its row mask
+
+    @staticmethod
+    def build(layer: LoraLayer, adapters: tuple[str, ...]) -> _LoraSet | None:
+        """The grouped weights of `adapters` in `layer`, or None where GroupedLora would not compute what peft does:
+        not a plain peft LoRA Linear, merged weights, a LoRA variant (DoRA and the like), a LoRA bias, or dropout
+        still active (training mode). Those layers keep peft's own mixed batch."""
+        if type(layer) is not LoraLinear or layer.merged:
+            return None
+        a, b, scales, spans, at = [], [], [], {}, 0
+        for name in adapters:
+            if name not in layer.lora_A:  # this adapter does not adapt this layer: its rows get no LoRA here
+                continue
+            lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+            if (name in layer.lora_variant or layer.use_dora.get(name) or type(lora_a) is not torch.nn.Linear
+                    or type(lora_b) is not torch.nn.Linear or lora_a.bias is not None or lora_b.bias is not None
+                    or (drop.training and not isinstance(drop, torch.nn.Identity))):  # fmt: skip
+                return None
+            r = lora_a.weight.shape[0]
+            a.append(lora_a.weight)
+            b.append(lora_b.weight)
+            scales.append(torch.full((r,), float(layer.scaling[name]), dtype=lora_b.weight.dtype))
+            spans[name] = (at, at + r)
+            at += r
+        if not spans:
+            return _LoraSet(None, None, {})
+        return _LoraSet(torch.cat(a, 0), torch.cat(b, 1), spans, torch.cat(scales))
+
+
+class GroupedLora(torch.nn.Module):
+    """Stands in for one peft LoRA Linear during a mixed forward: the base layer on every row, then the LoRA of every
+    adapter with few rows in the step (decoding requests) in two matmuls, ((x @ A_cat) * mask) @ B_cat, where row
+    i's mask keeps only its own adapter's columns (a base row's keeps none: it gets exactly the base layer's output).
+    An adapter with many rows (a prompt chunk, `own` here) gets peft's own per-adapter product on its rows, as
+    peft's mixed batch computes it: the product is big enough to be efficient, and a prompt's rows then compute
+    exactly what the adapter alone computes, so a prefill adds no rounding.
+
+    Why not peft's own mixed batch (`adapter_names`) for every row: it loops over the adapters of the batch and for
+    each one gathers its rows, runs lora_A and lora_B on them and scatters the result back: several small ops per
+    adapter, per LoRA layer, per step. On CPU each op has a fixed cost far above its arithmetic (an OpenMP region on
+    a loaded machine costs up to milliseconds), which made a mixed decode step twice a base one. Here it is two
+    matmuls and one multiply per layer whatever the number of adapters; the extra arithmetic (every row times every
+    adapter's r columns) is negligible next to the base weights at LongLoRA's ranks.
+    """
+
+    def __init__(self, layer: LoraLayer, weights: _LoraSet, mask: torch.Tensor,
+                 own: list[tuple[str, torch.Tensor]]) -> None:  # fmt: skip
+        super().__init__()
+        self.layer, self.weights, self.mask, self.own = layer, weights, mask, own
+        self.row_scale = None if mask is None else (mask * weights.scales).amax(-1, keepdim=True)  # base rows: 0
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer, w = self.layer, self.weights
+        result = layer.base_layer(x, *args, **kwargs)
+        if self.mask is not None:
+            low = torch.nn.functional.linear(x.to(w.a_cat.dtype), w.a_cat)  # (tokens, 1, R)
+            result = result + (torch.nn.functional.linear(low * self.mask, w.b_cat) * self.row_scale).to(result.dtype)
+        for name, idx in self.own:  # peft's LoraLayer._mixed_batch_forward, for these rows
+            if name in layer.lora_A:
+                idx = idx.to(x.device)
+                sub = x[idx].to(layer.lora_A[name].weight.dtype)
+                out = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](sub))) * layer.scaling[name]
+                result[idx] += out.to(result.dtype)
+        return result
+
+
+class RowNorm(torch.nn.Module):
+    """Stands in for the modules_to_save wrapper of a norm whose weight only scales its output elementwise (an
+    RMSNorm): the module runs ONCE on every row, its weight being each row's model's copy, gathered per row
+    ((tokens, 1, h): one index_select), instead of once per model on its own rows.
+
+    `stacked` checks that this computes exactly what each copy computes alone (same class, one 1-D `weight`, no
+    buffers, equal outputs on a probe), else the wrapper keeps RowModules."""
+
+    def __init__(self, module: torch.nn.Module, stacked: torch.Tensor, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.module, self.stacked, self.rows = module, stacked, rows
+
+    @staticmethod
+    def with_weight(module: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Module:
+        """A shallow copy of `module` whose `weight` is `weight` (a plain tensor); `module` itself is untouched."""
+        twin = copy.copy(module)
+        twin._parameters = {k: v for k, v in module._parameters.items() if k != "weight"}
+        twin.weight = weight
+        return twin
+
+    @staticmethod
+    def stacked(wrapper: ModulesToSaveWrapper, models: tuple[str, ...]) -> torch.Tensor | None:
+        """(len(models), h): each model's copy's weight, or None if RowNorm would not reproduce every copy."""
+        copies = [wrapper.original_module if m == BASE_ROW else wrapper.modules_to_save[m] for m in models]
+        kind = type(copies[0])
+        for c in copies:
+            params = dict(c.named_parameters())
+            if (type(c) is not kind or list(params) != ["weight"] or params["weight"].dim() != 1
+                    or next(c.buffers(), None) is not None):  # fmt: skip
+                return None
+        stacked = torch.stack([c.weight.detach() for c in copies])  # (models, h)
+        probe = torch.randn(len(copies) + 1, 1, stacked.shape[1], generator=torch.Generator().manual_seed(0))
+        probe = probe.to(device=stacked.device, dtype=stacked.dtype)
+        rows = torch.arange(probe.shape[0], device=stacked.device) % len(copies)
+        with torch.no_grad():
+            want = torch.cat([copies[m](probe[i : i + 1]) for i, m in enumerate(rows.tolist())])
+            got = RowNorm(copies[0], stacked, rows)(probe)
+        return stacked if got.shape == want.shape and torch.equal(got, want) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        weight = self.stacked.index_select(0, self.rows).reshape(-1, *([1] * (x.dim() - 2)), self.stacked.shape[1])
+        return self.with_weight(self.module, weight)(x, *args, **kwargs)
+
+
 def _swap(stack: ExitStack, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     """Set `parent.name = module` (an instance attribute) until `stack` closes."""
     before = getattr(parent, name)
@@ -103,19 +233,47 @@ def _swap(stack: ExitStack, parent: torch.nn.Module, name: str, module: torch.nn
     stack.callback(setattr, parent, name, before)
 
 
-def row_targets(model: torch.nn.Module) -> tuple[list[LoraLayer], list[tuple[torch.nn.Module, str]]]:
-    """What a mixed forward reaches into: every LoRA layer, and (parent, attribute) of every modules_to_save wrapper.
-    Cache it until adapters load or go (engine.serving.pool does)."""
-    lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    wrappers = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-                if isinstance(child, ModulesToSaveWrapper)]  # fmt: skip
-    return lora, wrappers
+class RowTargets:
+    """What a mixed forward reaches into: every LoRA layer (with its parent and attribute), every modules_to_save
+    wrapper (parent, attribute), and the per-adapter-set weights built from them (GroupedLora's concatenated LoRA
+    matrices, RowNorm's stacked norm weights), cached until adapters load or go (engine.serving.pool drops the whole
+    object then, so a cached weight never outlives the adapter it was built from)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.lora = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                     if isinstance(child, LoraLayer)]  # fmt: skip
+        self.wrappers = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+                         if isinstance(child, ModulesToSaveWrapper)]  # fmt: skip
+        self._lora_sets: dict[tuple[str, ...], list[_LoraSet | None]] = {}
+        self._norm_sets: dict[tuple[str, ...], list[torch.Tensor | None]] = {}
+
+    def lora_sets(self, adapters: tuple[str, ...]) -> list[_LoraSet | None]:
+        """For each LoRA layer, the grouped weights of `adapters` (None: a layer GroupedLora cannot run)."""
+        if adapters not in self._lora_sets:
+            self._lora_sets[adapters] = [_LoraSet.build(layer, adapters) for _, _, layer in self.lora]
+        return self._lora_sets[adapters]
+
+    def norm_sets(self, models: tuple[str, ...]) -> list[torch.Tensor | None]:
+        """For each wrapper, the stacked (len(models), h) weights of `models`' copies (None: not a norm RowNorm can
+        run, see RowNorm.stacked)."""
+        if len(models) < 2:  # one model runs its own copy (per_row_models)
+            return [None] * len(self.wrappers)
+        if models not in self._norm_sets:
+            self._norm_sets[models] = [RowNorm.stacked(getattr(parent, attr), models)
+                                       for parent, attr in self.wrappers]  # fmt: skip
+        return self._norm_sets[models]
+
+
+def row_targets(model: torch.nn.Module) -> RowTargets:
+    """RowTargets of the peft model (or the plain base). Cache it until adapters load or go (engine.serving.pool
+    does)."""
+    return RowTargets(model)
 
 
 @contextmanager
 def per_row_models(
     names: Sequence[str],
-    targets: tuple[list[LoraLayer], list[tuple[torch.nn.Module, str]]],
+    targets: RowTargets,
     rotary_slots: Sequence[tuple[torch.nn.Module, str]],
     rotary_by_name: Sequence[dict[str, torch.nn.Module]],
 ) -> Iterator[None]:
@@ -129,16 +287,46 @@ def per_row_models(
     """
     groups = row_groups(names)
     adapter_names = list(names)
+    models = tuple(name for name, _ in groups)
+    adapters = tuple(m for m in models if m != BASE_ROW)
+    index = {m: i for i, m in enumerate(models)}
+    owner = torch.tensor([index[n] for n in names])  # row -> its model's index in `models`
+    counts = {m: len(idx) for m, idx in groups}
+    own = [(m, idx) for m, idx in groups if m != BASE_ROW and counts[m] >= OWN_PRODUCT_ROWS]
+    lora_owner = owner.clone()
+    lora_owner[[i for _, idx in own for i in idx.tolist()]] = -1  # those rows take no grouped columns
+    masks: dict[tuple, torch.Tensor | None] = {}
+
+    def mask(weights: _LoraSet) -> torch.Tensor | None:
+        """(rows, 1, R): 1 on each row's own adapter's columns (shared by the layers of one layout); None when no
+        row takes the grouped product."""
+        if weights.layout not in masks:
+            cols = torch.full((weights.a_cat.shape[0],), -2, dtype=torch.long)
+            for name, start, end in weights.layout:
+                cols[start:end] = index[name]
+            m = (lora_owner[:, None] == cols[None, :]).to(weights.a_cat)[:, None, :]
+            masks[weights.layout] = m if bool(m.any()) else None
+        return masks[weights.layout]
 
     def with_names(_module, args, kwargs):
         return args, {**kwargs, "adapter_names": adapter_names}
 
-    lora, wrappers = targets
     with ExitStack() as stack:
-        for layer in lora:
-            stack.callback(layer.register_forward_pre_hook(with_names, with_kwargs=True).remove)
-        for parent, attr in wrappers:
-            _swap(stack, parent, attr, RowModules(getattr(parent, attr), groups))
+        for (parent, attr, layer), weights in zip(targets.lora, targets.lora_sets(adapters)):
+            if weights is None:  # peft's own mixed batch
+                stack.callback(layer.register_forward_pre_hook(with_names, with_kwargs=True).remove)
+            elif weights.a_cat is None:  # no adapter of this step adapts the layer
+                _swap(stack, parent, attr, layer.base_layer)
+            else:
+                _swap(stack, parent, attr, GroupedLora(layer, weights, mask(weights), own))
+        for (parent, attr), stacked in zip(targets.wrappers, targets.norm_sets(models)):
+            wrapper = getattr(parent, attr)
+            if len(models) == 1:  # one model: its own copy, as it runs alone
+                _swap(stack, parent, attr, RowModules(wrapper, groups)._module(models[0]))
+            elif stacked is None:
+                _swap(stack, parent, attr, RowModules(wrapper, groups))
+            else:
+                _swap(stack, parent, attr, RowNorm(wrapper.original_module, stacked, owner.to(stacked.device)))
         for (parent, attr), modules in zip(rotary_slots, rotary_by_name):
             _swap(stack, parent, attr, RowRotary(modules, groups))
         yield

@@ -122,6 +122,7 @@ def test_the_key_comes_from_env_or_a_file_and_the_flag_warns(tmp_path, capsys):
 def test_a_run_tampered_after_listing_is_refused_and_no_longer_listed(env):
     _finished_run(env.runs, "run-t", env.adapters["a"])
     assert "run-t" in _ids(env) and _chat(env, "run-t").status_code == 200  # listed, then loaded and served
+    assert "run-t" in env.pool.loaded()
     weights = env.runs / "run-t" / "train" / "adapter" / "adapter_model.safetensors"
     before = weights.stat()
     data = bytearray(weights.read_bytes())
@@ -131,8 +132,37 @@ def test_a_run_tampered_after_listing_is_refused_and_no_longer_listed(env):
     error = _refused(env, _chat(env, "run-t"), 409)
     assert "verification" in error["message"] and error["code"] == "model_verification_failed"
     assert "run-t" not in _ids(env)
+    _dropped(env, "run-t")  # its weights left the pool too (between two steps of the worker)
     weights.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 1])))  # restored: still refused until a restart
     _refused(env, _chat(env, "run-t"), 409)
+
+
+def _dropped(env: Env, model_id: str, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while model_id in env.pool.loaded() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert model_id not in env.pool.loaded() and model_id not in env.pool.model_ids()
+
+
+def test_files_swapped_between_the_check_and_the_load_are_refused_at_load(env, monkeypatch):
+    _finished_run(env.runs, "run-s", env.adapters["a"])
+    assert "run-s" in _ids(env) and "run-s" not in env.pool.loaded()  # listed, not loaded yet
+    weights = env.runs / "run-s" / "train" / "adapter" / "adapter_model.safetensors"
+    check = env.index.check
+
+    def check_then_swap(model_id: str) -> None:  # the request's check passes, then the file changes before the load
+        check(model_id)
+        if model_id == "run-s":
+            weights.write_bytes((env.adapters["b"] / "adapter_model.safetensors").read_bytes())
+
+    monkeypatch.setattr(env.index, "check", check_then_swap)
+    error = _refused(env, _chat(env, "run-s"), 409)  # refused by the pool, when it hashed what it loaded
+    assert error["code"] == "model_verification_failed" and "adapter_model.safetensors" in error["message"], error
+    assert "run-s" not in env.pool.loaded()
+    monkeypatch.undo()
+    assert _refused(env, _chat(env, "run-s"), 409)["code"] == "model_verification_failed"  # and by the index now
+    assert "run-s" not in _ids(env)
+    _dropped(env, "run-s")
 
 
 def test_a_check_flipped_to_failed_after_listing_is_refused(env):

@@ -33,8 +33,8 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in `adapter_names`
-PER_ROW_ROPE = ("dynamic", "longrope")
-OWN_PRODUCT_ROWS = 16  # an adapter with this many rows in a step (a prompt chunk) gets peft's own LoRA product  # RoPE whose tables depend on the sequence length seen: computed row by row
+PER_ROW_ROPE = ("dynamic", "longrope")  # RoPE whose tables depend on the sequence length seen: computed row by row
+OWN_PRODUCT_ROWS = 16  # an adapter with this many rows in a step (a prompt chunk) gets peft's own LoRA product
 
 
 def row_groups(names: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
@@ -114,7 +114,7 @@ class _LoraSet:
     so the products go through the same F.linear as peft's lora_A / lora_B."""
 
     def __init__(self, a_cat: torch.Tensor | None, b_cat: torch.Tensor | None, spans: dict[str, tuple[int, int]],
-                 scales: torch.Tensor | None = None):
+                 scales: torch.Tensor | None = None):  # fmt: skip
         self.a_cat, self.b_cat, self.spans, self.scales = a_cat, b_cat, spans, scales
         self.layout = tuple((name, *span) for name, span in spans.items())  # the key of its row mask
 
@@ -161,25 +161,73 @@ class GroupedLora(torch.nn.Module):
     adapter's r columns) is negligible next to the base weights at LongLoRA's ranks.
     """
 
-    def __init__(self, layer: LoraLayer, weights: _LoraSet, mask: torch.Tensor,
-                 own: list[tuple[str, torch.Tensor]]) -> None:  # fmt: skip
+    def __init__(self, layer: LoraLayer, weights: _LoraSet, step: _Step) -> None:
         super().__init__()
-        self.layer, self.weights, self.mask, self.own = layer, weights, mask, own
-        self.row_scale = None if mask is None else (mask * weights.scales).amax(-1, keepdim=True)  # base rows: 0
+        self.layer, self.weights, self.step = layer, weights, step  # built once per adapter set, reused every step
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        layer, w = self.layer, self.weights
+        layer, w, step = self.layer, self.weights, self.step
         result = layer.base_layer(x, *args, **kwargs)
-        if self.mask is not None:
+        mask, row_scale = step.mask(w)
+        if mask is not None:
             low = torch.nn.functional.linear(x.to(w.a_cat.dtype), w.a_cat)  # (tokens, 1, R)
-            result = result + (torch.nn.functional.linear(low * self.mask, w.b_cat) * self.row_scale).to(result.dtype)
-        for name, idx in self.own:  # peft's LoraLayer._mixed_batch_forward, for these rows
+            result = result + (torch.nn.functional.linear(low * mask, w.b_cat) * row_scale).to(result.dtype)
+        for name, idx in step.own:  # peft's LoraLayer._mixed_batch_forward, for these rows
             if name in layer.lora_A:
                 idx = idx.to(x.device)
                 sub = x[idx].to(layer.lora_A[name].weight.dtype)
                 out = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](sub))) * layer.scaling[name]
                 result[idx] += out.to(result.dtype)
         return result
+
+
+class _Step:
+    """The rows of the step being run, shared by the stand-ins that RowTargets keeps between steps: each row's
+    model (`owner`, an index into `models`), the adapters that take peft's own product (`own`), and the grouped
+    LoRA masks, built once per column layout."""
+
+    def __init__(self, names: Sequence[str], groups: list[tuple[str, torch.Tensor]]) -> None:
+        self.models = tuple(name for name, _ in groups)
+        self.index = {m: i for i, m in enumerate(self.models)}
+        self.owner = torch.tensor([self.index[n] for n in names])  # row -> its model's index in `models`
+        self.own = [(m, idx) for m, idx in groups if m != BASE_ROW and len(idx) >= OWN_PRODUCT_ROWS]
+        self.lora_owner = self.owner.clone()
+        self.lora_owner[[i for _, idx in self.own for i in idx.tolist()]] = -1  # no grouped columns for those
+        self._masks: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._rows: dict[torch.device, torch.Tensor] = {}
+
+    def rows(self, device: torch.device) -> torch.Tensor:
+        if device not in self._rows:
+            self._rows[device] = self.owner.to(device)
+        return self._rows[device]
+
+    def mask(self, weights: _LoraSet) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(rows, 1, R) with 1 on each row's own adapter's columns, and (rows, 1, 1) each row's scaling (base: 0);
+        (None, None) when no row takes the grouped product."""
+        if weights.layout not in self._masks:
+            cols = torch.full((weights.a_cat.shape[0],), -2, dtype=torch.long)
+            for name, start, end in weights.layout:
+                cols[start:end] = self.index.get(name, -3)
+            m = (self.lora_owner[:, None] == cols[None, :]).to(weights.a_cat)[:, None, :]
+            self._masks[weights.layout] = ((m, (m * weights.scales).amax(-1, keepdim=True)) if bool(m.any())
+                                           else (None, None))  # fmt: skip
+        return self._masks[weights.layout]
+
+
+class _StepRef:
+    """Where the kept stand-ins find the step being run (per_row_models sets it)."""
+
+    step: _Step | None = None
+
+    def mask(self, weights: _LoraSet):
+        return self.step.mask(weights)
+
+    def rows(self, device: torch.device) -> torch.Tensor:
+        return self.step.rows(device)
+
+    @property
+    def own(self):
+        return self.step.own
 
 
 class RowNorm(torch.nn.Module):
@@ -190,16 +238,16 @@ class RowNorm(torch.nn.Module):
     `stacked` checks that this computes exactly what each copy computes alone (same class, one 1-D `weight`, no
     buffers, equal outputs on a probe), else the wrapper keeps RowModules."""
 
-    def __init__(self, module: torch.nn.Module, stacked: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(self, module: torch.nn.Module, stacked: torch.Tensor, step: _StepRef | _Step) -> None:
         super().__init__()
-        self.module, self.stacked, self.rows = module, stacked, rows
+        self.twin, self.stacked, self.step = self.with_weight(module, stacked[0]), stacked, step
 
     @staticmethod
     def with_weight(module: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Module:
-        """A shallow copy of `module` whose `weight` is `weight` (a plain tensor); `module` itself is untouched."""
+        """A shallow copy of `module` whose `weight` is a plain attribute (set per call); `module` is untouched."""
         twin = copy.copy(module)
         twin._parameters = {k: v for k, v in module._parameters.items() if k != "weight"}
-        twin.weight = weight
+        twin.__dict__["weight"] = weight
         return twin
 
     @staticmethod
@@ -215,22 +263,30 @@ class RowNorm(torch.nn.Module):
         stacked = torch.stack([c.weight.detach() for c in copies])  # (models, h)
         probe = torch.randn(len(copies) + 1, 1, stacked.shape[1], generator=torch.Generator().manual_seed(0))
         probe = probe.to(device=stacked.device, dtype=stacked.dtype)
-        rows = torch.arange(probe.shape[0], device=stacked.device) % len(copies)
+        names = [models[i % len(models)] for i in range(probe.shape[0])]
         with torch.no_grad():
-            want = torch.cat([copies[m](probe[i : i + 1]) for i, m in enumerate(rows.tolist())])
-            got = RowNorm(copies[0], stacked, rows)(probe)
+            want = torch.cat([copies[i % len(copies)](probe[i : i + 1]) for i in range(probe.shape[0])])
+            got = RowNorm(copies[0], stacked, _Step(names, row_groups(names)))(probe)
         return stacked if got.shape == want.shape and torch.equal(got, want) else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        weight = self.stacked.index_select(0, self.rows).reshape(-1, *([1] * (x.dim() - 2)), self.stacked.shape[1])
-        return self.with_weight(self.module, weight)(x, *args, **kwargs)
+        rows = self.step.rows(self.stacked.device)
+        weight = self.stacked.index_select(0, rows).reshape(-1, *([1] * (x.dim() - 2)), self.stacked.shape[1])
+        self.twin.__dict__["weight"] = weight
+        return self.twin(x, *args, **kwargs)
 
 
 def _swap(stack: ExitStack, parent: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     """Set `parent.name = module` (an instance attribute) until `stack` closes."""
-    before = getattr(parent, name)
-    setattr(parent, name, module)
-    stack.callback(setattr, parent, name, before)
+    slots = parent._modules  # what nn.Module.__setattr__ writes for a child module, without its checks
+    if name not in slots:
+        before = getattr(parent, name)
+        setattr(parent, name, module)
+        stack.callback(setattr, parent, name, before)
+        return
+    before = slots[name]
+    slots[name] = module
+    stack.callback(slots.__setitem__, name, before)
 
 
 class RowTargets:
@@ -244,24 +300,33 @@ class RowTargets:
                      if isinstance(child, LoraLayer)]  # fmt: skip
         self.wrappers = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                          if isinstance(child, ModulesToSaveWrapper)]  # fmt: skip
-        self._lora_sets: dict[tuple[str, ...], list[_LoraSet | None]] = {}
-        self._norm_sets: dict[tuple[str, ...], list[torch.Tensor | None]] = {}
+        self.current = _StepRef()
+        self._lora: dict[tuple[str, ...], list[torch.nn.Module | None]] = {}
+        self._norms: dict[tuple[str, ...], list[RowNorm | None]] = {}
 
-    def lora_sets(self, adapters: tuple[str, ...]) -> list[_LoraSet | None]:
-        """For each LoRA layer, the grouped weights of `adapters` (None: a layer GroupedLora cannot run)."""
-        if adapters not in self._lora_sets:
-            self._lora_sets[adapters] = [_LoraSet.build(layer, adapters) for _, _, layer in self.lora]
-        return self._lora_sets[adapters]
+    def lora_modules(self, adapters: tuple[str, ...]) -> list[torch.nn.Module | None]:
+        """For each LoRA layer, what runs it when the step's adapters are `adapters`: a GroupedLora, the base layer
+        (no adapter of the step adapts it), or None (a layer GroupedLora cannot run: peft's own mixed batch)."""
+        if adapters not in self._lora:
+            kept = []
+            for _, _, layer in self.lora:
+                weights = _LoraSet.build(layer, adapters)
+                kept.append(None if weights is None else layer.base_layer if weights.a_cat is None
+                            else GroupedLora(layer, weights, self.current))  # fmt: skip
+            self._lora[adapters] = kept
+        return self._lora[adapters]
 
-    def norm_sets(self, models: tuple[str, ...]) -> list[torch.Tensor | None]:
-        """For each wrapper, the stacked (len(models), h) weights of `models`' copies (None: not a norm RowNorm can
-        run, see RowNorm.stacked)."""
-        if len(models) < 2:  # one model runs its own copy (per_row_models)
-            return [None] * len(self.wrappers)
-        if models not in self._norm_sets:
-            self._norm_sets[models] = [RowNorm.stacked(getattr(parent, attr), models)
-                                       for parent, attr in self.wrappers]  # fmt: skip
-        return self._norm_sets[models]
+    def norms(self, models: tuple[str, ...]) -> list[RowNorm | None]:
+        """For each wrapper, a RowNorm over `models`' copies (None: not a norm RowNorm reproduces, see
+        RowNorm.stacked)."""
+        if models not in self._norms:
+            kept = []
+            for parent, attr in self.wrappers:
+                wrapper = parent._modules[attr]
+                stacked = RowNorm.stacked(wrapper, models)
+                kept.append(None if stacked is None else RowNorm(wrapper.original_module, stacked, self.current))
+            self._norms[models] = kept
+        return self._norms[models]
 
 
 def row_targets(model: torch.nn.Module) -> RowTargets:
@@ -287,46 +352,28 @@ def per_row_models(
     """
     groups = row_groups(names)
     adapter_names = list(names)
-    models = tuple(name for name, _ in groups)
+    step = _Step(names, groups)
+    models = step.models
     adapters = tuple(m for m in models if m != BASE_ROW)
-    index = {m: i for i, m in enumerate(models)}
-    owner = torch.tensor([index[n] for n in names])  # row -> its model's index in `models`
-    counts = {m: len(idx) for m, idx in groups}
-    own = [(m, idx) for m, idx in groups if m != BASE_ROW and counts[m] >= OWN_PRODUCT_ROWS]
-    lora_owner = owner.clone()
-    lora_owner[[i for _, idx in own for i in idx.tolist()]] = -1  # those rows take no grouped columns
-    masks: dict[tuple, torch.Tensor | None] = {}
-
-    def mask(weights: _LoraSet) -> torch.Tensor | None:
-        """(rows, 1, R): 1 on each row's own adapter's columns (shared by the layers of one layout); None when no
-        row takes the grouped product."""
-        if weights.layout not in masks:
-            cols = torch.full((weights.a_cat.shape[0],), -2, dtype=torch.long)
-            for name, start, end in weights.layout:
-                cols[start:end] = index[name]
-            m = (lora_owner[:, None] == cols[None, :]).to(weights.a_cat)[:, None, :]
-            masks[weights.layout] = m if bool(m.any()) else None
-        return masks[weights.layout]
 
     def with_names(_module, args, kwargs):
         return args, {**kwargs, "adapter_names": adapter_names}
 
     with ExitStack() as stack:
-        for (parent, attr, layer), weights in zip(targets.lora, targets.lora_sets(adapters)):
-            if weights is None:  # peft's own mixed batch
+        targets.current.step = step
+        stack.callback(setattr, targets.current, "step", None)
+        for (parent, attr, layer), module in zip(targets.lora, targets.lora_modules(adapters)):
+            if module is None:  # peft's own mixed batch
                 stack.callback(layer.register_forward_pre_hook(with_names, with_kwargs=True).remove)
-            elif weights.a_cat is None:  # no adapter of this step adapts the layer
-                _swap(stack, parent, attr, layer.base_layer)
             else:
-                _swap(stack, parent, attr, GroupedLora(layer, weights, mask(weights), own))
-        for (parent, attr), stacked in zip(targets.wrappers, targets.norm_sets(models)):
-            wrapper = getattr(parent, attr)
+                _swap(stack, parent, attr, module)
+        norms = targets.norms(models) if len(models) > 1 else [None] * len(targets.wrappers)
+        for (parent, attr), norm in zip(targets.wrappers, norms):
+            wrapper = parent._modules[attr]
             if len(models) == 1:  # one model: its own copy, as it runs alone
                 _swap(stack, parent, attr, RowModules(wrapper, groups)._module(models[0]))
-            elif stacked is None:
-                _swap(stack, parent, attr, RowModules(wrapper, groups))
             else:
-                _swap(stack, parent, attr, RowNorm(wrapper.original_module, stacked, owner.to(stacked.device)))
+                _swap(stack, parent, attr, RowModules(wrapper, groups) if norm is None else norm)
         for (parent, attr), modules in zip(rotary_slots, rotary_by_name):
             _swap(stack, parent, attr, RowRotary(modules, groups))
         yield

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import threading
 
 import httpx
@@ -16,18 +15,10 @@ import pytest
 from agents.cli import main
 from agents.server import ModelsIndex, build_app, exposure_warning, start_in_thread
 from engine.serving import ModelPool, ServingWorker
-from sop.manifest import Manifest
 from tests.support.models import make_served_models
+from tests.support.servers import finished_run
 
 KEY = "sk-test-secret"
-
-
-def _finished_run(runs, name: str, adapter, passed: bool = True) -> None:
-    """A run directory whose `training` artifact holds `adapter` (what the trainer stage records), its check passed
-    or not."""
-    shutil.copytree(adapter, runs / name / "train" / "adapter")
-    Manifest(runs / name).record("training", "train", role="trainer", schema="TrainSummary",
-                                 checks=[{"name": "train_completed", "passed": passed, "detail": ""}])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +26,9 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     base_dir, adapters = make_served_models(root)
     runs = root / "runs"
-    _finished_run(runs, "run-a", adapters["a"])
-    _finished_run(runs, "run-failed", adapters["a"], passed=False)
-    _finished_run(runs, "run-tampered", adapters["a"])
+    finished_run(runs, "run-a", adapters["a"])
+    finished_run(runs, "run-failed", adapters["a"], passed=False)
+    finished_run(runs, "run-tampered", adapters["a"])
     (runs / "run-tampered" / "train" / "adapter" / "adapter_config.json").write_text("{}")
     (runs / "run-unfinished" / "train").mkdir(parents=True)
     pool = ModelPool(str(base_dir), base_id="tiny-base", max_loaded=1, device="cpu")
@@ -153,7 +144,7 @@ def test_errors_have_openai_shape(server):
 
 def test_a_run_that_finishes_later_is_served_without_restart(server):
     srv, _, runs, adapters = server
-    _finished_run(runs, "run-late", adapters["b"])
+    finished_run(runs, "run-late", adapters["b"])
     assert _chat(_client(srv), "run-late", max_tokens=2).usage.completion_tokens == 2
 
 

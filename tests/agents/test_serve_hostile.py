@@ -29,7 +29,7 @@ from engine.serving import ModelPool, ServingWorker
 from engine.serving.worker import QueueFullError
 from sop.manifest import Manifest
 from tests.support.models import make_served_models
-from tests.support.servers import RecordingWorker
+from tests.support.servers import RecordingWorker, finished_run
 
 KEY = "sk-hostile-secret"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -57,7 +57,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     base_dir, adapters = make_served_models(root)
     runs = root / "runs"
-    _finished_run(runs, "run-a", adapters["a"])
+    finished_run(runs, "run-a", adapters["a"])
     pool = ModelPool(str(base_dir), base_id="tiny-base", max_loaded=2, device="cpu")
     index = ModelsIndex(pool, runs, {"b": adapters["b"]})
     worker = RecordingWorker(pool, max_queued=LIMITS.max_queued)
@@ -66,13 +66,6 @@ def env(tmp_path_factory):
     yield Env(root, runs, adapters, base_dir, pool, index, worker, app, server)
     server.stop()
     worker.close()
-
-
-def _finished_run(runs: Path, name: str, adapter: Path) -> None:
-    """A run directory whose verified `training` artifact holds `adapter` (what the trainer stage records)."""
-    shutil.copytree(adapter, runs / name / "train" / "adapter", symlinks=True)
-    Manifest(runs / name).record("training", "train", role="trainer", schema="TrainSummary",
-                                 checks=[{"name": "train_completed", "passed": True, "detail": ""}])  # fmt: skip
 
 
 def _post(srv, path: str, body: dict, timeout: float = 60, headers: dict | None = None) -> httpx.Response:
@@ -120,7 +113,7 @@ def test_the_key_comes_from_env_or_a_file_and_the_flag_warns(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 2. verified at use, not only at listing
 def test_a_run_tampered_after_listing_is_refused_and_no_longer_listed(env):
-    _finished_run(env.runs, "run-t", env.adapters["a"])
+    finished_run(env.runs, "run-t", env.adapters["a"])
     assert "run-t" in _ids(env) and _chat(env, "run-t").status_code == 200  # listed, then loaded and served
     assert "run-t" in env.pool.loaded()
     weights = env.runs / "run-t" / "train" / "adapter" / "adapter_model.safetensors"
@@ -145,7 +138,7 @@ def _dropped(env: Env, model_id: str, within: float = 10) -> None:
 
 
 def test_files_swapped_between_the_check_and_the_load_are_refused_at_load(env, monkeypatch):
-    _finished_run(env.runs, "run-s", env.adapters["a"])
+    finished_run(env.runs, "run-s", env.adapters["a"])
     assert "run-s" in _ids(env) and "run-s" not in env.pool.loaded()  # listed, not loaded yet
     weights = env.runs / "run-s" / "train" / "adapter" / "adapter_model.safetensors"
     check = env.index.check
@@ -166,7 +159,7 @@ def test_files_swapped_between_the_check_and_the_load_are_refused_at_load(env, m
 
 
 def test_a_check_flipped_to_failed_after_listing_is_refused(env):
-    _finished_run(env.runs, "run-f", env.adapters["a"])
+    finished_run(env.runs, "run-f", env.adapters["a"])
     assert _chat(env, "run-f").status_code == 200
     manifest = Manifest(env.runs / "run-f")
     manifest.artifacts["training"]["checks"][0]["passed"] = False
@@ -176,11 +169,11 @@ def test_a_check_flipped_to_failed_after_listing_is_refused(env):
 
 
 def test_a_run_deleted_after_listing_is_a_404_naming_no_path(env):
-    _finished_run(env.runs, "run-d", env.adapters["a"])
+    finished_run(env.runs, "run-d", env.adapters["a"])
     assert "run-d" in _ids(env)
     shutil.rmtree(env.runs / "run-d")
     assert _refused(env, _chat(env, "run-d"), 404)["code"] == "model_not_found"
-    _finished_run(env.runs, "run-d2", env.adapters["a"])
+    finished_run(env.runs, "run-d2", env.adapters["a"])
     assert _chat(env, "run-d2").status_code == 200  # loaded into the pool, then deleted
     shutil.rmtree(env.runs / "run-d2")
     assert _refused(env, _chat(env, "run-d2"), 404)["code"] == "model_not_found"
@@ -190,10 +183,10 @@ def test_a_run_deleted_after_listing_is_a_404_naming_no_path(env):
 # ---------------------------------------------------------------- 3. nothing outside --runs-dir is followed
 def test_paths_outside_the_runs_dir_are_not_followed(env):
     outside = env.root / "outside"
-    _finished_run(outside, "run-x", env.adapters["a"])
+    finished_run(outside, "run-x", env.adapters["a"])
     (env.runs / "run-link").symlink_to(outside / "run-x", target_is_directory=True)  # a symlinked run directory
     for name, path in (("run-abs", str(outside / "run-x" / "train")), ("run-up", "../../outside/run-x/train")):
-        _finished_run(env.runs, name, env.adapters["a"])
+        finished_run(env.runs, name, env.adapters["a"])
         manifest = Manifest(env.runs / name)
         manifest.artifacts["training"]["path"] = path  # the same bytes, so the recorded sha256 still matches
         manifest.save()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from agents.server import ModelsIndex, build_app, start_in_thread
 from agents.server.lifecycle import TokenizerPool
 from engine.serving import ModelPool, ServingWorker
+from sop.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,3 +127,11 @@ def message_text(message: dict) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return str(content)
+
+
+def finished_run(runs: Path, name: str, adapter: Path, passed: bool = True) -> None:
+    """A run directory whose `training` artifact holds a copy of `adapter` (what the trainer stage records), its
+    check passed or not; symlinks inside the adapter stay links (the hostile tests plant some)."""
+    shutil.copytree(adapter, runs / name / "train" / "adapter", symlinks=True)
+    Manifest(runs / name).record("training", "train", role="trainer", schema="TrainSummary",
+                                 checks=[{"name": "train_completed", "passed": passed, "detail": ""}])  # fmt: skip

@@ -115,7 +115,7 @@ def first_token_during_long_prefill(client, ids: list[str], long_text: str, mode
 
 
 def run(base_ref: str, adapters: dict[str, Path], n_requests: int, max_tokens: int, exact: bool,
-        long_tokens: int) -> tuple[list[dict], list[dict], str]:  # fmt: skip
+        long_tokens: int, packed_weights: str = "auto") -> tuple[list[dict], list[dict], str]:  # fmt: skip
     """Serve base + adapters (the serial mode first when `exact`, then the batched one, on one pool); measure each
     mode's rows and its time to first token. (rows, first-token rows, the base's model id)."""
     import openai
@@ -123,7 +123,7 @@ def run(base_ref: str, adapters: dict[str, Path], n_requests: int, max_tokens: i
     from agents.server import ModelsIndex, build_app, start_in_thread
     from engine.serving import ModelPool, ServingWorker
 
-    pool = ModelPool(base_ref, max_loaded=len(adapters), device="cpu")
+    pool = ModelPool(base_ref, max_loaded=len(adapters), device="cpu", packed_weights=packed_weights)
     index = ModelsIndex(pool, None, adapters)
     rows, first_token, reference = [], [], None
     for mode in (("exact", "batched") if exact else ("batched",)):
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 32; --tiny 16)")
     parser.add_argument("--long-prompt", type=int, default=None,
                         help=f"tokens of the long prompt (default {LONG_PROMPT_TOKENS}; --tiny 600)")  # fmt: skip
+    parser.add_argument("--packed-weights", choices=["auto", "on", "off"], default="auto",
+                        help="as longpilot serve's flag (off: the dense weights, for a before/after)")  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     n_requests, max_tokens = args.requests or (12 if args.tiny else 24), args.max_tokens or (16 if args.tiny else 32)
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         base = str(make_tiny_base(Path(tmp) / "base")) if args.tiny else MODEL
         adapters = {name: perturbed_adapter(base, Path(tmp) / name, factor=factor, seed=seed)
                     for seed, (name, factor) in enumerate(ADAPTERS.items(), start=1)}  # fmt: skip
-        rows, first_token, base_id = run(base, adapters, n_requests, max_tokens, args.exact, long_tokens)
+        rows, first_token, base_id = run(base, adapters, n_requests, max_tokens, args.exact, long_tokens,
+                                           args.packed_weights)  # fmt: skip
     device = f"cpu x{os.cpu_count()}"  # the server runs on CPU here (device="cpu")
     print(f"model={'tiny random' if args.tiny else MODEL} (+ adapters {', '.join(ADAPTERS)}) device={device} "
           f"greedy /v1/completions, max_tokens={max_tokens}, requests round-robin over {base_id} and the adapters")

@@ -30,6 +30,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="also serve the adapter directory DIR as model NAME (repeatable)")  # fmt: skip
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--packed-weights", choices=["auto", "on", "off"], default="auto",  # packed.PACKED_SETTINGS
+                   help="a oneDNN-packed copy of the base's Linear weights for batched steps on CPU (auto: float32 "
+                        "weights, the copy within a quarter of the memory; docs/serving.md)")  # fmt: skip
     p.add_argument("--exact", action="store_true",
                    help="serial mode: one request at a time, exactly plain transformers' tokens (default: continuous "
                         "batching across all models, docs/serving.md)")  # fmt: skip
@@ -90,6 +93,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port}: must be in 0..65535")
     if args.max_loaded < 1:
         raise ValueError(f"--max-loaded {args.max_loaded}: must be at least 1")
+    if args.packed_weights == "on" and args.device != "cpu":
+        import torch
+
+        if args.device == "cuda" or torch.cuda.is_available():
+            raise ValueError("--packed-weights on: packed weights are for a model on CPU (add --device cpu, or use "
+                             "--packed-weights auto)")  # fmt: skip
     api_key, key_warning = api_key_from(args)
     limits = _limits(args)
     adapters: dict = {}
@@ -104,7 +113,8 @@ def run_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # a port in use is refused before minutes of loading
     device = None if args.device == "auto" else args.device
     app, worker = build_server_app(args.model, runs_dir=args.runs_dir, adapters=adapters, max_loaded=args.max_loaded,
-                                   api_key=api_key, device=device, limits=limits, exact=args.exact)  # fmt: skip
+                                   api_key=api_key, device=device, limits=limits, exact=args.exact,
+                                   packed_weights=args.packed_weights)  # fmt: skip
     ids = worker.pool.model_ids()
     port = sock.getsockname()[1]
     print(f"serving {len(ids)} model(s) on http://{args.host}:{port}/v1: {', '.join(ids)}", flush=True)

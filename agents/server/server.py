@@ -107,13 +107,15 @@ def build_server_app(
     device: str | None = None,
     limits: Limits | None = None,
     exact: bool = False,
+    packed_weights: str = "auto",
 ):
     """Load the base, register the adapters and finished runs, start the worker (its queue bounded by
-    `limits.max_queued`; `exact`: serial, one request at a time, instead of continuous batching): (app, worker)."""
+    `limits.max_queued`; `exact`: serial, one request at a time, instead of continuous batching; `packed_weights`:
+    engine.serving.packed's auto/on/off): (app, worker)."""
     from engine.serving import ModelPool, ServingWorker
 
     limits = limits or Limits()
-    pool = ModelPool(base_ref, max_loaded=max_loaded, device=device)
+    pool = ModelPool(base_ref, max_loaded=max_loaded, device=device, packed_weights=packed_weights)
     index = ModelsIndex(pool, runs_dir, adapters)
     worker = ServingWorker(pool, max_queued=limits.max_queued, exact=exact)
     return build_app(worker, index, api_key, limits), worker

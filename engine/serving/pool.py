@@ -34,6 +34,7 @@ from engine.model.loading import load_model
 from engine.model.lora import check_adapter_base
 from engine.model.rope import current_context, rotary_slots
 from engine.serving.kv import packed_attention
+from engine.serving.packed import PACKED_SETTINGS, base_linears, pack_linears, packing_choice
 from engine.serving.rows import BASE_ROW, per_row_models, row_targets
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class ModelPool:
         base_id: the model id clients use for the base (default `base_ref`).
         max_loaded: adapters kept in memory; loading one more evicts the least recently used (the new one is loaded
             before the old one is deleted, so for a moment there are max_loaded + 1).
+        packed_weights: "auto", "on" or "off": a oneDNN-packed copy of the base's Linear weights for batched steps
+            on CPU (engine.serving.packed; auto: float32 weights on CPU, the copy within a quarter of the memory).
     """
 
     def __init__(
@@ -116,9 +119,12 @@ class ModelPool:
         max_loaded: int = 4,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        packed_weights: str = "auto",
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        if packed_weights not in PACKED_SETTINGS:
+            raise ValueError(f"packed weights must be auto, on or off, got {packed_weights!r}")
         self.base_ref, self.base_id, self.max_loaded = base_ref, base_id or base_ref, max_loaded
         self.model, self.tokenizer = load_model(base_ref, device=device, dtype=dtype, attn_implementation="sdpa")
         self._slots = rotary_slots(self.model)
@@ -131,6 +137,9 @@ class ModelPool:
         self._loaded: OrderedDict[str, list[torch.nn.Module]] = OrderedDict()  # LRU: adapter -> its rotary modules
         self.peft: PeftModel | None = None
         self._targets = None  # engine.serving.rows.row_targets, found again after adapters load or go
+        self._linears = base_linears(self.model)  # found now: once an adapter loads, LoRA matrices are Linear too
+        self.packed_weights = packing_choice(self._linears, packed_weights)  # (on?, why): checked before any work
+        self._packed: dict[int, torch.nn.Module] | None = None  # packed at the first batched step
 
     # ------------------------------------------------------------------ registry (no weights loaded)
     def register(self, model_id: str, adapter_dir: str | Path, expected: Mapping[str, str] | None = None) -> None:
@@ -236,8 +245,10 @@ class ModelPool:
                   for i, base in enumerate(self._base_rotary)]  # fmt: skip
         for name in set(names) - {BASE_ROW}:
             self._loaded.move_to_end(name)  # in use: most recently used
+        if self._packed is None:
+            self._packed = pack_linears(self._linears) if self.packed_weights[0] else {}
         if self._targets is None:
-            self._targets = row_targets(self.peft if self.peft is not None else self.model)
+            self._targets = row_targets(self.peft if self.peft is not None else self.model, self._packed)
         with per_row_models(names, self._targets, self._slots, rotary), packed_attention(self.model), \
                 torch.no_grad():  # fmt: skip
             yield self.model

@@ -295,11 +295,14 @@ class RowTargets:
     matrices, RowNorm's stacked norm weights), cached until adapters load or go (engine.serving.pool drops the whole
     object then, so a cached weight never outlives the adapter it was built from)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, packed: dict[int, torch.nn.Module] | None = None) -> None:
         self.lora = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                      if isinstance(child, LoraLayer)]  # fmt: skip
         self.wrappers = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                          if isinstance(child, ModulesToSaveWrapper)]  # fmt: skip
+        self.packed = packed or {}  # id(base Linear) -> its stand-in (engine.serving.packed)
+        self.linears = [(parent, name, self.packed[id(child)]) for parent in model.modules()
+                        for name, child in parent.named_children() if id(child) in self.packed]  # fmt: skip
         self.current = _StepRef()
         self._lora: dict[tuple[str, ...], list[torch.nn.Module | None]] = {}
         self._norms: dict[tuple[str, ...], list[RowNorm | None]] = {}
@@ -311,7 +314,8 @@ class RowTargets:
             kept = []
             for _, _, layer in self.lora:
                 weights = _LoraSet.build(layer, adapters)
-                kept.append(None if weights is None else layer.base_layer if weights.a_cat is None
+                base = self.packed.get(id(layer.base_layer), layer.base_layer)
+                kept.append(None if weights is None else base if weights.a_cat is None
                             else GroupedLora(layer, weights, self.current))  # fmt: skip
             self._lora[adapters] = kept
         return self._lora[adapters]
@@ -329,10 +333,10 @@ class RowTargets:
         return self._norms[models]
 
 
-def row_targets(model: torch.nn.Module) -> RowTargets:
-    """RowTargets of the peft model (or the plain base). Cache it until adapters load or go (engine.serving.pool
-    does)."""
-    return RowTargets(model)
+def row_targets(model: torch.nn.Module, packed: dict[int, torch.nn.Module] | None = None) -> RowTargets:
+    """RowTargets of the peft model (or the plain base), with `packed` stand-ins for base Linear layers by id
+    (engine.serving.packed). Cache it until adapters load or go (engine.serving.pool does)."""
+    return RowTargets(model, packed)
 
 
 @contextmanager
@@ -362,6 +366,8 @@ def per_row_models(
     with ExitStack() as stack:
         targets.current.step = step
         stack.callback(setattr, targets.current, "step", None)
+        for parent, attr, packed in targets.linears:  # inside a LoRA layer too: its `base_layer`
+            _swap(stack, parent, attr, packed)
         for (parent, attr, layer), module in zip(targets.lora, targets.lora_modules(adapters)):
             if module is None:  # peft's own mixed batch
                 stack.callback(layer.register_forward_pre_hook(with_names, with_kwargs=True).remove)

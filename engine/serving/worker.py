@@ -22,6 +22,7 @@ from dataclasses import replace
 from engine.serving.batch import BatchScheduler
 from engine.serving.generate import SamplingParams, generate
 from engine.serving.job import CancelledError, Job, QueueFullError, RequestTimeoutError
+from engine.serving.openmp import release_openmp_team
 from engine.serving.pool import ModelPool, UnknownModelError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ServingWorker:
         self._drops: dict[str, BaseException] = {}  # model id -> what its queued requests get; applied between steps
         self._tokenizer_lock = threading.Lock()  # HTTP threads tokenise concurrently; fast tokenizers mind that
         self._vocab = pool.model.get_input_embeddings().num_embeddings
+        release_openmp_team()  # the loading thread's OpenMP team would slow every step (engine.serving.openmp)
         self._thread = threading.Thread(target=self._run, name="longpilot-serve-worker", daemon=True)
         self._thread.start()
 

@@ -122,28 +122,33 @@ def _add_routes(app: FastAPI, worker: ServingWorker, index: ModelsIndex, authori
     async def chat(body: ChatRequest, request: Request):
         await _known(runner, index, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = await _tokens(runner, worker, body.model, chat_ids, messages, "messages")
+        ids = await _tokens(runner, worker, index, body.model, chat_ids, messages, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _answer(runner, request, worker, body, [Prompt(ids, "")], max_tokens, chat=True)
+        return await _answer(runner, request, worker, index, body, [Prompt(ids, "")], max_tokens, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     async def complete(body: CompletionRequest, request: Request):
         await _known(runner, index, body.model)
         prompts = []
         for prompt in body.prompts():  # a string is tokenised, token ids are taken as they are
-            ids = prompt if isinstance(prompt, list) else await _tokens(runner, worker, body.model, text_ids, prompt,
-                                                                        "prompt")  # fmt: skip
+            ids = prompt if isinstance(prompt, list) else await _tokens(runner, worker, index, body.model, text_ids,
+                                                                        prompt, "prompt")  # fmt: skip
             text = prompt if isinstance(prompt, str) else worker.pool.tokenizer.decode(prompt) if body.echo else ""
             prompts.append(Prompt(ids, text))
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
-        return await _answer(runner, request, worker, body, prompts, max_tokens, chat=False)
+        return await _answer(runner, request, worker, index, body, prompts, max_tokens, chat=False)
 
 
-async def _tokens(runner: RequestRunner, worker: ServingWorker, model_id: str, fn, text, param: str) -> list[int]:
+async def _tokens(runner: RequestRunner, worker: ServingWorker, index: ModelsIndex, model_id: str, fn, text,
+                  param: str) -> list[int]:  # fmt: skip
     """Token ids, on the runner's tokenizer threads. A 400 before tokenising for a prompt over the character cap (it
     cannot fit the model's context), and after for text no tokenizer can encode (a lone UTF-16 surrogate survives
     JSON decoding)."""
-    cap, chars = max_prompt_chars(runner.limits, worker.pool.context(model_id)), prompt_chars(text)
+    try:
+        context = worker.pool.context(model_id)
+    except UnknownModelError:  # dropped since `_known` passed it
+        raise _gone(index, model_id) from None
+    cap, chars = max_prompt_chars(runner.limits, context), prompt_chars(text)
     if chars > cap:
         raise ApiError(400, f"the {param} has {chars} characters, over the {cap} a prompt for model {model_id!r} may "
                        "have (--max-prompt-chars; by default 128 per token of its context): it cannot fit",
@@ -160,12 +165,20 @@ async def _known(runner: RequestRunner, index: ModelsIndex, model_id: str) -> No
     verified again first (agents.server.models_index): removed since, a 404; changed since, a 409. No path is named."""
     try:
         await runner.off_loop(index.check, model_id)
-    except (UnknownModelError, RunGoneError) as err:
-        message = f"the model {model_id!r} does not exist; GET /v1/models lists the served ones"
-        raise ApiError(404, str(err) if isinstance(err, RunGoneError) else message, "not_found_error", "model",
-                       "model_not_found")  # fmt: skip
-    except RunNotVerifiedError as err:
-        raise ApiError(409, str(err), "invalid_request_error", "model", "model_verification_failed")
+    except UnknownModelError:
+        raise _gone(index, model_id) from None
+    except (RunGoneError, RunNotVerifiedError) as err:
+        raise _generation_failed(err) from None
+
+
+def _gone(index: ModelsIndex, model_id: str) -> ApiError:
+    """The error for a model the pool does not know: the reason it was refused when it was (another request found
+    its files changed after `_known` passed this one, and the worker dropped it: 409, or 404 for a removed run),
+    else OpenAI's 404."""
+    if (refusal := index.refusal(model_id)) is not None:
+        return _generation_failed(refusal)
+    return ApiError(404, f"the model {model_id!r} does not exist; GET /v1/models lists the served ones",
+                    "not_found_error", "model", "model_not_found")  # fmt: skip
 
 
 def _generation_failed(err: Exception) -> ApiError:
@@ -180,7 +193,8 @@ def _generation_failed(err: Exception) -> ApiError:
     return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details", "server_error")
 
 
-def _submit(worker: ServingWorker, body: _Body, prompts: list[Prompt], max_tokens: int | None, chat: bool) -> JobGroup:
+def _submit(worker: ServingWorker, index: ModelsIndex, body: _Body, prompts: list[Prompt], max_tokens: int | None,
+            chat: bool) -> JobGroup:  # fmt: skip
     """Queue every choice of the request on the worker (prompt by prompt, n each); its refusals become OpenAI errors
     (the prompt too long: a 400; the queue full: a 429), and the choices already queued are cancelled then."""
     if chat:
@@ -200,8 +214,8 @@ def _submit(worker: ServingWorker, body: _Body, prompts: list[Prompt], max_token
         param = "messages" if chat else "prompt"
         if isinstance(err, ContextLengthError):
             raise ApiError(400, str(err), param=param, code="context_length_exceeded")
-        if isinstance(err, UnknownModelError):
-            raise ApiError(404, str(err), "not_found_error", "model", "model_not_found")
+        if isinstance(err, UnknownModelError):  # dropped since `_known` passed it
+            raise _gone(index, body.model) from None
         if isinstance(err, QueueFullError):  # the bounded queue (--max-queued): come back later (a rate limit)
             raise ApiError(429, f"the server is busy: {err}", "rate_limit_error", None, "rate_limit_exceeded",
                            headers={"Retry-After": str(_RETRY_AFTER_S)})  # fmt: skip
@@ -211,11 +225,11 @@ def _submit(worker: ServingWorker, body: _Body, prompts: list[Prompt], max_token
     return JobGroup(jobs)
 
 
-async def _answer(runner: RequestRunner, request: Request, worker: ServingWorker, body: _Body, prompts: list[Prompt],
-                  max_tokens: int | None, chat: bool):  # fmt: skip
+async def _answer(runner: RequestRunner, request: Request, worker: ServingWorker, index: ModelsIndex, body: _Body,
+                  prompts: list[Prompt], max_tokens: int | None, chat: bool):  # fmt: skip
     """Generate for one request: a server-sent event stream when it asks for one, else the whole answer; either way
     its jobs are cancelled when the client leaves or the deadline passes (agents.server.lifecycle)."""
-    group = _submit(worker, body, prompts, max_tokens, chat)
+    group = _submit(worker, index, body, prompts, max_tokens, chat)
     ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
     head = {"id": ident, "created": created, "model": body.model}
     echo, legacy = (False, False) if chat else (body.echo, body.logprobs is not None)

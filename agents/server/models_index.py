@@ -91,10 +91,10 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _stamp(run_dir: Path, artifact: Path) -> tuple:
-    """(name, size, mtime, ctime, inode) of the manifest and of every entry under the artifact, symlinks as
-    themselves; OSError when any is gone."""
-    paths = [run_dir / MANIFEST_FILE, artifact, *sorted(artifact.rglob("*"))]
+def _stamp(run_dir: Path | None, artifact: Path) -> tuple:
+    """(name, size, mtime, ctime, inode) of the manifest (a run's; None for an --adapter directory) and of every entry
+    under the artifact, symlinks as themselves; OSError when any is gone."""
+    paths = [*([run_dir / MANIFEST_FILE] if run_dir is not None else []), artifact, *sorted(artifact.rglob("*"))]
     return tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for p in paths if (s := p.lstat()))
 
 
@@ -180,9 +180,23 @@ def finished_adapter(run_dir: Path, base_ref: str, root: Path | None = None) -> 
     return run.adapter if run is not None else None
 
 
+@dataclass
+class _Named:
+    """An --adapter directory: what its files were when the server started (it has no manifest to verify against)."""
+
+    adapter: Path
+    stamp: tuple  # _stamp(None, adapter) then
+    files: dict[str, str]  # sha256 of each file, by its path in the directory (what the pool checks at each load)
+
+
 class ModelsIndex:
     """Keeps a ModelPool's registry in step with the runs directory (and the --adapter flags, registered once), and
     checks a run again each time it is used.
+
+    An `--adapter NAME=DIR` has no manifest: the digests of its files taken at start-up stand in for one. Each load
+    is checked against them, and each request compares the directory's stat with start-up's (re-hashing on a
+    change), so an adapter whose files change while the server runs is refused (409) and dropped as a run is: what
+    is served is what the operator pointed at when the server started.
 
     Args:
         on_refuse: called with (model id, error) when a served run is refused, to free its weights: the HTTP app
@@ -197,8 +211,13 @@ class ModelsIndex:
         self._runs: dict[str, _Run] = {}  # runs served by their id
         self._refused: dict[str, Exception] = {}  # runs no longer served, and why
         self._lock = threading.RLock()
+        self._named: dict[str, _Named] = {}
         for name, folder in (adapters or {}).items():
-            pool.register(name, folder)
+            folder = Path(folder)
+            stamp = _stamp(None, folder)  # before hashing: a write during the hash changes the next stamp
+            files = _file_digests(folder)
+            pool.register(name, folder, expected=files)
+            self._named[name] = _Named(folder, stamp, files)
         self.refresh()
 
     def model_ids(self) -> list[str]:
@@ -237,6 +256,14 @@ class ModelsIndex:
                 raise UnknownModelError(f"the model {model_id!r} does not exist")
             if model_id in self._runs:
                 self._recheck(model_id)
+            elif model_id in self._named:
+                self._recheck_named(model_id)
+
+    def refusal(self, model_id: str) -> Exception | None:
+        """Why `model_id` is no longer served (None: it is, or never was): for a request whose model left the pool
+        after `check` passed it."""
+        with self._lock:
+            return self._refused.get(model_id)
 
     def _consider(self, run_dir: Path) -> None:
         """Register `run_dir` when it is a finished run on the base; a manifest judged once per change."""
@@ -284,9 +311,27 @@ class ModelsIndex:
                 "listed (sop.manifest); it is not served until the server restarts"))  # fmt: skip
         run.stamp = again.stamp  # the same bytes (a touch, a copy back): verified again
 
+    def _recheck_named(self, model_id: str) -> None:
+        """Hash an --adapter directory again when its stat changed; refuse it for good when its files differ from
+        start-up's."""
+        named = self._named[model_id]
+        try:
+            stamp = _stamp(None, named.adapter)
+            if stamp == named.stamp:
+                return
+            same = _file_digests(named.adapter) == named.files
+        except OSError:
+            same = False
+        if not same:
+            self._named.pop(model_id)
+            self._refuse(model_id, RunNotVerifiedError(
+                f"the model {model_id!r} failed verification: its adapter's files changed (or went) since the server started "
+                "(--adapter); it is not served until the server restarts"))  # fmt: skip
+        named.stamp = stamp  # the same bytes (a touch, a copy back)
+
     def _refuse(self, model_id: str, err: Exception) -> None:
         """Stop serving `model_id` (listing and requests) and raise `err`."""
-        log.warning("run %s no longer served: %s", model_id, err)
+        log.warning("model %s no longer served: %s", model_id, err)
         self._refused[model_id] = err
         self._runs.pop(model_id, None)
         if self.on_refuse is not None:

@@ -9,10 +9,11 @@ of small parallel regions of a decode step pays a futex wake-up. Measured on thi
 decode step of 8 mixed rows took 160-190 ms in the worker thread against 78-105 ms in the main thread, the same
 step, the same process; one 8 x 576 by 576 x 1536 product 145 us against 89 us.
 
-`omp_pause_resource_all(omp_pause_soft)` (OpenMP 5.0; libgomp and LLVM's libomp both have it) frees the calling
-thread's team; called in the thread that loaded the model before the worker starts, the worker's team is then the
-only one and the same step runs at the main thread's speed. Nothing changes in what is computed; a later parallel
-torch call in the calling thread makes a team again (correct, only slower).
+`omp_pause_resource_all(omp_pause_soft)` (OpenMP 5.0) frees, in libgomp, the calling thread's team only; called in
+the thread that loaded the model before the worker starts, the worker's team is then the only one and the same step
+runs at the main thread's speed. Nothing changes in what is computed; a later parallel torch call in the calling
+thread makes a team again (correct, only slower). Only libgomp is asked: LLVM's libomp (torch on macOS) pauses its
+whole runtime on that call, which is not safe while another worker thread computes.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ import logging
 log = logging.getLogger(__name__)
 
 OMP_PAUSE_SOFT = 1
-_RUNTIMES = ("libgomp", "libomp", "libiomp5")
+_RUNTIME = "libgomp"  # GNU's OpenMP runtime, bundled by torch's Linux wheels
 
 
 def _loaded_runtime() -> str | None:
-    """The path of the OpenMP runtime this process has loaded (torch's bundled copy), from /proc/self/maps."""
+    """The path of the libgomp this process has loaded (torch's bundled copy), from /proc/self/maps."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/" in line}
     except OSError:  # not Linux: no runtime found, nothing released
         return None
-    return next((p for p in sorted(paths) if p.rsplit("/", 1)[-1].startswith(_RUNTIMES)), None)
+    return next((p for p in sorted(paths) if p.rsplit("/", 1)[-1].startswith(_RUNTIME)), None)
 
 
 def release_openmp_team() -> bool:

@@ -25,7 +25,8 @@ from agents.cli import main
 from agents.cli.commands import build_parser
 from agents.cli.serve import api_key_from
 from agents.server import Limits, ModelsIndex, build_app, build_server_app, start_in_thread
-from engine.serving import ModelPool, ServingWorker
+from agents.server.models_index import RunNotVerifiedError
+from engine.serving import AdapterVerificationError, ModelPool, ServingWorker
 from engine.serving.worker import QueueFullError
 from sop.manifest import Manifest
 from tests.support.models import make_served_models
@@ -178,6 +179,52 @@ def test_a_run_deleted_after_listing_is_a_404_naming_no_path(env):
     shutil.rmtree(env.runs / "run-d2")
     assert _refused(env, _chat(env, "run-d2"), 404)["code"] == "model_not_found"
     assert not {"run-d", "run-d2"} & set(_ids(env))
+
+
+def test_a_request_that_passed_the_check_as_another_refused_its_model_gets_the_refusal(env, monkeypatch):
+    """The race: request 1 passes `check`, request 2 finds the run tampered (409) and the worker drops it; request 1
+    then meets a pool that no longer knows the id. It gets the refusal's 409, not a 404 saying it never existed."""
+    finished_run(env.runs, "run-r", env.adapters["a"])
+    assert _chat(env, "run-r").status_code == 200
+    weights = env.runs / "run-r" / "train" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    _refused(env, _chat(env, "run-r"), 409)  # request 2
+    _dropped(env, "run-r")
+    monkeypatch.setattr(env.index, "check", lambda model_id: None)  # request 1: its check passed before
+    error = _refused(env, _chat(env, "run-r"), 409)
+    assert error["code"] == "model_verification_failed"
+    assert _refused(env, _chat(env, "never-served"), 404)["code"] == "model_not_found"  # an unknown id: still 404
+
+
+def test_an_adapter_flag_directory_changed_after_start_is_refused_and_dropped(env, tmp_path):
+    """--adapter NAME=DIR has no manifest: the digests of its files at start-up stand in for one, at every load
+    and every request; a touch alone (same bytes) is served on."""
+    named = tmp_path / "named"
+    shutil.copytree(env.adapters["a"], named)
+    pool = ModelPool(str(env.base_dir), base_id="tiny-base", max_loaded=1, device="cpu")
+    refused = []
+    index = ModelsIndex(pool, None, {"named": named}, on_refuse=lambda model_id, err: refused.append(model_id))
+    weights = named / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # changed before the first load: the load refuses the bytes
+    with pytest.raises(AdapterVerificationError, match="'named' failed verification at load"):
+        pool.load("named")
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # back, then only touched: the same bytes are served
+    index.check("named")
+    pool.load("named")
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # changed while loaded
+    with pytest.raises(RunNotVerifiedError, match="changed \\(or went\\) since the server started"):
+        index.check("named")
+    assert refused == ["named"] and "named" not in index.model_ids()
+    with pytest.raises(RunNotVerifiedError):  # for good, even with the bytes put back
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+        index.check("named")
 
 
 # ---------------------------------------------------------------- 3. nothing outside --runs-dir is followed

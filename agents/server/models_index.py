@@ -325,8 +325,8 @@ class ModelsIndex:
         if not same:
             self._named.pop(model_id)
             self._refuse(model_id, RunNotVerifiedError(
-                f"the model {model_id!r} failed verification: its adapter's files changed (or went) since the server started "
-                "(--adapter); it is not served until the server restarts"))  # fmt: skip
+                f"the model {model_id!r} failed verification: its adapter's files changed (or went) since the server "
+                "started (--adapter); it is not served until the server restarts"))  # fmt: skip
         named.stamp = stamp  # the same bytes (a touch, a copy back)
 
     def _refuse(self, model_id: str, err: Exception) -> None:

@@ -218,7 +218,7 @@ def test_an_adapter_flag_directory_changed_after_start_is_refused_and_dropped(en
     pool.load("named")
     data[-1] ^= 1
     weights.write_bytes(bytes(data))  # changed while loaded
-    with pytest.raises(RunNotVerifiedError, match="changed \\(or went\\) since the server started"):
+    with pytest.raises(RunNotVerifiedError, match="changed \\(or went\\) since the server"):
         index.check("named")
     assert refused == ["named"] and "named" not in index.model_ids()
     with pytest.raises(RunNotVerifiedError):  # for good, even with the bytes put back

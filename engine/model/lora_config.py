@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EMBEDDING_MODULES = ("embed_tokens",)
-# peft matches `modules_to_save` by plain name suffix, so "norm" also catches every *_layernorm and Qwen3's per-head
-# q_norm/k_norm: norms, trained like LongLoRA's others (tests/engine/test_families.py pins the count against peft).
-NORM_MODULES = ("input_layernorm", "post_attention_layernorm", "norm")
+# Every norm by name, Qwen3's per-head q_norm/k_norm included: peft up to 0.21 matched `modules_to_save` by plain
+# suffix (so "norm" caught them all), peft 0.22 matches whole names only (`key == name` or `key.endswith("." + name)`),
+# which left Qwen3's q_norm/k_norm frozen. Naming them trains the same norms under both (tests/engine/test_families.py
+# pins the count against peft's, and the planner's engine.planning.params.layer_norm_params).
+NORM_MODULES = ("input_layernorm", "post_attention_layernorm", "norm", "q_norm", "k_norm")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def trainable_params(a: ArchConfig, lora: LoraPlusConfig = LoraPlusConfig()) -> 
     """LoRA+ trainables, counted as `engine.model.lora.count_trainable` counts a real model (total includes LoRA).
 
     LoRA: layers * sum over targets of r * (in + out); embeddings: V*h (a tied lm_head is the same tensor, an untied
-    one stays frozen); norms: layers * layer_norm_params + h (peft's suffix "norm" catches q_norm/k_norm too).
+    one stays frozen); norms: layers * layer_norm_params + h (lora_config.NORM_MODULES names q_norm/k_norm too).
 
     Raises:
         ValueError: a target module that a Llama decoder layer does not have.

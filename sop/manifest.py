@@ -43,8 +43,19 @@ def sha256_path(path: Path) -> str:
         return sha256_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
-    lines = sorted(f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n" for p in path.rglob("*") if p.is_file())
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return tree_digest(file_digests(path))
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative POSIX path: what a directory's digest is made of (a
+    server keeps them to check each file it later reads, agents.server.models_index)."""
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def tree_digest(files: dict[str, str]) -> str:
+    """A directory's digest from its `file_digests`: sha256 over the sorted, newline-terminated
+    `<relative path> <sha256>` lines."""
+    return hashlib.sha256("".join(sorted(f"{rel} {digest}\n" for rel, digest in files.items())).encode()).hexdigest()
 
 
 def iso_now() -> str:

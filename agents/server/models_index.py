@@ -24,7 +24,6 @@ run unserved, with one warning. A manifest that cannot be read is skipped with o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from pathlib import Path, PurePath
 from engine.model.loading import resolve_model
 from engine.model.lora import check_adapter_base
 from engine.serving import UnknownModelError
-from sop.manifest import MANIFEST_FILE, Manifest, sha256_file
+from sop.manifest import MANIFEST_FILE, Manifest, file_digests, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +97,6 @@ def _stamp(run_dir: Path | None, artifact: Path) -> tuple:
     return tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for p in paths if (s := p.lstat()))
 
 
-def _file_digests(artifact: Path) -> dict[str, str]:
-    """sha256 of every file under the artifact directory, by relative POSIX path (sop.manifest.sha256_path's lines)."""
-    return {p.relative_to(artifact).as_posix(): sha256_file(p) for p in artifact.rglob("*") if p.is_file()}
-
-
-def _tree_digest(files: dict[str, str]) -> str:
-    """The directory digest sop.manifest.sha256_path computes, from the per-file digests."""
-    return hashlib.sha256("".join(sorted(f"{rel} {digest}\n" for rel, digest in files.items())).encode()).hexdigest()
-
-
 def _training_entry(run_dir: Path) -> tuple[Manifest, dict] | None:
     """The manifest and its `training` entry (None: not finished); _Unreadable for a manifest of the wrong shape."""
     try:
@@ -148,10 +137,10 @@ def _judge(run_dir: Path, base_ref: str, root: Path) -> _Run | None:
     if not all(isinstance(c, dict) and c.get("passed") for c in entry["checks"]) or not artifact.is_dir():
         return None
     try:  # what Manifest.is_verified does, keeping the per-file digests that the pool checks each load against
-        files = _file_digests(artifact)
+        files = file_digests(artifact)
     except OSError:
         return None
-    if _tree_digest(files) != entry["sha256"]:
+    if tree_digest(files) != entry["sha256"]:
         return None
     adapter = artifact / ADAPTER_IN_TRAINING
     prefix = f"{ADAPTER_IN_TRAINING}/"
@@ -215,7 +204,7 @@ class ModelsIndex:
         for name, folder in (adapters or {}).items():
             folder = Path(folder)
             stamp = _stamp(None, folder)  # before hashing: a write during the hash changes the next stamp
-            files = _file_digests(folder)
+            files = file_digests(folder)
             pool.register(name, folder, expected=files)
             self._named[name] = _Named(folder, stamp, files)
         self.refresh()
@@ -319,11 +308,10 @@ class ModelsIndex:
             stamp = _stamp(None, named.adapter)
             if stamp == named.stamp:
                 return
-            same = _file_digests(named.adapter) == named.files
+            same = file_digests(named.adapter) == named.files
         except OSError:
             same = False
         if not same:
-            self._named.pop(model_id)
             self._refuse(model_id, RunNotVerifiedError(
                 f"the model {model_id!r} failed verification: its adapter's files changed (or went) since the server "
                 "started (--adapter); it is not served until the server restarts"))  # fmt: skip
@@ -334,6 +322,7 @@ class ModelsIndex:
         log.warning("model %s no longer served: %s", model_id, err)
         self._refused[model_id] = err
         self._runs.pop(model_id, None)
+        self._named.pop(model_id, None)
         if self.on_refuse is not None:
             self.on_refuse(model_id, err)
         raise err

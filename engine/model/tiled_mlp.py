@@ -30,30 +30,17 @@ The MLP must compute the same thing twice (no dropout: true of every family engi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from engine.model.heartbeat import decoder_layers
+from engine.model.tiling import auto_tile_tokens, tile_count  # noqa: F401  (auto_tile_tokens re-exported)
 
 # The decoder layer's norms, tiled with its MLP: in bf16 runs (fp32 master norm weights) each RMSNorm keeps an fp32
 # upcast of its input and its backward makes five fp32 temporaries of the layer's width, 30 h bytes a token in all,
 # more than the attention's saved tensors (bench/memory.py --top shows them).
 TILED_NORMS = ("input_layernorm", "post_attention_layernorm")
-
-
-def tile_count(tokens: int, hidden: int, tile_tokens: int = 0) -> int:
-    """How many tiles `tokens` rows are cut into: ceil(tokens / tile_tokens), or with tile_tokens 0 (auto)
-    ceil(tokens / hidden), i.e. balanced tiles of at most `hidden` tokens (ALST's choice)."""
-    if tile_tokens < 0:
-        raise ValueError(f"tile_tokens must be >= 0 (0 = auto), got {tile_tokens}")
-    return max(1, math.ceil(tokens / (tile_tokens or hidden)))
-
-
-def auto_tile_tokens(tokens: int, hidden: int) -> int:
-    """The rows of the largest auto tile: ceil(N / ceil(N / hidden)) <= hidden (the planner prices this)."""
-    return math.ceil(tokens / tile_count(tokens, hidden)) if tokens else 0
 
 
 def _agreed(count: int, device: torch.device) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from engine.catalog import ArchConfig
 from engine.model.lora_config import LoraPlusConfig, TrainableCounts
+from engine.model.tiling import auto_tile_tokens
 from engine.planning.params import layer_matmul_params, total_params, trainable_params
 from engine.planning.sequence_parallel import all_to_all_buffer_bytes, local_tokens
 
@@ -34,10 +35,8 @@ OFFLOAD_IN_FLIGHT_LAYERS = 2
 
 
 def mlp_tile_tokens(a: ArchConfig, tokens: int) -> int:
-    """Tokens per MLP tile: ceil(T / ceil(T / h)), ALST's choice, which bounds a tile's tokens x intermediate tensor
-    by h x i (one MLP weight's size) whatever the sequence length. Must equal engine.model.tiled_mlp's rule."""
-    shards = -(-tokens // a.hidden_size)
-    return -(-tokens // shards)
+    """Tokens per MLP tile: the tiled MLP's own auto tile (engine.model.tiling)."""
+    return auto_tile_tokens(tokens, a.hidden_size)
 
 
 @dataclass(frozen=True)

@@ -89,11 +89,16 @@ def _pack(linear: torch.nn.Linear) -> PackedLinear | None:
     return packed if got.shape == want.shape and bool(((got - want).abs() <= 1e-4 * scale).all()) else None
 
 
+def check_packed_setting(setting: str) -> None:
+    """Refuse a setting other than PACKED_SETTINGS in one line."""
+    if setting not in PACKED_SETTINGS:
+        raise ValueError(f"packed weights must be auto, on or off, got {setting!r}")
+
+
 def packing_choice(linears: list[torch.nn.Linear], setting: str = "auto") -> tuple[bool, str]:
     """Whether to pack `linears` (base_linears of the model): (choice, why). `setting`: "on", "off" or "auto" (see
     the module docstring); "on" still needs CPU weights and the oneDNN ops."""
-    if setting not in PACKED_SETTINGS:
-        raise ValueError(f"packed weights must be auto, on or off, got {setting!r}")
+    check_packed_setting(setting)
     if setting == "off":
         return False, "off as asked"
     weights = [m.weight for m in linears]

@@ -34,7 +34,7 @@ from engine.model.loading import load_model
 from engine.model.lora import check_adapter_base
 from engine.model.rope import current_context, rotary_slots
 from engine.serving.kv import packed_attention
-from engine.serving.packed import PACKED_SETTINGS, base_linears, pack_linears, packing_choice
+from engine.serving.packed import base_linears, check_packed_setting, pack_linears, packing_choice
 from engine.serving.rows import BASE_ROW, per_row_models, row_targets
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,11 @@ def _verified_copy(model_id: str, adapter_dir: Path, expected: Mapping[str, str]
         except OSError:
             raise AdapterVerificationError(
                 f"the model {model_id!r} failed verification at load: its {name} is missing or unreadable "
-                "(it is not among the files its run's manifest recorded, or it was removed)") from None  # fmt: skip
+                "(not among the files recorded when it was registered, or it was removed)") from None  # fmt: skip
         if digest.hexdigest() != want:
             raise AdapterVerificationError(
                 f"the model {model_id!r} failed verification at load: its {name} does not match the digest recorded "
-                "in its run's manifest (sop.manifest)")  # fmt: skip
+                "when it was registered (its run's manifest, or the --adapter directory at start-up)")  # fmt: skip
 
 
 def _tied_to_input_embedding(model: torch.nn.Module) -> set[str]:
@@ -123,8 +123,7 @@ class ModelPool:
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
-        if packed_weights not in PACKED_SETTINGS:
-            raise ValueError(f"packed weights must be auto, on or off, got {packed_weights!r}")
+        check_packed_setting(packed_weights)  # before minutes of loading
         self.base_ref, self.base_id, self.max_loaded = base_ref, base_id or base_ref, max_loaded
         self.model, self.tokenizer = load_model(base_ref, device=device, dtype=dtype, attn_implementation="sdpa")
         self._slots = rotary_slots(self.model)
